@@ -1,0 +1,15 @@
+# qwen-vllm: `make demo` (set up + whole stack on a fixture model) and
+# `make test` (set up + the test suite). `make setup` alone is idempotent.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test demo
+
+setup:
+	./scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m qwen_vllm.demo

@@ -1,0 +1,174 @@
+"""Qwen's ChatML context as token ids, built segment by segment like Qwen's make_context.
+
+Layout (qwen-anchor.md §1)::
+
+    <|im_start|>system\\n{system}<|im_end|>
+    (\\n<|im_start|>{role}\\n{content}<|im_end|>)*
+    \\n<|im_start|>assistant\\n
+
+Roles and contents are encoded separately with ``allowed_special=set()``: text
+a user typed never becomes a control token, and BPE merges never cross a
+segment boundary (exactly Qwen's ids). ``CHATML_JINJA`` is the same layout as a
+Jinja template for tools that only read templates; our tokenizer renders it
+natively.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from qwen_vllm.errors import QwenContextError, QwenRequestError
+
+if TYPE_CHECKING:
+    from qwen_vllm.tokenizer import QWenTokenizer
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+NL_ID = 198
+ROLES = ("system", "user", "assistant")
+
+CHATML_JINJA = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' -}}"
+    "{%- elif not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '\\n<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+History = Sequence[tuple[str, str]]
+
+
+def encode_turn(tok: QWenTokenizer, role: str, content: str, *, close: bool = True) -> list[int]:
+    """``<|im_start|>{role}\\n{content}<|im_end|>`` with role and content as plain text."""
+    ids = [tok.im_start_id, *tok.encode_text(role, allowed_special=set()), NL_ID]
+    ids += tok.encode_text(content, allowed_special=set())
+    if close:
+        ids.append(tok.im_end_id)
+    return ids
+
+
+def assistant_header(tok: QWenTokenizer) -> list[int]:
+    """``\\n<|im_start|>assistant\\n``: where the model's reply starts."""
+    return [NL_ID, tok.im_start_id, *tok.encode_text("assistant", allowed_special=set()), NL_ID]
+
+
+def render_messages(
+    tok: QWenTokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    default_system: str = DEFAULT_SYSTEM,
+) -> list[int]:
+    """ChatML ids for OpenAI-style ``{"role", "content"}`` messages.
+
+    A leading system message is added with ``default_system`` when the first
+    message is not one (Qwen's behaviour). ``continue_final_message`` leaves the
+    last message open so the model continues it.
+    """
+    if not messages:
+        raise QwenRequestError("messages must not be empty")
+    if add_generation_prompt and continue_final_message:
+        raise QwenRequestError("add_generation_prompt and continue_final_message exclude each other")
+    turns = [dict(m) for m in messages]
+    if turns[0].get("role") != "system":
+        turns.insert(0, {"role": "system", "content": default_system})
+    ids: list[int] = []
+    for i, msg in enumerate(turns):
+        role, content = msg.get("role"), msg.get("content")
+        if not isinstance(role, str) or not role:
+            raise QwenRequestError(f"messages[{i}]: 'role' must be a non-empty string")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise QwenRequestError(f"messages[{i}]: 'content' must be a string, got {type(content).__name__}")
+        if i:
+            ids.append(NL_ID)
+        last = i == len(turns) - 1
+        ids += encode_turn(tok, role, content, close=not (last and continue_final_message))
+    if add_generation_prompt:
+        ids += assistant_header(tok)
+    return ids
+
+
+def make_context(
+    tok: QWenTokenizer,
+    query: str,
+    history: History = (),
+    system: str = DEFAULT_SYSTEM,
+    *,
+    max_window_size: int | None = None,
+    max_model_len: int | None = None,
+    max_new_tokens: int = 0,
+) -> tuple[list[int], int]:
+    """Qwen's make_context: (context ids, number of history turns kept).
+
+    History is dropped oldest-first until the whole prompt (system, kept turns,
+    query and assistant header) fits ``max_window_size`` and the prompt plus
+    ``max_new_tokens`` fits ``max_model_len``. Unlike Qwen's original, the query
+    and header are counted, so the result always fits.
+    """
+    system_ids = encode_turn(tok, "system", system)
+    query_ids = [NL_ID, *encode_turn(tok, "user", query), *assistant_header(tok)]
+    limits = []
+    if max_window_size is not None:
+        limits.append(("max_window_size", max_window_size))
+    if max_model_len is not None:
+        limits.append(("max_model_len - max_new_tokens", max_model_len - max_new_tokens))
+    budget = min((n for _, n in limits), default=None)
+    fixed = len(system_ids) + len(query_ids)
+    if budget is not None and fixed > budget:
+        name = min(limits, key=lambda kv: kv[1])[0]
+        raise QwenContextError(
+            f"the prompt needs {fixed} tokens (system {len(system_ids)}, query and header "
+            f"{len(query_ids)}) but {name} allows {budget}"
+            + (f" (max_model_len {max_model_len}, max_new_tokens {max_new_tokens})" if max_model_len else "")
+        )
+    kept: list[int] = []
+    turns_kept = 0
+    for turn_query, turn_response in reversed(list(history)):
+        turn = [NL_ID, *encode_turn(tok, "user", turn_query), NL_ID, *encode_turn(tok, "assistant", turn_response)]
+        if budget is not None and fixed + len(kept) + len(turn) > budget:
+            break
+        kept = turn + kept
+        turns_kept += 1
+    return system_ids + kept + query_ids, turns_kept
+
+
+def apply_chat_template(
+    tok: QWenTokenizer,
+    conversation: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+    continue_final_message: bool = False,
+    tokenize: bool = True,
+    return_dict: bool = True,
+    **_: Any,
+) -> Any:
+    """transformers' ``apply_chat_template`` contract, rendered natively.
+
+    Tools (OpenAI ``tools``) switch to Qwen's ReAct prompt (function_call.py).
+    """
+    messages = list(conversation)
+    if tools:
+        from qwen_vllm.function_call import react_messages
+
+        messages, open_final = react_messages(messages, tools)
+        if open_final:
+            add_generation_prompt, continue_final_message = False, True
+    ids = render_messages(
+        tok,
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=bool(continue_final_message),
+    )
+    if not tokenize:
+        return tok.decode(ids)
+    if return_dict:
+        from transformers import BatchEncoding
+
+        return BatchEncoding({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    return ids

@@ -1,0 +1,17 @@
+"""Typed errors: each names the file, field or length that is wrong."""
+
+
+class QwenVLLMError(Exception):
+    """Base class for every error qwen-vllm raises on purpose."""
+
+
+class QwenCheckpointError(QwenVLLMError, ValueError):
+    """A Qwen checkpoint directory is incomplete or inconsistent."""
+
+
+class QwenRequestError(QwenVLLMError, ValueError):
+    """A request (messages, sampling or generation arguments) is invalid."""
+
+
+class QwenContextError(QwenRequestError):
+    """A prompt does not fit the context window; the message names both lengths."""

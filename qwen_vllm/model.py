@@ -1,0 +1,88 @@
+"""QWenLMHeadModel for vLLM: Qwen v1 weights on vLLM's own Qwen2 layers.
+
+Qwen v1 is Qwen2 with one K/V head per attention head, a biased fused QKV
+(``c_attn``) and unbiased projections, so the model is vLLM's
+``Qwen2ForCausalLM`` plus a weight-name mapping. ``c_attn`` is loaded as one
+fused tensor: ``QKVParallelLinear``'s loader splits q/k/v (weight and bias)
+before taking each tensor-parallel rank's slice. ``w2`` is the gate and
+``w1`` the up projection (Qwen computes ``w1(x) * silu(w2(x))``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+
+import torch
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
+
+from qwen_vllm.errors import QwenCheckpointError
+
+QWEN_V1_TO_VLLM = WeightsMapper(
+    orig_to_new_regex={re.compile(r"^transformer\.h\.(\d+)\."): r"model.layers.\1."},
+    orig_to_new_prefix={
+        "transformer.wte.": "model.embed_tokens.",
+        "transformer.ln_f.": "model.norm.",
+    },
+    orig_to_new_substr={
+        ".ln_1.": ".input_layernorm.",
+        ".ln_2.": ".post_attention_layernorm.",
+        ".attn.c_attn.": ".self_attn.qkv_proj.",
+        ".attn.c_proj.": ".self_attn.o_proj.",
+        ".mlp.c_proj.": ".mlp.down_proj.",
+    },
+    orig_to_new_stacked={
+        ".mlp.w2.": (".mlp.gate_up_proj.", 0),
+        ".mlp.w1.": (".mlp.gate_up_proj.", 1),
+    },
+)
+
+_LAYER = re.compile(r"^transformer\.h\.\d+\.")
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Qwen v1 name suffix -> float tensor shape, read from the config."""
+    h, v = config.hidden_size, config.vocab_size
+    mlp = config.intermediate_size  # already halved by QWenConfig
+    return {
+        "transformer.wte.weight": (v, h),
+        "transformer.ln_f.weight": (h,),
+        "lm_head.weight": (v, h),
+        "ln_1.weight": (h,),
+        "ln_2.weight": (h,),
+        "attn.c_attn.weight": (3 * h, h),
+        "attn.c_attn.bias": (3 * h,),
+        "attn.c_proj.weight": (h, h),
+        "mlp.w1.weight": (mlp, h),
+        "mlp.w2.weight": (mlp, h),
+        "mlp.c_proj.weight": (h, mlp),
+    }
+
+
+def check_shapes(
+    weights: Iterable[tuple[str, torch.Tensor]], config
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass weights through, raising a clear error on a shape that disagrees
+    with config.json (vLLM's own message names only its internal parameter)."""
+    shapes = expected_shapes(config)
+    for name, tensor in weights:
+        key = _LAYER.sub("", name)
+        want = shapes.get(key)
+        if want is not None and tuple(tensor.shape) != want:
+            raise QwenCheckpointError(
+                f"weight {name!r} has shape {tuple(tensor.shape)} but config.json implies {want} "
+                f"(hidden_size={config.hidden_size}, intermediate_size="
+                f"{2 * config.intermediate_size}, vocab_size={config.vocab_size})"
+            )
+        yield name, tensor
+
+
+class QWenLMHeadModel(Qwen2ForCausalLM):
+    """Qwen v1 (``QWenLMHeadModel``) served by vLLM's Qwen2 implementation."""
+
+    hf_to_vllm_mapper = QWEN_V1_TO_VLLM
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(check_shapes(weights, self.config), mapper=self.hf_to_vllm_mapper)

@@ -1,0 +1,79 @@
+"""Shared test set-up: environment, fixture checkpoints, one engine per kind.
+
+Engines are slow to start on CPU (~40-60 s), so every engine or server here is
+session- or module-scoped and shared. Fixture checkpoints are written once per
+session. vLLM's model-inspection cache lives in a fresh directory per session
+(a stale cache hides plugin failures).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="qwen-vllm-tests-"))
+os.environ["VLLM_CACHE_ROOT"] = str(_SESSION_TMP / "vllm-cache")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def fixtures_root() -> Path:
+    path = _SESSION_TMP / "models"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def scripted_model(fixtures_root: Path) -> Path:
+    """Greedy reply to any ChatML prompt is fixtures.CHAT_REPLY, then <|im_end|>."""
+    from qwen_vllm.fixtures import make_model
+
+    return make_model(fixtures_root / "scripted-chat", "scripted", script="chat")
+
+
+@pytest.fixture(scope="session")
+def react_model(fixtures_root: Path) -> Path:
+    """Greedy reply is a ReAct action (fixtures.REACT_ACTION); after
+    "\\nThought:" it gives the final answer (fixtures.REACT_ANSWER)."""
+    from qwen_vllm.fixtures import make_model
+
+    return make_model(fixtures_root / "scripted-react", "scripted", script="react")
+
+
+@pytest.fixture(scope="session")
+def random_model(fixtures_root: Path) -> Path:
+    """Seeded random weights (hidden 128, 2 layers, 2 heads of 64)."""
+    from qwen_vllm.fixtures import make_model
+
+    return make_model(fixtures_root / "random", "random")
+
+
+@pytest.fixture(scope="session")
+def random_qwen2(random_model: Path, fixtures_root: Path) -> Path:
+    """The random fixture converted to Qwen2ForCausalLM (the independent reference)."""
+    from qwen_vllm.convert import convert_to_qwen2
+
+    return convert_to_qwen2(random_model, fixtures_root / "random-qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(scripted_model: Path):
+    from qwen_vllm.tokenizer import QWenTokenizer
+
+    return QWenTokenizer(str(scripted_model / "qwen.tiktoken"))
