@@ -82,6 +82,7 @@ class _EngineLoop:
         self.ids = itertools.count()
 
     def submit(self, prompt_ids: list[int], params: Any) -> str:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
         with self.lock:
@@ -89,7 +90,7 @@ class _EngineLoop:
             try:
                 # Outputs carry this (external) id; add_request returns an internal one.
                 self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt_ids), params)
-            except ValueError as exc:  # vLLM's validation (length, ids, params)
+            except (ValueError, VLLMClientError) as exc:  # vLLM's validation (length, ids, params)
                 raise QwenRequestError(str(exc)) from exc
             self.queues[request_id] = deque()
             return request_id
