@@ -282,7 +282,9 @@ _COMMANDS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="DIR", help="Qwen checkpoint to run in this process (vLLMWrapper)")
+    source.add_argument(
+        "--model", "-c", "--checkpoint-path", metavar="DIR", help="Qwen checkpoint to run in this process (vLLMWrapper)"
+    )
     source.add_argument("--api", metavar="URL", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--system", default=DEFAULT_SYSTEM, help=f"system prompt (default {DEFAULT_SYSTEM!r})")
     parser.add_argument("-s", "--seed", type=int, default=None, help="sampling seed for every reply (default random)")

@@ -53,9 +53,12 @@ def list_models(client: openai.OpenAI) -> list[str]:
 
 
 def chat_messages(system: str, turns: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """OpenAI messages: the system prompt (if any) then the turns, as raw text."""
-    head = [{"role": "system", "content": system}] if system.strip() else []
-    return head + [{"role": t["role"], "content": t["content"]} for t in turns]
+    """OpenAI messages: the system prompt then the turns, as raw text.
+
+    The system message is always sent, even empty, so the model gets exactly
+    what the person set (as vLLMWrapper does), not a server-side default.
+    """
+    return [{"role": "system", "content": system}] + [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
 def _server_message(exc: openai.APIStatusError) -> str:

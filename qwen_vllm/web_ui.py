@@ -236,8 +236,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (/v1 is added if missing)"
     )
     parser.add_argument("--api-key", default=None, help="API key (default: $OPENAI_API_KEY or none)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860, help="port to bind (default 7860)")
+    parser.add_argument(
+        "--host", "--server-name", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", "--server-port", type=int, default=7860, help="port to bind (default 7860)")
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds the API may stay silent before the UI gives up"
     )

@@ -272,13 +272,15 @@ def test_web_ui_chat_regenerate_system_prompt_clear(browser, web_ui, api_server,
     wait_for(lambda: bot_texts(page) == [CHAT_REPLY, CHAT_REPLY], 120, "regenerated second reply")
     page.screenshot(path=str(artifacts_dir / "web_ui_chat.png"), full_page=True)
 
-    # 5. Clear empties the chat and the conversation the model sees.
+    # 5. Clear empties the chat and the conversation the model sees; an
+    #    emptied system box means an empty system prompt, not a server default.
     page.click("#clear")
     wait_for(lambda: page.locator(BOT).count() == 0 and page.locator(USER).count() == 0, 30, "an empty chat")
+    page.locator("#system textarea").fill("")
     before = metrics.prompt_tokens()
     send(page, USER_2)
     wait_reply(page)
-    assert metrics.new_prompt_tokens(before) == chatml_len(qwen_tokenizer, SYSTEM_2, USER_2)
+    assert metrics.new_prompt_tokens(before) == chatml_len(qwen_tokenizer, "", USER_2)
     assert page.locator(USER).count() == 1
     no_error_toast(page)
     page.close()
@@ -516,28 +518,58 @@ def test_cli_api_server_down():
         child.close(force=True)
 
 
-def test_cli_in_process_model(scripted_model):
+class StartingCli:
+    """``qwen-vllm chat --model`` started at module set-up, so its engine loads
+    while the API server starts (the slowest part of this module, twice); a
+    thread drains its output until the first prompt so the pty never fills."""
+
+    def __init__(self, model: Path) -> None:
+        self.child = spawn_cli(
+            "--model", str(model), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+            timeout=900,
+        )  # fmt: skip
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._wait_prompt, daemon=True)
+        self.thread.start()
+
+    def _wait_prompt(self) -> None:
+        try:
+            self.child.expect(re.escape(PROMPT))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test
+            self.error = exc
+
+    def ready(self):
+        self.thread.join(900)
+        if self.error is not None:
+            raise self.error
+        return self.child
+
+
+@pytest.fixture(scope="module", autouse=True)
+def inprocess_cli(request, scripted_model: Path) -> Iterator[StartingCli | None]:
+    if not any(item.name == "test_cli_in_process_model" for item in request.session.items):
+        yield None  # not selected: start no engine
+        return
+    cli = StartingCli(scripted_model)
+    yield cli
+    cli.child.close(force=True)
+
+
+def test_cli_in_process_model(inprocess_cli, scripted_model):
     """``--model``: vLLMWrapper in the CLI process; Ctrl-C must not kill its engine."""
     import pexpect
 
-    child = spawn_cli(
-        "--model", str(scripted_model), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-        timeout=600,
-    )  # fmt: skip
-    try:
-        child.expect(re.escape(f"Qwen chat (in-process vLLM, model {scripted_model})"))
-        child.expect(re.escape(PROMPT))
-        child.timeout = 120
-        cli_do(child, "hello", CHAT_REPLY)
-        cli_do(child, ":clh", "conversation forgotten")
-        cli_stop_a_long_reply(child, None)
-        # The engine survived the Ctrl-C (vLLM's engine core exits on SIGINT).
-        cli_do(child, "still there?", CHAT_REPLY)
-        cli_do(child, ":clh", "conversation forgotten")
-        cli_max_tokens_take_effect(child)
-        child.sendline(":exit")
-        child.expect(pexpect.EOF, timeout=120)
-        child.close()
-        assert child.exitstatus == 0
-    finally:
-        child.close(force=True)
+    child = inprocess_cli.ready()
+    assert f"Qwen chat (in-process vLLM, model {scripted_model})" in child.before
+    child.timeout = 120
+    cli_do(child, "hello", CHAT_REPLY)
+    cli_do(child, ":clh", "conversation forgotten")
+    cli_stop_a_long_reply(child, None)
+    # The engine survived the Ctrl-C (vLLM's engine core exits on SIGINT).
+    cli_do(child, "still there?", CHAT_REPLY)
+    cli_do(child, ":clh", "conversation forgotten")
+    cli_max_tokens_take_effect(child)
+    child.sendline(":exit")
+    child.expect(pexpect.EOF, timeout=120)
+    child.close()
+    assert child.exitstatus == 0
