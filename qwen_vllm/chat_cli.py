@@ -79,7 +79,9 @@ class WrapperBackend:
 class ApiBackend:
     """An OpenAI-compatible server, streaming through the openai SDK."""
 
-    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(
+        self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         self.client = make_client(url, api_key, timeout)
         self.url = str(self.client.base_url).rstrip("/")
         self.model = model
@@ -260,7 +262,7 @@ class ChatRepl:
                 value = f"{self.backend.defaults[name]} (model default)"
             else:
                 value = self.backend.unset_label
-            self.say(f"  {name:<{width}}  {value:<24}  {setting.describe()}")
+            self.say(f"  {name:<{width}}  {value:<24}  {setting.describe():<22}  {setting.help}".rstrip())
 
     def cmd_reset_conf(self, arg: str) -> None:
         self.conf = dict(self.start_conf)

@@ -98,11 +98,20 @@ SETTINGS: dict[str, Setting] = {
         Setting("top_p", float, 0, 1, low_open=True, openai="top_p", help="nucleus sampling mass"),
         Setting("top_k", int, 0, None, openai="top_k", vllm_extra=True, help="0 = off"),
         Setting(
-            "repetition_penalty", float, 0, 2, low_open=True, openai="repetition_penalty", vllm_extra=True, help="1 = off"
+            "repetition_penalty",
+            float,
+            0,
+            2,
+            low_open=True,
+            openai="repetition_penalty",
+            vllm_extra=True,
+            help="1 = off",
         ),
-        Setting("presence_penalty", float, -2, 2, openai="presence_penalty"),
-        Setting("frequency_penalty", float, -2, 2, openai="frequency_penalty"),
-        Setting("min_new_tokens", int, 0, None, openai="min_tokens", vllm_extra=True, help="stop words ignored until then"),
+        Setting("presence_penalty", float, -2, 2, openai="presence_penalty", help="0 = off"),
+        Setting("frequency_penalty", float, -2, 2, openai="frequency_penalty", help="0 = off"),
+        Setting(
+            "min_new_tokens", int, 0, None, openai="min_tokens", vllm_extra=True, help="stop words ignored until then"
+        ),
         Setting("do_sample", bool, openai="", help="false = greedy (temperature 0)"),
         Setting("seed", int, 0, 2**63 - 1, openai="seed", help="fixed seed: reproducible replies"),
     )

@@ -92,7 +92,9 @@ class ChatApp:
         return {self.model: gr.update(choices=models, value=value), self.status: status}
 
     # -- chat ------------------------------------------------------------------
-    async def respond(self, message: str, turns: Turns, model: str | None, system: str, *settings: Any) -> AsyncIterator[dict]:
+    async def respond(
+        self, message: str, turns: Turns, model: str | None, system: str, *settings: Any
+    ) -> AsyncIterator[dict]:
         if not (message or "").strip():
             yield {self.message: ""}
             return
@@ -207,6 +209,7 @@ class ChatApp:
                             gr.Textbox(
                                 label=f"{name} ({SETTINGS[name].describe()})",
                                 placeholder="server default",
+                                info=SETTINGS[name].help or None,
                                 elem_id=name,
                             )
                             for name in EXTRA_SETTINGS
@@ -233,7 +236,9 @@ def build_ui(api_url: str, api_key: str | None = None, timeout: float = DEFAULT_
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--api-url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (/v1 is added if missing)"
+        "--api-url",
+        required=True,
+        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (/v1 is added if missing)",
     )
     parser.add_argument("--api-key", default=None, help="API key (default: $OPENAI_API_KEY or none)")
     parser.add_argument(

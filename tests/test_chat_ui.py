@@ -234,7 +234,9 @@ def no_error_toast(page) -> None:
 
 
 # -- web UI tests ----------------------------------------------------------------
-def test_web_ui_chat_regenerate_system_prompt_clear(browser, web_ui, api_server, metrics, qwen_tokenizer, artifacts_dir):
+def test_web_ui_chat_regenerate_system_prompt_clear(
+    browser, web_ui, api_server, metrics, qwen_tokenizer, artifacts_dir
+):
     page = open_ui(browser, web_ui)
     page.wait_for_function("document.querySelector('#status').innerText.includes('Connected')")
     assert api_server + "/v1" in page.inner_text("#status")
@@ -483,7 +485,8 @@ def test_cli_api_commands(api_server, metrics, qwen_tokenizer):
         cli_do(child, "with settings", f"Qwen: {CHAT_REPLY}")  # accepted by the server
         cli_do(child, ":reset-conf", "settings reset")
         listing = cli_do(child, ":conf")
-        assert re.search(r"temperature\s+\(server default\)", listing) and re.search(r"seed\s+\(server default\)", listing)
+        assert re.search(r"temperature\s+\(server default\)", listing)
+        assert re.search(r"seed\s+\(server default\)", listing)
         cli_do(child, ":clh", "conversation forgotten")
 
         cli_max_tokens_take_effect(child)
