@@ -263,7 +263,7 @@ def test_web_ui_chat_regenerate_system_prompt_clear(
     # 3. A second turn carries the first exchange as raw text (emoji, CJK, <b>, newlines).
     before = metrics.prompt_tokens()
     send(page, USER_2)
-    wait_for(lambda: page.locator(BOT).count() == 2 and bot_texts(page)[-1] == CHAT_REPLY, 120, "second reply")
+    wait_for(lambda: bot_texts(page) == [CHAT_REPLY, CHAT_REPLY], 120, "the second reply")
     assert metrics.new_prompt_tokens(before) == chatml_len(qwen_tokenizer, DEFAULT_SYSTEM, USER_1, CHAT_REPLY, USER_2)
 
     # 4. A new system prompt is used by the next request (here: regenerate).
@@ -380,7 +380,7 @@ def test_web_ui_without_a_model(browser, unserved_apis, case, expected):
         assert text.startswith("⚠️")
         assert page.locator(USER).count() == 1  # the message stays visible
         page.click("#regenerate")  # retrying says the same, no hang, no toast
-        wait_for(lambda: len(bot_texts(page)) == 1 and expected in bot_texts(page)[0], 30, "the notice again")
+        wait_for(lambda: [expected in t for t in bot_texts(page)] == [True], 30, "the notice again")
         no_error_toast(page)
         page.close()
     finally:
