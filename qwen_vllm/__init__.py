@@ -8,6 +8,8 @@ registered as a lazy "module:Class" string.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -18,12 +20,27 @@ if TYPE_CHECKING:
 
 _registered = False
 
+# Set by interactive front ends that run an engine in their own process
+# (``qwen-vllm chat --model``). Ctrl-C in a terminal signals the whole
+# foreground process group, and vLLM's engine core and workers shut down on
+# SIGINT; with this set, each process vLLM spawns moves to a process group of
+# its own when it loads this plugin, so Ctrl-C reaches only the front end.
+# (A blocked or ignored SIGINT does not survive: spawn resets the mask and
+# vLLM installs its own handler.)
+OWN_PROCESS_GROUP_ENV = "QWEN_VLLM_ENGINE_OWN_PROCESS_GROUP"
+
+
+def _leave_terminal_process_group() -> None:
+    if os.environ.get(OWN_PROCESS_GROUP_ENV) == "1" and multiprocessing.parent_process() is not None:
+        os.setpgid(0, 0)
+
 
 def register() -> None:
     """Teach vLLM and transformers about Qwen v1 (config, model, tokenizer)."""
     global _registered
     if _registered:
         return
+    _leave_terminal_process_group()
     from transformers import AutoConfig
     from transformers.models.auto import tokenization_auto
     from vllm import ModelRegistry

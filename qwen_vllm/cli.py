@@ -12,6 +12,8 @@ import sys
 SUBCOMMANDS = {
     "make-model": ("qwen_vllm.fixtures", "write a fixture checkpoint in the exact Qwen v1 layout"),
     "convert-to-qwen2": ("qwen_vllm.convert", "rewrite a Qwen v1 checkpoint as Qwen2ForCausalLM"),
+    "chat": ("qwen_vllm.chat_cli", "chat in the terminal: in-process (--model DIR) or with a server (--api URL)"),
+    "web": ("qwen_vllm.web_ui", "web chat UI for an OpenAI-compatible server (--api-url URL)"),
 }
 
 
