@@ -8,12 +8,15 @@ command line, so tool calling needs these server flags (``SERVER_ARGS``)::
 
     --enable-auto-tool-choice --tool-call-parser qwen_react
     --exclude-tools-when-tool-choice-none
+    --middleware qwen_vllm.legacy_functions.LegacyFunctionsMiddleware
 
 vLLM 0.32 picks a parser only from ``--tool-call-parser`` and parses only with
 ``--enable-auto-tool-choice`` (vllm/parser/parser_manager.py); without them a
 request with tools and tool_choice "auto" is refused with 400. The third flag
 makes tool_choice "none" render a plain chat prompt (the template never sees
-tool_choice). ``qwen-vllm serve`` (serve.py) adds all three.
+tool_choice). The middleware serves OpenAI's legacy ``functions`` API (what
+Qwen's openai_api.py spoke), which vLLM would otherwise ignore.
+``qwen-vllm serve`` (serve.py) adds them all.
 
 Behaviour: ``adjust_request`` adds the "Observation:" stop; replies are parsed
 by function_call.ReactParser, so streamed deltas (content, then the call's
@@ -47,11 +50,14 @@ from vllm.tool_parsers.abstract_tool_parser import Tool, ToolParser
 from qwen_vllm.errors import QwenRequestError
 from qwen_vllm.function_call import OBSERVATION_STOP, PARSER_NAME, ReactParser, ToolSpec, tool_specs
 
+LEGACY_MIDDLEWARE = "qwen_vllm.legacy_functions.LegacyFunctionsMiddleware"
 SERVER_ARGS = (
     "--enable-auto-tool-choice",
     "--tool-call-parser",
     PARSER_NAME,
     "--exclude-tools-when-tool-choice-none",
+    "--middleware",
+    LEGACY_MIDDLEWARE,
 )
 
 
@@ -67,6 +73,8 @@ def with_server_args(argv: Sequence[str]) -> list[str]:
         extra += ["--tool-call-parser", PARSER_NAME]
     if not given & {"--exclude-tools-when-tool-choice-none", "--no-exclude-tools-when-tool-choice-none"}:
         extra.append("--exclude-tools-when-tool-choice-none")
+    if LEGACY_MIDDLEWARE not in argv and f"--middleware={LEGACY_MIDDLEWARE}" not in argv:
+        extra += ["--middleware", LEGACY_MIDDLEWARE]
     return argv + extra
 
 

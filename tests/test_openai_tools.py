@@ -24,6 +24,18 @@ TOOL_RESULT = "22 degrees, sunny"
 ACTION_TEXT = fixtures.REACT_ACTION.removesuffix("Observation:")  # what the "Observation:" stop leaves
 
 
+def second_step_prompt(tokenizer) -> list[int]:
+    """Qwen's completion-mode prompt after the tool result, written out and
+    encoded as one string (as Qwen's openai_api.py encodes it)."""
+    text = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{WEATHER_INSTRUCTION}\n\nQuestion: {QUESTION}<|im_end|>\n"
+        f"<|im_start|>assistant\nThought: {THOUGHT}\nAction: get_weather\nAction Input: {ARGS}\n"
+        f"Observation: {TOOL_RESULT}\nThought:"
+    )
+    return tokenizer.encode_text(text, allowed_special="all")
+
+
 @pytest.fixture(scope="module")
 def react_server(start_server, react_model: Path):
     base = start_server(react_model, "react", *SERVER_ARGS)
@@ -74,13 +86,7 @@ def test_multi_step_exchange(react_server, qwen_tokenizer) -> None:
     )
     assert final.choices[0].message.content == FINAL_ANSWER
     assert final.choices[0].finish_reason == "stop" and not final.choices[0].message.tool_calls
-    expected = (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        f"<|im_start|>user\n{WEATHER_INSTRUCTION}\n\nQuestion: {QUESTION}<|im_end|>\n"
-        f"<|im_start|>assistant\nThought: {THOUGHT}\nAction: get_weather\nAction Input: {ARGS}\n"
-        f"Observation: {TOOL_RESULT}\nThought:"
-    )
-    assert final.prompt_token_ids == qwen_tokenizer.encode_text(expected, allowed_special="all")
+    assert final.prompt_token_ids == second_step_prompt(qwen_tokenizer)
     content, calls, finish = stream_chat(client, model=model, messages=messages, tools=[WEATHER], **GREEDY)
     assert (content, calls, finish) == (FINAL_ANSWER, [], "stop")
 
@@ -148,6 +154,41 @@ def test_bad_tool_requests_get_400(react_server, kw, needle) -> None:
                 model=model, messages=[{"role": "user", "content": QUESTION}], stream=stream, **kw, **GREEDY
             )
         assert needle in str(err.value)
+
+
+def test_legacy_functions_api(react_server, qwen_tokenizer) -> None:
+    """Qwen's openai_api.py clients: ``functions`` in, ``message.function_call``
+    and finish_reason "function_call" out (streamed too); legacy history
+    (assistant function_call, role "function") gives the same prompt as tools."""
+    _, client, model = react_server
+    messages = [{"role": "user", "content": QUESTION}]
+    functions = [WEATHER["function"]]
+    reply = client.chat.completions.create(model=model, messages=messages, functions=functions, **GREEDY)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "function_call" and choice.message.content == THOUGHT
+    assert not choice.message.tool_calls
+    assert (choice.message.function_call.name, choice.message.function_call.arguments) == ("get_weather", ARGS)
+    name, args, finish = None, "", None
+    for chunk in client.chat.completions.create(model=model, messages=messages, functions=functions, stream=True, **GREEDY):
+        delta = chunk.choices[0].delta
+        assert not delta.tool_calls
+        if delta.function_call:
+            name = name or delta.function_call.name
+            args += delta.function_call.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert (name, args, finish) == ("get_weather", ARGS, "function_call")
+    messages += [
+        {"role": "assistant", "content": THOUGHT, "function_call": {"name": "get_weather", "arguments": ARGS}},
+        {"role": "function", "name": "get_weather", "content": TOOL_RESULT},
+    ]
+    final = client.chat.completions.create(
+        model=model, messages=messages, functions=functions, function_call="auto",
+        extra_body={"return_token_ids": True}, **GREEDY,
+    )
+    assert final.choices[0].message.content == FINAL_ANSWER and final.choices[0].finish_reason == "stop"
+    assert final.prompt_token_ids == second_step_prompt(qwen_tokenizer)
+    with pytest.raises(openai.BadRequestError, match="function_call"):
+        client.chat.completions.create(model=model, messages=messages, functions=functions, function_call="sometimes")
 
 
 # -- the same tool use from Python, without a server ---------------------------------

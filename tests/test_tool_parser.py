@@ -10,7 +10,7 @@ import pytest
 
 import qwen_vllm
 from qwen_vllm import chatml_eos
-from qwen_vllm.tool_parser import SERVER_ARGS, QwenReactToolParser, with_server_args
+from qwen_vllm.tool_parser import LEGACY_MIDDLEWARE, SERVER_ARGS, QwenReactToolParser, with_server_args
 from react_cases import ARGS, THOUGHT, TIME, WEATHER
 
 qwen_vllm.register()
@@ -59,8 +59,16 @@ def test_chatml_eos_fields() -> None:
 
 def test_server_args() -> None:
     assert with_server_args(["--model", "m"]) == ["--model", "m", *SERVER_ARGS]
-    mine = ["--model", "m", "--tool-call-parser=hermes", "--enable-auto-tool-choice"]
-    assert with_server_args(mine) == [*mine, "--exclude-tools-when-tool-choice-none"]
+    mine = ["--model", "m", "--tool-call-parser=hermes", "--enable-auto-tool-choice", "--middleware", "x.Y"]
+    assert with_server_args(mine) == [*mine, "--exclude-tools-when-tool-choice-none", "--middleware", LEGACY_MIDDLEWARE]
+    # vLLM's own parser accepts them (names and values).
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(with_server_args(["--model", "m"]))
+    assert (args.enable_auto_tool_choice, args.tool_call_parser, args.exclude_tools_when_tool_choice_none) == (
+        True, "qwen_react", True)
+    assert args.middleware == [LEGACY_MIDDLEWARE]
 
 
 def _request(**kw):
