@@ -137,3 +137,42 @@ def test_tool_choice_none_is_raw(vllm_parser) -> None:
     text = f"Thought: {THOUGHT}\nAction: get_weather\nAction Input: {ARGS}"
     _, content, calls = parser.parse(text, request, enable_auto_tools=True)
     assert content == text and not calls
+
+
+def test_legacy_functions_conversion() -> None:
+    from qwen_vllm.errors import QwenRequestError
+    from qwen_vllm.legacy_functions import _legacy_event, is_legacy, to_legacy_response, to_tools_request
+
+    fn = WEATHER["function"]
+    legacy = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "t", "function_call": {"name": "get_weather", "arguments": ARGS}},
+            {"role": "function", "name": "get_weather", "content": "sunny"},
+        ],
+        "functions": [fn],
+        "function_call": {"name": "get_weather"},
+    }
+    assert is_legacy(legacy) and not is_legacy({"messages": [{"role": "user", "content": "q"}], "tools": [WEATHER]})
+    out = to_tools_request(legacy)
+    assert out["tools"] == [{"type": "function", "function": fn}]
+    assert out["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    call_id = out["messages"][1]["tool_calls"][0]["id"]
+    assert out["messages"][2] == {"role": "tool", "tool_call_id": call_id, "content": "sunny"}
+    for bad, needle in (
+        ({**legacy, "tools": [WEATHER]}, "not both"),
+        ({**legacy, "function_call": "always"}, "function_call"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "must follow an assistant function_call"),
+    ):
+        with pytest.raises(QwenRequestError, match=needle):
+            to_tools_request(bad)
+    reply = {"choices": [{"message": {"role": "assistant", "content": "t", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": ARGS}}]},
+        "finish_reason": "tool_calls"}]}
+    assert to_legacy_response(reply)["choices"][0] == {
+        "message": {"role": "assistant", "content": "t", "function_call": {"name": "get_weather", "arguments": ARGS}},
+        "finish_reason": "function_call",
+    }
+    chunk = b'data: {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}}]}'
+    assert _legacy_event(chunk) == b'data: {"choices": [{"delta": {"function_call": {"arguments": "{}"}}}]}'
+    assert _legacy_event(b"data: [DONE]") == b"data: [DONE]"
