@@ -260,7 +260,8 @@ def _steps(messages: Sequence[Mapping[str, Any]], model_names: Mapping[str, str]
             i = j
             continue
         if role == "assistant" and msg.get("function_call") is not None:
-            steps.append(_Step("assistant", content, _call(f"messages[{i}].function_call", msg["function_call"], model_names)))
+            call = _call(f"messages[{i}].function_call", msg["function_call"], model_names)
+            steps.append(_Step("assistant", content, call))
         elif role in ("tool", "function"):
             steps.append(_Step("function", content))
         elif role in ("system", "user", "assistant"):

@@ -288,7 +288,9 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         express, e.g. a tool conversation continued inside an open assistant
         turn (qwen_vllm.function_call.chat_with_tools)."""
         if self.chat_format != "chatml":
-            raise QwenChatFormatError(f"chat_ids() needs a chat model; this checkpoint's chat_format is {self.chat_format!r}")
+            raise QwenChatFormatError(
+                f"chat_ids() needs a chat model; this checkpoint's chat_format is {self.chat_format!r}"
+            )
         ids = list(prompt_ids)
         if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise QwenRequestError("prompt_ids must be a non-empty list of token ids")
