@@ -156,6 +156,10 @@ class RenderedChat(str):
         obj.token_ids = tuple(token_ids)
         return obj
 
+    def __reduce__(self) -> tuple[type, tuple[str, tuple[int, ...]]]:
+        # Pickle and deepcopy keep the ids (str's own reduce would drop them).
+        return RenderedChat, (str(self), self.token_ids)
+
 
 def apply_chat_template(
     tok: QWenTokenizer,

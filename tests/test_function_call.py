@@ -7,7 +7,9 @@ REACT_INSTRUCTION fails.
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
 
@@ -236,6 +238,7 @@ def test_template_routes_tools_and_keeps_ids(qwen_tokenizer) -> None:
                                              tokenize=True, return_dict=False)
     text = qwen_tokenizer.apply_chat_template(messages, tools=[WEATHER], add_generation_prompt=True, tokenize=False)
     assert isinstance(text, RenderedChat) and text.token_ids == tuple(ids)
+    assert pickle.loads(pickle.dumps(text)).token_ids == copy.deepcopy(text).token_ids == text.token_ids
     assert qwen_tokenizer(text)["input_ids"] == ids == qwen_tokenizer.encode(text)
     assert ids.count(151644) == 3 and 151643 not in ids  # system, user, assistant headers only
     expected = (
