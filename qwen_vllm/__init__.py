@@ -36,7 +36,8 @@ def _leave_terminal_process_group() -> None:
 
 
 def register() -> None:
-    """Teach vLLM and transformers about Qwen v1 (config, model, tokenizer)."""
+    """Teach vLLM and transformers about Qwen v1 (config, model, tokenizer,
+    tool parser, default ChatML stops)."""
     global _registered
     if _registered:
         return
@@ -56,7 +57,20 @@ def register() -> None:
     tokenization_auto.REGISTERED_TOKENIZER_CLASSES["QWenTokenizer"] = QWenTokenizer
     if "QWenLMHeadModel" not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model("QWenLMHeadModel", "qwen_vllm.model:QWenLMHeadModel")
+    _register_serving()
     _registered = True
+
+
+def _register_serving() -> None:
+    """OpenAI-server pieces: the "qwen_react" tool parser (lazy: imported only
+    when a server selects it) and every ChatML stop id as a default stop."""
+    from vllm.tool_parsers import ToolParserManager
+
+    from qwen_vllm import chatml_eos
+    from qwen_vllm.function_call import PARSER_NAME
+
+    ToolParserManager.register_lazy_module(PARSER_NAME, "qwen_vllm.tool_parser", "QwenReactToolParser")
+    chatml_eos.install()
 
 
 def __getattr__(name: str):
