@@ -12,6 +12,9 @@ import sys
 SUBCOMMANDS = {
     "make-model": ("qwen_vllm.fixtures", "write a fixture checkpoint in the exact Qwen v1 layout"),
     "convert-to-qwen2": ("qwen_vllm.convert", "rewrite a Qwen v1 checkpoint as Qwen2ForCausalLM"),
+    "worker": ("qwen_vllm.worker_launch", "FastChat model worker on vLLM's OpenAI server (FastChat + vLLM flags)"),
+    "openai-api": ("qwen_vllm.openai_front", "OpenAI API in front of FastChat-controller workers"),
+    "stack": ("qwen_vllm.stack", "controller + workers + OpenAI API (+ web UI) in one command"),
 }
 
 

@@ -1,0 +1,268 @@
+"""``qwen-vllm openai-api``: one OpenAI endpoint in front of FastChat-registered workers.
+
+Replaces fschat's openai_api_server (streaming broken under pydantic 2, five
+hops per request, re-implemented OpenAI semantics). Per request:
+``/get_worker_address`` on the controller picks a worker for the body's
+``model`` (the controller's dispatch policy balances), and the worker's own
+vLLM ``/v1`` response is relayed byte for byte, streams included, so every
+OpenAI feature of vLLM and of our plugin (chat template, tools, logprobs)
+arrives unchanged. Two hops: controller, worker.
+
+Failure handling: a worker that refuses the connection is marked down for
+a few seconds, another is asked for, and the controller is told to re-poll
+its workers (``/refresh_all_workers``) so it drops the dead one; when none
+is left the client gets a 503 naming the model within the connect timeout.
+The model list (and the last addresses seen per model) is cached briefly and
+serves while the controller is unreachable. A client that disconnects
+closes the upstream request, so vLLM aborts it. ``--api-keys`` guards every
+route.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from qwen_vllm.http_utils import openai_error, until_disconnect
+
+logger = logging.getLogger("qwen_vllm.openai_front")
+
+CONTROLLER_TIMEOUT_S = 3.0
+WORKER_CONNECT_TIMEOUT_S = 3.0
+MODELS_TTL_S = 2.0  # how long a controller answer about models is reused
+DOWN_S = 10.0  # how long a worker that refused a connection is skipped
+MAX_PICKS = 4  # controller answers tried per attempt before giving up on a model
+MAX_ATTEMPTS = 3  # workers tried per request
+RELAYED_PATHS = ("/v1/chat/completions", "/v1/completions")
+HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "host", "authorization"}
+
+
+class NoWorker(Exception):
+    """No live worker serves the model; ``status`` is 404 (unknown) or 503."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Dispatcher:
+    """Asks the FastChat controller which worker serves a model."""
+
+    def __init__(self, controller_address: str, client: httpx.AsyncClient) -> None:
+        self.controller = controller_address.rstrip("/")
+        self.client = client
+        self._models: tuple[float, list[str]] = (0.0, [])
+        self._seen: dict[str, dict[str, float]] = {}  # model -> address -> last seen
+        self._down: dict[str, float] = {}  # address -> skip until
+        self._refresh: asyncio.Task | None = None
+
+    async def _post(self, path: str, payload: dict | None = None) -> Any:
+        r = await self.client.post(self.controller + path, json=payload, timeout=CONTROLLER_TIMEOUT_S)
+        r.raise_for_status()
+        return r.json()
+
+    async def models(self) -> list[str]:
+        stamp, models = self._models
+        if time.monotonic() - stamp < MODELS_TTL_S:
+            return models
+        try:
+            models = sorted((await self._post("/list_models"))["models"])
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            if not stamp:
+                raise NoWorker(f"the FastChat controller at {self.controller} is unreachable ({exc})", 503) from exc
+            logger.warning("controller unreachable (%s); using the model list from %.0f s ago", exc, time.monotonic() - stamp)
+            return models
+        self._models = (time.monotonic(), models)
+        return models
+
+    def _usable(self, address: str, exclude: set[str]) -> bool:
+        return address not in exclude and self._down.get(address, 0.0) <= time.monotonic()
+
+    async def pick(self, model: str, exclude: set[str]) -> str:
+        """A worker address for ``model`` not in ``exclude`` and not marked down."""
+        try:
+            for _ in range(MAX_PICKS):
+                address = (await self._post("/get_worker_address", {"model": model}))["address"]
+                if not address:
+                    break
+                self._seen.setdefault(model, {})[address] = time.monotonic()
+                if self._usable(address, exclude):
+                    return address
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            logger.warning("controller unreachable (%s); trying the last workers seen for %r", exc, model)
+            for address in sorted(self._seen.get(model, {}), key=self._seen[model].get, reverse=True):
+                if self._usable(address, exclude):
+                    return address
+            raise NoWorker(f"the FastChat controller at {self.controller} is unreachable ({exc})", 503) from exc
+        if model not in await self.models():
+            served = ", ".join(await self.models()) or "none"
+            raise NoWorker(f"model {model!r} is not served here; available models: {served}", 404)
+        raise NoWorker(f"no reachable worker for model {model!r} (tried {', '.join(sorted(exclude)) or 'none'})", 503)
+
+    def mark_down(self, address: str) -> None:
+        """Skip ``address`` for a while and have the controller re-poll its workers."""
+        logger.warning("worker %s is unreachable; skipping it for %.0f s", address, DOWN_S)
+        self._down[address] = time.monotonic() + DOWN_S
+        self._models = (0.0, self._models[1])
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.create_task(self._refresh_controller())
+
+    async def _refresh_controller(self) -> None:
+        # The controller polls every worker and drops those that do not answer.
+        try:
+            await self.client.post(self.controller + "/refresh_all_workers", timeout=60)
+        except httpx.HTTPError as exc:
+            logger.warning("could not ask the controller to refresh its workers: %s", exc)
+        self._models = (0.0, self._models[1])
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    kinds = {400: "BadRequestError", 404: "NotFoundError", 502: "BadGatewayError", 503: "ServiceUnavailableError"}
+    return JSONResponse(openai_error(message, status, kinds.get(status, "InternalServerError")), status_code=status)
+
+
+async def _relay_body(upstream: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for piece in upstream.aiter_raw():
+            yield piece
+    except httpx.HTTPError as exc:  # the worker went away mid-response
+        logger.warning("worker stream broke: %s", exc)
+        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            body = openai_error(f"the worker stopped mid-stream ({type(exc).__name__})", 502, "BadGatewayError")
+            yield f"data: {json.dumps(body)}\n\n".encode()
+    finally:
+        with anyio.CancelScope(shield=True):  # closing must survive the client's cancellation
+            await upstream.aclose()
+
+
+def create_app(controller_address: str, api_keys: list[str] | None = None, worker_api_key: str | None = None) -> FastAPI:
+    """The front's ASGI app (no server started)."""
+    client = httpx.AsyncClient(
+        trust_env=False,
+        timeout=httpx.Timeout(float(os.environ.get("FASTCHAT_WORKER_API_TIMEOUT", 100)), connect=WORKER_CONNECT_TIMEOUT_S),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+    )
+    dispatcher = Dispatcher(controller_address, client)
+    keys = set(api_keys or ())
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+
+    app = FastAPI(title="qwen-vllm OpenAI API (FastChat controller front)", lifespan=lifespan)
+    app.state.dispatcher = dispatcher
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next: Any) -> Response:
+        if keys:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or token not in keys:
+                body = openai_error("invalid API key: send 'Authorization: Bearer <key>'", 401, "invalid_request_error", "invalid_api_key")
+                return JSONResponse(body, status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "qwen-vllm"}
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        try:
+            return JSONResponse({"object": "list", "data": [model_card(m) for m in await dispatcher.models()]})
+        except NoWorker as exc:
+            return _error(str(exc), exc.status)
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> Response:
+        try:
+            if model in await dispatcher.models():
+                return JSONResponse(model_card(model))
+        except NoWorker as exc:
+            return _error(str(exc), exc.status)
+        return _error(f"model {model!r} is not served here", 404)
+
+    async def relay(request: Request) -> Response:
+        body = await request.body()
+        try:
+            model = json.loads(body)["model"]
+            if not isinstance(model, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return _error("the request body must be a JSON object with a string 'model'", 400)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        if worker_api_key:
+            headers["authorization"] = f"Bearer {worker_api_key}"
+        tried: set[str] = set()
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                address = await dispatcher.pick(model, tried)
+            except NoWorker as exc:
+                return _error(str(exc), exc.status)
+            tried.add(address)
+            upstream_request = client.build_request("POST", address + request.url.path, content=body, headers=headers)
+            try:
+                upstream = await until_disconnect(request, client.send(upstream_request, stream=True))
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                logger.warning("could not reach %s for %r: %s", address, model, exc)
+                dispatcher.mark_down(address)
+                continue
+            except httpx.HTTPError as exc:
+                return _error(f"worker {address} failed: {type(exc).__name__}: {exc}", 502)
+            if upstream is None:  # the client left while the worker was working
+                return Response(status_code=499)
+            response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            return StreamingResponse(_relay_body(upstream), status_code=upstream.status_code, headers=response_headers)
+        return _error(f"no reachable worker for model {model!r} (tried {', '.join(sorted(tried))})", 503)
+
+    for path in RELAYED_PATHS:
+        app.add_api_route(path, relay, methods=["POST"])
+
+    return app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--controller-address", default="http://localhost:21001", help="FastChat controller URL")
+    parser.add_argument(
+        "--api-keys",
+        type=lambda s: [k for k in s.split(",") if k],
+        help="comma-separated keys; every route then requires 'Authorization: Bearer <key>'",
+    )
+    parser.add_argument("--worker-api-key", help="key sent to workers started with --api-key")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(args.controller_address, args.api_keys, args.worker_api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qwen-vllm openai-api", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
