@@ -130,7 +130,7 @@ class Dispatcher:
 
 
 def _error(message: str, status: int) -> JSONResponse:
-    kinds = {400: "BadRequestError", 404: "NotFoundError", 502: "BadGatewayError", 503: "ServiceUnavailableError"}
+    kinds = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
     return JSONResponse(openai_error(message, status, kinds.get(status, "InternalServerError")), status_code=status)
 
 
@@ -218,16 +218,19 @@ def create_app(controller_address: str, api_keys: list[str] | None = None, worke
             upstream_request = client.build_request("POST", address + request.url.path, content=body, headers=headers)
             try:
                 upstream = await until_disconnect(request, client.send(upstream_request, stream=True))
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                logger.warning("could not reach %s for %r: %s", address, model, exc)
+            except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
+                return _error(f"worker {address} did not answer in time ({type(exc).__name__})", 504)
+            except httpx.TransportError as exc:
+                # Refused, reset or closed before any response: a dead worker (or
+                # a pooled connection to one). Generation has no side effects,
+                # so another worker may run the request.
+                logger.warning("could not reach %s for %r: %s: %s", address, model, type(exc).__name__, exc)
                 dispatcher.mark_down(address)
-                continue
-            except httpx.HTTPError as exc:
-                return _error(f"worker {address} failed: {type(exc).__name__}: {exc}", 502)
-            if upstream is None:  # the client left while the worker was working
-                return Response(status_code=499)
-            response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-            return StreamingResponse(_relay_body(upstream), status_code=upstream.status_code, headers=response_headers)
+            else:
+                if upstream is None:  # the client left while the worker was working
+                    return Response(status_code=499)
+                response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+                return StreamingResponse(_relay_body(upstream), status_code=upstream.status_code, headers=response_headers)
         return _error(f"no reachable worker for model {model!r} (tried {', '.join(sorted(tried))})", 503)
 
     for path in RELAYED_PATHS:
