@@ -195,6 +195,8 @@ def sampling_params(
     FastChat's conventions kept: temperature <= 1e-5 means greedy, top_p is
     floored at 1e-5, and max_new_tokens is clamped to what the context has left.
     """
+    if params.get("images"):
+        raise WorkerRequestError("images are not supported: this worker serves Qwen (v1) text chat models")
     if params.get("use_beam_search"):
         raise WorkerRequestError(
             "use_beam_search is not supported on the FastChat worker route; "

@@ -140,7 +140,9 @@ class Stack:
         self.args = args
         self.stop = threading.Event()
         host = args.host
-        self.base = f"http://{host}"
+        # Parts find each other on the loopback address when binding everywhere.
+        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.base = f"http://[{local}]" if ":" in local else f"http://{local}"
         self.controller_url = f"{self.base}:{args.controller_port}"
         self.api_url = f"{self.base}:{args.port}/v1"
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="qwen-vllm-stack-"))
@@ -155,6 +157,10 @@ class Stack:
             cwd=self.log_dir,  # FastChat writes controller.log into its working directory
         )
         worker_args = [a for a in args.worker_args if a != "--"]
+        self.keys = keys = [k for k in (args.api_keys or "").split(",") if k]
+        if keys and host not in ("127.0.0.1", "::1", "localhost"):
+            # Workers reachable from other machines: guard their /v1 too.
+            worker_args += ["--api-key", keys[0]]
         count = len(args.model) * args.workers
         self.workers: list[Child] = []
         for m, model in enumerate(args.model):
@@ -164,7 +170,7 @@ class Stack:
                 port = args.worker_port + index
                 cmd = [
                     py, "-m", "qwen_vllm.worker_launch", "--model-path", model, "--host", host, "--port", str(port),
-                    "--controller-address", self.controller_url,
+                    "--controller-address", self.controller_url, "--worker-address", f"{self.base}:{port}",
                     "--tensor-parallel-size", str(args.tensor_parallel_size), *worker_args,
                 ]  # fmt: skip
                 self.workers.append(
@@ -179,14 +185,16 @@ class Stack:
         self.model_names = sorted({Path(m).resolve().name for m in args.model})
         front_cmd = [py, "-m", "qwen_vllm.openai_front", "--host", host, "--port", str(args.port),
                      "--controller-address", self.controller_url]  # fmt: skip
-        if args.api_keys:
+        if keys:
             front_cmd += ["--api-keys", args.api_keys]
+        if "--api-key" in worker_args:
+            front_cmd += ["--worker-api-key", worker_args[worker_args.index("--api-key") + 1]]
         self.front = Child("openai-api", front_cmd, self.log_dir / "openai-api.log", self.api_url)
         self.web: Child | None = None
         if args.web:
             web_cmd = [py, "-m", "qwen_vllm.web_ui", "--api-url", self.api_url, "--host", host,
                        "--port", str(args.web_port)]  # fmt: skip
-            web_env = {"OPENAI_API_KEY": args.api_keys.split(",")[0]} if args.api_keys else {}
+            web_env = {"OPENAI_API_KEY": keys[0]} if keys else {}
             self.web = Child("web-ui", web_cmd, self.log_dir / "web-ui.log", f"{self.base}:{args.web_port}", env=web_env)
         self.client = httpx.Client(timeout=2.0, trust_env=False)
 
@@ -201,7 +209,7 @@ class Stack:
             return False
 
     def _front_models(self) -> list[str]:
-        headers = {"Authorization": f"Bearer {self.args.api_keys.split(',')[0]}"} if self.args.api_keys else {}
+        headers = {"Authorization": f"Bearer {self.keys[0]}"} if self.keys else {}
         try:
             return [m["id"] for m in self.client.get(f"{self.api_url}/models", headers=headers).json()["data"]]
         except (httpx.HTTPError, ValueError, KeyError):

@@ -26,6 +26,8 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastchat.constants import SERVER_ERROR_MSG
+from vllm.exceptions import VLLMClientError
 
 from qwen_vllm.errors import QwenRequestError
 from qwen_vllm.http_utils import until_disconnect
@@ -130,7 +132,7 @@ class FastChatWorker:
                     max_model_len=self.max_model_len,
                 )
                 (engine_input,) = await self.engine.renderer.render_cmpl_async([{"prompt_token_ids": ids}])
-            except QwenRequestError as exc:
+            except (QwenRequestError, VLLMClientError) as exc:
                 yield error_chunk(str(exc), getattr(exc, "code", PARAM_OUT_OF_RANGE))
                 return
             chunks = ChunkBuilder(
@@ -147,9 +149,6 @@ class FastChatWorker:
                     if data is not None:
                         yield data
             except Exception as exc:  # FastChat reports every failure in-band
-                from fastchat.constants import SERVER_ERROR_MSG
-                from vllm.exceptions import VLLMClientError
-
                 if isinstance(exc, VLLMClientError):
                     yield error_chunk(str(exc), PARAM_OUT_OF_RANGE)
                 else:

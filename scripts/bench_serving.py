@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -204,7 +205,9 @@ def main() -> int:
             indent=2,
         )
     )
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}; server logs in {work}")
+    if args.model is None:
+        shutil.rmtree(model)  # the generated fixture
     return 0
 
 
