@@ -12,8 +12,9 @@ Failure handling: a worker that refuses the connection is marked down for
 a few seconds, another is asked for, and the controller is told to re-poll
 its workers (``/refresh_all_workers``) so it drops the dead one; when none
 is left the client gets a 503 naming the model within the connect timeout.
-The model list (and the last addresses seen per model) is cached briefly and
-serves while the controller is unreachable. A client that disconnects
+While the controller is unreachable or restarting (it forgets every worker
+until their next heartbeat), workers it named recently are tried instead, so
+traffic continues. The model list is cached for 2 s. A client that disconnects
 closes the upstream request, so vLLM aborts it. ``--api-keys`` guards every
 route.
 """
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -44,6 +46,7 @@ CONTROLLER_TIMEOUT_S = 3.0
 WORKER_CONNECT_TIMEOUT_S = 3.0
 MODELS_TTL_S = 2.0  # how long a controller answer about models is reused
 DOWN_S = 10.0  # how long a worker that refused a connection is skipped
+SEEN_S = 180.0  # how long a worker the controller named stays a fallback (2 heartbeat expiries)
 MAX_PICKS = 4  # controller answers tried per attempt before giving up on a model
 MAX_ATTEMPTS = 3  # workers tried per request
 RELAYED_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -64,7 +67,8 @@ class Dispatcher:
     def __init__(self, controller_address: str, client: httpx.AsyncClient) -> None:
         self.controller = controller_address.rstrip("/")
         self.client = client
-        self._models: tuple[float, list[str]] = (0.0, [])
+        self._models: list[str] | None = None  # None until the controller first answered
+        self._models_at = -math.inf
         self._seen: dict[str, dict[str, float]] = {}  # model -> address -> last seen
         self._down: dict[str, float] = {}  # address -> skip until
         self._refresh: asyncio.Task | None = None
@@ -75,24 +79,28 @@ class Dispatcher:
         return r.json()
 
     async def models(self) -> list[str]:
-        stamp, models = self._models
-        if time.monotonic() - stamp < MODELS_TTL_S:
-            return models
+        if self._models is not None and time.monotonic() - self._models_at < MODELS_TTL_S:
+            return self._models
         try:
-            models = sorted((await self._post("/list_models"))["models"])
+            self._models = sorted((await self._post("/list_models"))["models"])
+            self._models_at = time.monotonic()
         except (httpx.HTTPError, ValueError, KeyError) as exc:
-            if not stamp:
+            if self._models is None:
                 raise NoWorker(f"the FastChat controller at {self.controller} is unreachable ({exc})", 503) from exc
-            logger.warning("controller unreachable (%s); using the model list from %.0f s ago", exc, time.monotonic() - stamp)
-            return models
-        self._models = (time.monotonic(), models)
-        return models
+            logger.warning("controller unreachable (%s); using its last model list", exc)
+        return self._models
 
     def _usable(self, address: str, exclude: set[str]) -> bool:
         return address not in exclude and self._down.get(address, 0.0) <= time.monotonic()
 
     async def pick(self, model: str, exclude: set[str]) -> str:
-        """A worker address for ``model`` not in ``exclude`` and not marked down."""
+        """A worker address for ``model`` not in ``exclude`` and not marked down.
+
+        The controller decides; when it has none (restarted, workers not yet
+        re-registered) or is unreachable, a worker seen serving the model in
+        the last SEEN_S seconds is tried instead.
+        """
+        unreachable = None
         try:
             for _ in range(MAX_PICKS):
                 address = (await self._post("/get_worker_address", {"model": model}))["address"]
@@ -102,11 +110,14 @@ class Dispatcher:
                 if self._usable(address, exclude):
                     return address
         except (httpx.HTTPError, ValueError, KeyError) as exc:
-            logger.warning("controller unreachable (%s); trying the last workers seen for %r", exc, model)
-            for address in sorted(self._seen.get(model, {}), key=self._seen[model].get, reverse=True):
-                if self._usable(address, exclude):
-                    return address
-            raise NoWorker(f"the FastChat controller at {self.controller} is unreachable ({exc})", 503) from exc
+            unreachable = exc
+        seen = self._seen.get(model, {})
+        for address in sorted(seen, key=seen.get, reverse=True):
+            if time.monotonic() - seen[address] < SEEN_S and self._usable(address, exclude):
+                logger.info("the controller has no worker for %r; trying %s, seen serving it", model, address)
+                return address
+        if unreachable is not None:
+            raise NoWorker(f"the FastChat controller at {self.controller} is unreachable ({unreachable})", 503)
         if model not in await self.models():
             served = ", ".join(await self.models()) or "none"
             raise NoWorker(f"model {model!r} is not served here; available models: {served}", 404)
@@ -116,7 +127,7 @@ class Dispatcher:
         """Skip ``address`` for a while and have the controller re-poll its workers."""
         logger.warning("worker %s is unreachable; skipping it for %.0f s", address, DOWN_S)
         self._down[address] = time.monotonic() + DOWN_S
-        self._models = (0.0, self._models[1])
+        self._models_at = -math.inf
         if self._refresh is None or self._refresh.done():
             self._refresh = asyncio.create_task(self._refresh_controller())
 
@@ -126,7 +137,7 @@ class Dispatcher:
             await self.client.post(self.controller + "/refresh_all_workers", timeout=60)
         except httpx.HTTPError as exc:
             logger.warning("could not ask the controller to refresh its workers: %s", exc)
-        self._models = (0.0, self._models[1])
+        self._models_at = -math.inf
 
 
 def _error(message: str, status: int) -> JSONResponse:

@@ -307,10 +307,13 @@ def test_client_disconnect_aborts_the_vllm_request(stack, client):
     assert_aborted(url, done)
 
 
-def test_controller_restart_workers_return_within_one_heartbeat(stack):
+def test_controller_restart_workers_return_within_one_heartbeat(stack, client):
     old = stack.pids()["controller"]
     mark = len(stack.lines)
     os.kill(old, signal.SIGKILL)
+    # Meanwhile the front keeps serving from the workers the controller named.
+    r = client.chat.completions.create(model="scripted-chat", messages=messages(), temperature=0)
+    assert r.choices[0].message.content == CHAT_REPLY
     new = int(stack.wait_line(r"^\[stack\] controller\s+pid (\d+)", timeout=30, start=mark).group(1))
     assert new != old
     controller = f"http://127.0.0.1:{stack.controller_port}"
