@@ -202,10 +202,11 @@ def sampling_params(
             "use_beam_search is not supported on the FastChat worker route; "
             "use the worker's /v1/completions with use_beam_search"
         )
-    n = _checked(params, "n") or 1
+    n = _checked(params, "n")
+    n = 1 if n is None else n
     best_of = _checked(params, "best_of")
     if best_of is not None and best_of != n:
-        raise WorkerRequestError(f"best_of={best_of} is not supported by vLLM >= 0.11 (only best_of == n)")
+        raise WorkerRequestError(f"best_of={best_of} is not supported: vLLM's V1 engine has no best_of (only best_of == n)")
     overrides = {k: _checked(params, k) for k in _SAMPLING_KEYS}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     temperature = overrides.get("temperature")
@@ -236,6 +237,7 @@ def sampling_params(
             stop_token_ids=stop_ids,
             stop=stop,
             n=n,
+            min_p=defaults.get("min_p", 0.0),  # a generation_config default merge_generation does not carry
             logprobs=logprobs,
             prompt_logprobs=logprobs if echo and logprobs is not None else None,
         )

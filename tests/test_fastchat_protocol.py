@@ -133,6 +133,7 @@ def test_defaults_seed_n_topk_and_greedy():
         ({"best_of": 4}, PARAM_OUT_OF_RANGE, "best_of"),
         ({"stop": [1, 2]}, VALIDATION_TYPE_ERROR, "stop must be"),
         ({"max_new_tokens": 0}, PARAM_OUT_OF_RANGE, "max_new_tokens must be at least 1"),
+        ({"n": 0}, PARAM_OUT_OF_RANGE, "n must be at least 1"),
         ({"images": ["data:image/png;base64,AAAA"]}, PARAM_OUT_OF_RANGE, "images are not supported"),
     ],
 )
