@@ -1,20 +1,21 @@
 """``qwen-vllm openai-api``: one OpenAI endpoint in front of FastChat-registered workers.
 
 Replaces fschat's openai_api_server (streaming broken under pydantic 2, five
-hops per request, re-implemented OpenAI semantics). Per request:
-``/get_worker_address`` on the controller picks a worker for the body's
-``model`` (the controller's dispatch policy balances), and the worker's own
-vLLM ``/v1`` response is relayed byte for byte, streams included, so every
-OpenAI feature of vLLM and of our plugin (chat template, tools, logprobs)
-arrives unchanged. Two hops: controller, worker.
+hops per request, re-implemented OpenAI semantics). A request goes to a
+worker serving the body's ``model`` and the worker's own vLLM ``/v1``
+response is relayed byte for byte, streams included, so every OpenAI feature
+of vLLM and of our plugin (chat template, tools, logprobs) arrives unchanged.
+The controller names the workers (``/get_worker_address``, asked at most once
+a second per model); the front sends each request to the one with the fewest
+requests in flight (see Dispatcher). One hop per request in steady state.
 
 Failure handling: a worker that refuses the connection is marked down for
 a few seconds, another is asked for, and the controller is told to re-poll
 its workers (``/refresh_all_workers``) so it drops the dead one; when none
 is left the client gets a 503 naming the model within the connect timeout.
 While the controller is unreachable or restarting (it forgets every worker
-until their next heartbeat), workers it named recently are tried instead, so
-traffic continues. The model list is cached for 2 s. A client that disconnects
+until their next heartbeat), the workers it named keep serving. The model
+list is cached for 2 s. A client that disconnects
 closes the upstream request, so vLLM aborts it. ``--api-keys`` guards every
 route.
 """
@@ -29,7 +30,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -37,6 +38,7 @@ import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 
 from qwen_vllm.http_utils import openai_error, until_disconnect
 
@@ -46,7 +48,8 @@ CONTROLLER_TIMEOUT_S = 3.0
 WORKER_CONNECT_TIMEOUT_S = 3.0
 MODELS_TTL_S = 2.0  # how long a controller answer about models is reused
 DOWN_S = 10.0  # how long a worker that refused a connection is skipped
-SEEN_S = 180.0  # how long a worker the controller named stays a fallback (2 heartbeat expiries)
+ASK_S = 1.0  # the controller is asked about a model at most this often (when a known worker is usable)
+SEEN_S = 180.0  # how long a worker the controller named stays in the pool (2 heartbeat expiries)
 MAX_PICKS = 4  # controller answers tried per attempt before giving up on a model
 MAX_ATTEMPTS = 3  # workers tried per request
 RELAYED_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -62,14 +65,26 @@ class NoWorker(Exception):
 
 
 class Dispatcher:
-    """Asks the FastChat controller which worker serves a model."""
+    """Which worker serves a model: the controller names workers, this front balances.
+
+    The controller is asked at most once per ASK_S per model (twice when its
+    first answer is already known, and again when no known worker is usable).
+    Every worker it names joins the model's pool for SEEN_S; with
+    shortest_queue dispatch (it counts each answer as a queued request) its
+    successive answers rotate over the workers, so the pool soon holds them all. Each request goes
+    to the pool member with the fewest requests in flight from this front:
+    real-time load, where the controller only sees heartbeat-old queue lengths.
+    """
 
     def __init__(self, controller_address: str, client: httpx.AsyncClient) -> None:
         self.controller = controller_address.rstrip("/")
         self.client = client
         self._models: list[str] | None = None  # None until the controller first answered
         self._models_at = -math.inf
-        self._seen: dict[str, dict[str, float]] = {}  # model -> address -> last seen
+        self._pool: dict[str, dict[str, float]] = {}  # model -> address -> last named
+        self._asked: dict[str, float] = {}  # model -> last time the controller was asked
+        self._inflight: dict[str, int] = {}  # address -> requests this front has running there
+        self._chosen: dict[str, float] = {}  # address -> when a request last went there
         self._down: dict[str, float] = {}  # address -> skip until
         self._refresh: asyncio.Task | None = None
 
@@ -90,38 +105,60 @@ class Dispatcher:
             logger.warning("controller unreachable (%s); using its last model list", exc)
         return self._models
 
-    def _usable(self, address: str, exclude: set[str]) -> bool:
-        return address not in exclude and self._down.get(address, 0.0) <= time.monotonic()
+    async def _ask(self, model: str) -> str:
+        """The controller's worker for ``model`` ("" if none), added to the pool."""
+        self._asked[model] = time.monotonic()
+        address = (await self._post("/get_worker_address", {"model": model}))["address"]
+        if address:
+            self._pool.setdefault(model, {})[address] = time.monotonic()
+        return address
+
+    def _candidates(self, model: str, exclude: set[str]) -> list[str]:
+        now = time.monotonic()
+        return [
+            address
+            for address, named in self._pool.get(model, {}).items()
+            if now - named < SEEN_S and address not in exclude and self._down.get(address, 0.0) <= now
+        ]
 
     async def pick(self, model: str, exclude: set[str]) -> str:
-        """A worker address for ``model`` not in ``exclude`` and not marked down.
+        """The least busy usable worker for ``model``, not in ``exclude``.
 
-        The controller decides; when it has none (restarted, workers not yet
-        re-registered) or is unreachable, a worker seen serving the model in
-        the last SEEN_S seconds is tried instead.
+        While the controller is unreachable or restarted (it knows no worker
+        until their next heartbeat), the pool keeps serving.
         """
-        unreachable = None
+        unreachable: Exception | None = None
         try:
+            if time.monotonic() - self._asked.get(model, -math.inf) >= ASK_S:
+                known = set(self._pool.get(model, ()))
+                if await self._ask(model) in known:
+                    await self._ask(model)  # shortest_queue's next answer: maybe a replica not known yet
             for _ in range(MAX_PICKS):
-                address = (await self._post("/get_worker_address", {"model": model}))["address"]
-                if not address:
+                if candidates := self._candidates(model, exclude):
+                    return self._least_busy(candidates)
+                if not await self._ask(model):  # none known is usable: maybe the controller has another
                     break
-                self._seen.setdefault(model, {})[address] = time.monotonic()
-                if self._usable(address, exclude):
-                    return address
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             unreachable = exc
-        seen = self._seen.get(model, {})
-        for address in sorted(seen, key=seen.get, reverse=True):
-            if time.monotonic() - seen[address] < SEEN_S and self._usable(address, exclude):
-                logger.info("the controller has no worker for %r; trying %s, seen serving it", model, address)
-                return address
+            if candidates := self._candidates(model, exclude):
+                return self._least_busy(candidates)
         if unreachable is not None:
             raise NoWorker(f"the FastChat controller at {self.controller} is unreachable ({unreachable})", 503)
         if model not in await self.models():
             served = ", ".join(await self.models()) or "none"
             raise NoWorker(f"model {model!r} is not served here; available models: {served}", 404)
         raise NoWorker(f"no reachable worker for model {model!r} (tried {', '.join(sorted(exclude)) or 'none'})", 503)
+
+    def _least_busy(self, candidates: list[str]) -> str:
+        """Fewest requests in flight; among equals the least recently chosen (round robin)."""
+        return min(candidates, key=lambda a: (self._inflight.get(a, 0), self._chosen.get(a, -math.inf)))
+
+    def started(self, address: str) -> None:
+        self._inflight[address] = self._inflight.get(address, 0) + 1
+        self._chosen[address] = time.monotonic()
+
+    def finished(self, address: str) -> None:
+        self._inflight[address] -= 1
 
     def mark_down(self, address: str) -> None:
         """Skip ``address`` for a while and have the controller re-poll its workers."""
@@ -140,6 +177,24 @@ class Dispatcher:
         self._models_at = -math.inf
 
 
+class ApiKeys:
+    """Pure ASGI middleware: every route needs ``Authorization: Bearer <key>``."""
+
+    def __init__(self, app: Any, keys: set[str]) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.keys:
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or token not in self.keys:
+                body = openai_error(
+                    "invalid API key: send 'Authorization: Bearer <key>'", 401, "invalid_request_error", "invalid_api_key"
+                )
+                return await JSONResponse(body, status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def _error(message: str, status: int) -> JSONResponse:
     kinds = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
     return JSONResponse(openai_error(message, status, kinds.get(status, "InternalServerError")), status_code=status)
@@ -154,9 +209,25 @@ async def _relay_body(upstream: httpx.Response) -> AsyncIterator[bytes]:
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
             body = openai_error(f"the worker stopped mid-stream ({type(exc).__name__})", 502, "BadGatewayError")
             yield f"data: {json.dumps(body)}\n\n".encode()
-    finally:
-        with anyio.CancelScope(shield=True):  # closing must survive the client's cancellation
-            await upstream.aclose()
+
+
+class RelayedResponse(StreamingResponse):
+    """A worker's response, relayed; the upstream is closed however sending ends
+    (finished, client gone, cancelled), so the worker aborts what it still runs."""
+
+    def __init__(self, upstream: httpx.Response, on_close: Callable[[], None]) -> None:
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+        super().__init__(_relay_body(upstream), status_code=upstream.status_code, headers=headers)
+        self.upstream = upstream
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.upstream.aclose()
+            self.on_close()
 
 
 def create_app(controller_address: str, api_keys: list[str] | None = None, worker_api_key: str | None = None) -> FastAPI:
@@ -167,7 +238,7 @@ def create_app(controller_address: str, api_keys: list[str] | None = None, worke
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
     )
     dispatcher = Dispatcher(controller_address, client)
-    keys = set(api_keys or ())
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -176,14 +247,7 @@ def create_app(controller_address: str, api_keys: list[str] | None = None, worke
     app = FastAPI(title="qwen-vllm OpenAI API (FastChat controller front)", lifespan=lifespan)
     app.state.dispatcher = dispatcher
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Any) -> Response:
-        if keys:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or token not in keys:
-                body = openai_error("invalid API key: send 'Authorization: Bearer <key>'", 401, "invalid_request_error", "invalid_api_key")
-                return JSONResponse(body, status_code=401)
-        return await call_next(request)
+    app.add_middleware(ApiKeys, keys=set(api_keys or ()))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -226,9 +290,17 @@ def create_app(controller_address: str, api_keys: list[str] | None = None, worke
             except NoWorker as exc:
                 return _error(str(exc), exc.status)
             tried.add(address)
-            upstream_request = client.build_request("POST", address + request.url.path, content=body, headers=headers)
+            dispatcher.started(address)
+            relayed = False
             try:
-                upstream = await until_disconnect(request, client.send(upstream_request, stream=True))
+                upstream = await until_disconnect(
+                    request,
+                    client.send(client.build_request("POST", address + request.url.path, content=body, headers=headers), stream=True),
+                )
+                if upstream is None:  # the client left while the worker was working
+                    return Response(status_code=499)
+                relayed = True
+                return RelayedResponse(upstream, lambda a=address: dispatcher.finished(a))
             except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
                 return _error(f"worker {address} did not answer in time ({type(exc).__name__})", 504)
             except httpx.TransportError as exc:
@@ -237,11 +309,9 @@ def create_app(controller_address: str, api_keys: list[str] | None = None, worke
                 # so another worker may run the request.
                 logger.warning("could not reach %s for %r: %s: %s", address, model, type(exc).__name__, exc)
                 dispatcher.mark_down(address)
-            else:
-                if upstream is None:  # the client left while the worker was working
-                    return Response(status_code=499)
-                response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-                return StreamingResponse(_relay_body(upstream), status_code=upstream.status_code, headers=response_headers)
+            finally:
+                if not relayed:
+                    dispatcher.finished(address)
         return _error(f"no reachable worker for model {model!r} (tried {', '.join(sorted(tried))})", 503)
 
     for path in RELAYED_PATHS:
