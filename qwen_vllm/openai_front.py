@@ -5,9 +5,10 @@ hops per request, re-implemented OpenAI semantics). A request goes to a
 worker serving the body's ``model`` and the worker's own vLLM ``/v1``
 response is relayed byte for byte, streams included, so every OpenAI feature
 of vLLM and of our plugin (chat template, tools, logprobs) arrives unchanged.
-The controller names the workers (``/get_worker_address``, asked at most once
-a second per model); the front sends each request to the one with the fewest
-requests in flight (see Dispatcher). One hop per request in steady state.
+The controller names the workers (``/get_worker_address``, asked in the
+background at most once a second per model); the front sends each request to
+the one with the fewest requests in flight (see Dispatcher). One hop per
+request in steady state: to the worker.
 
 Failure handling: a worker that refuses the connection is marked down for
 a few seconds, another is asked for, and the controller is told to re-poll
@@ -48,7 +49,7 @@ CONTROLLER_TIMEOUT_S = 3.0
 WORKER_CONNECT_TIMEOUT_S = 3.0
 MODELS_TTL_S = 2.0  # how long a controller answer about models is reused
 DOWN_S = 10.0  # how long a worker that refused a connection is skipped
-ASK_S = 1.0  # the controller is asked about a model at most this often (when a known worker is usable)
+ASK_S = 1.0  # the controller is asked about a model in the background at most this often
 SEEN_S = 180.0  # how long a worker the controller named stays in the pool (2 heartbeat expiries)
 MAX_PICKS = 4  # controller answers tried per attempt before giving up on a model
 MAX_ATTEMPTS = 3  # workers tried per request
@@ -67,8 +68,8 @@ class NoWorker(Exception):
 class Dispatcher:
     """Which worker serves a model: the controller names workers, this front balances.
 
-    The controller is asked at most once per ASK_S per model (twice when its
-    first answer is already known, and again when no known worker is usable).
+    The controller is asked in the background at most once per ASK_S per
+    model, and on the request's path only when no known worker is usable.
     Every worker it names joins the model's pool for SEEN_S; with
     shortest_queue dispatch (it counts each answer as a queued request) its
     successive answers rotate over the workers, so the pool soon holds them all. Each request goes
@@ -87,6 +88,7 @@ class Dispatcher:
         self._chosen: dict[str, float] = {}  # address -> when a request last went there
         self._down: dict[str, float] = {}  # address -> skip until
         self._refresh: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # background questions to the controller
 
     async def _post(self, path: str, payload: dict | None = None) -> Any:
         r = await self.client.post(self.controller + path, json=payload, timeout=CONTROLLER_TIMEOUT_S)
@@ -121,29 +123,43 @@ class Dispatcher:
             if now - named < SEEN_S and address not in exclude and self._down.get(address, 0.0) <= now
         ]
 
+    async def _discover(self, model: str) -> None:
+        """Ask the controller about ``model`` (twice when its first answer is
+        already known: shortest_queue's next answer may be a replica not known yet)."""
+        try:
+            known = set(self._pool.get(model, ()))
+            if await self._ask(model) in known:
+                await self._ask(model)
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            logger.warning("could not ask the controller %s about %r: %s", self.controller, model, exc)
+
+    async def settled(self) -> None:
+        """Wait for the background questions to the controller."""
+        await asyncio.gather(*self._tasks)
+
     async def pick(self, model: str, exclude: set[str]) -> str:
         """The least busy usable worker for ``model``, not in ``exclude``.
 
+        Known workers are used at once while the controller is asked in the
+        background; it is asked on the request's path only when none is usable.
         While the controller is unreachable or restarted (it knows no worker
         until their next heartbeat), the pool keeps serving.
         """
-        unreachable: Exception | None = None
+        if time.monotonic() - self._asked.get(model, -math.inf) >= ASK_S:
+            self._asked[model] = time.monotonic()
+            task = asyncio.create_task(self._discover(model))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if candidates := self._candidates(model, exclude):
+            return self._least_busy(candidates)
         try:
-            if time.monotonic() - self._asked.get(model, -math.inf) >= ASK_S:
-                known = set(self._pool.get(model, ()))
-                if await self._ask(model) in known:
-                    await self._ask(model)  # shortest_queue's next answer: maybe a replica not known yet
             for _ in range(MAX_PICKS):
+                if not await self._ask(model):
+                    break
                 if candidates := self._candidates(model, exclude):
                     return self._least_busy(candidates)
-                if not await self._ask(model):  # none known is usable: maybe the controller has another
-                    break
         except (httpx.HTTPError, ValueError, KeyError) as exc:
-            unreachable = exc
-            if candidates := self._candidates(model, exclude):
-                return self._least_busy(candidates)
-        if unreachable is not None:
-            raise NoWorker(f"the FastChat controller at {self.controller} is unreachable ({unreachable})", 503)
+            raise NoWorker(f"the FastChat controller at {self.controller} is unreachable ({exc})", 503) from exc
         if model not in await self.models():
             served = ", ".join(await self.models()) or "none"
             raise NoWorker(f"model {model!r} is not served here; available models: {served}", 404)
@@ -242,6 +258,7 @@ def create_app(controller_address: str, api_keys: list[str] | None = None, worke
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        await dispatcher.settled()
         await client.aclose()
 
     app = FastAPI(title="qwen-vllm OpenAI API (FastChat controller front)", lifespan=lifespan)

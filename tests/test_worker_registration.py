@@ -6,24 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import http.server
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
+from fastchat_helpers import free_port, start_controller
 from qwen_vllm.worker_registration import ControllerLink
 
 INTERVAL = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Health(http.server.BaseHTTPRequestHandler):
@@ -41,23 +33,6 @@ def worker_health():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/health"
     server.shutdown()
-
-
-def start_controller(port: int, cwd) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.post(f"http://127.0.0.1:{port}/list_models")
-            return proc
-        except httpx.HTTPError:
-            assert proc.poll() is None and time.monotonic() < deadline, "controller did not start"
-            time.sleep(0.1)
 
 
 async def listed(controller: str, within: float) -> list[str]:
