@@ -15,6 +15,9 @@ SUBCOMMANDS = {
     "chat": ("qwen_vllm.chat_cli", "chat in the terminal: in-process (--model DIR) or with a server (--api URL)"),
     "web": ("qwen_vllm.web_ui", "web chat UI for an OpenAI-compatible server (--api-url URL)"),
     "serve": ("qwen_vllm.serve", "vLLM's OpenAI API server with Qwen tool calling enabled"),
+    "worker": ("qwen_vllm.worker_launch", "FastChat model worker on vLLM's OpenAI server (FastChat + vLLM flags)"),
+    "openai-api": ("qwen_vllm.openai_front", "OpenAI API in front of FastChat-controller workers"),
+    "stack": ("qwen_vllm.stack", "controller + workers + OpenAI API (+ web UI) in one command"),
 }
 
 
