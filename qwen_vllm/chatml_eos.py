@@ -16,7 +16,7 @@ So, as the one patch of vLLM in this package, ``install()`` wraps
 ``chat_format "chatml"``); vLLM's own machinery then adds them to every
 request's stop ids (chat, completions, vLLMWrapper, the FastChat worker).
 Other models and Qwen base models (``chat_format "raw"``) are untouched;
-``ignore_eos=True`` still disables them. tests/test_openai_server.py fails
+``ignore_eos=True`` still disables them. tests/test_tool_parser.py fails
 loudly if the wrapped method moves.
 """
 

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,7 +221,7 @@ class Stack:
         start = last = time.monotonic()
         while not self.stop.is_set():
             for child in children:
-                if not child.alive():
+                if child.proc is not None and not child.alive():
                     say(f"{child.name} exited with code {child.proc.returncode} while starting; log {child.log}:")
                     print(child.tail(), flush=True)
                     return False
@@ -303,7 +304,10 @@ class Stack:
         say("stopped")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, on_ready: Callable[[Stack], bool] | None = None) -> int:
+    """Start the stack and supervise it until Ctrl-C / SIGTERM. ``on_ready``
+    runs once everything answers; returning False stops the stack (the demo's
+    smoke check)."""
     if args.workers < 1 or args.tensor_parallel_size < 1:
         print("qwen-vllm stack: error: --workers and --tensor-parallel-size must be at least 1", file=sys.stderr)
         return 2
@@ -315,7 +319,8 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stack.stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if stack.start():
-            stack.supervise()
+            if on_ready is None or on_ready(stack):
+                stack.supervise()
             return 0
         return 0 if stack.stop.is_set() else 1
     finally:
