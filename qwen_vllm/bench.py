@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_vllm.bench_engine import RESULT_PREFIX, model_gib, say, wait_for_memory
+from qwen_vllm.bench_serving import stop_group
 
 # The public config.json shapes of Qwen (v1) chat models: hidden, layers, heads,
 # config "intermediate_size" (twice the real MLP width), vocab, seq_length, rope base.
@@ -77,15 +79,21 @@ def run_job(spec: dict, env_extra: dict[str, str] | None = None) -> dict:
     wait_for_memory(model_gib(spec["model"], spec["dtype"]) * 1.1 + kv + 1.5, f"{spec['kind']} job")
     proc = subprocess.Popen(
         [sys.executable, "-m", "qwen_vllm.bench_engine", json.dumps(spec)],
-        env=child_env(env_extra), stdout=subprocess.PIPE, text=True,
+        env=child_env(env_extra), stdout=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     result = None
-    for line in proc.stdout:
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX) :])
-        else:
-            print(line, end="", file=sys.stderr)
-    if proc.wait() != 0 or result is None:
+    try:
+        for line in proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                result = json.loads(line[len(RESULT_PREFIX) :])
+            else:
+                print(line, end="", file=sys.stderr)
+        proc.wait(timeout=120)  # the normal end: let the job shut its engine down itself
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        stop_group(proc)  # interrupted or not: the job's engine processes go with it
+    if proc.returncode != 0 or result is None:
         raise RuntimeError(f"bench job {spec['kind']} failed (exit code {proc.returncode}); see the log above")
     return result
 
@@ -363,6 +371,7 @@ def run(args: argparse.Namespace) -> int:
     from qwen_vllm.errors import QwenCheckpointError
 
     args.dtype = args.dtype or ("float32" if on_cpu() else "bfloat16")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-ups: no engine left behind
     with tempfile.TemporaryDirectory(prefix="qwen-bench-") as tmp:
         if args.size:
             model, label, args.load_format = write_shape_model(args.size, Path(tmp) / f"Qwen-{args.size}-shape"), (

@@ -76,15 +76,18 @@ def run_client(base_url: str, model: Path, name: str, concurrency: int, num_prom
         return main(bench_args)
 
 
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a process started with ``start_new_session`` and everything in its
+    group (vLLM's engine core and workers outlive a parent that is just killed)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group, if any
+    proc.wait()
 
 
 @contextlib.contextmanager
@@ -99,7 +102,7 @@ def native_server(model: Path, name: str, port: int, engine_args: list[str], env
         wait_http(f"http://127.0.0.1:{port}/health", proc, 1800, f"native vLLM server (log {log})")
         yield {"native": f"http://127.0.0.1:{port}"}
     finally:
-        stop(proc)
+        stop_group(proc)
 
 
 @contextlib.contextmanager
@@ -121,7 +124,7 @@ def stack(model: Path, base_port: int, engine_args: list[str], env: dict, log_di
             raise RuntimeError(f"the stack exited (code {proc.wait()}); logs in {log_dir}")
         yield {"worker": f"http://127.0.0.1:{worker}", "front": f"http://127.0.0.1:{front}"}
     finally:
-        stop(proc, signal.SIGINT)
+        stop_group(proc, signal.SIGINT)
 
 
 def measure(bases: dict[str, str], model: Path, name: str, spec: dict) -> dict[tuple[str, int], list[dict]]:
