@@ -65,8 +65,13 @@ def read_generation_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     return gen
 
 
-def validate_checkpoint(model_dir: str | os.PathLike, *, need_tokenizer: bool = True) -> CheckpointFiles:
-    """Check that a Qwen v1 directory has config.json, weights and qwen.tiktoken."""
+def validate_checkpoint(
+    model_dir: str | os.PathLike, *, need_tokenizer: bool = True, need_weights: bool = True
+) -> CheckpointFiles:
+    """Check that a Qwen v1 directory has config.json, weights and qwen.tiktoken.
+
+    ``need_weights=False`` accepts a weightless directory (vLLM's ``load_format="dummy"``:
+    real shapes, random weights, as ``qwen-vllm bench --size`` writes)."""
     root = Path(model_dir)
     if not root.is_dir():
         raise QwenCheckpointError(f"{root}: not a directory (qwen-vllm serves local checkpoint directories)")
@@ -87,7 +92,7 @@ def validate_checkpoint(model_dir: str | os.PathLike, *, need_tokenizer: bool = 
         weights = sorted(root.glob("*.safetensors"))
         if not weights:
             bins = sorted(root.glob("pytorch_model*.bin"))
-            if not bins:
+            if not bins and need_weights:
                 raise QwenCheckpointError(
                     f"{root}: no weights (*.safetensors with model.safetensors.index.json, or pytorch_model*.bin)"
                 )

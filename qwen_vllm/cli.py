@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "worker": ("qwen_vllm.worker_launch", "FastChat model worker on vLLM's OpenAI server (FastChat + vLLM flags)"),
     "openai-api": ("qwen_vllm.openai_front", "OpenAI API in front of FastChat-controller workers"),
     "stack": ("qwen_vllm.stack", "controller + workers + OpenAI API (+ web UI) in one command"),
+    "bench": ("qwen_vllm.bench", "performance report: profile, versus (transformers, native vLLM), cpu-defaults"),
 }
 
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
-# KV-cache space in GiB when the user sets none: enough for several 8K
-# conversations of a 7B model, small enough for several workers on one host.
+# KV-cache space in GiB when the user sets none. vLLM's own CPU default is
+# 90% of RAM minus what the process holds: on a shared host that starves every
+# other process, and a second engine fails to start. Qwen v1 has no GQA, so a
+# token costs layers x 2 x hidden x dtype bytes: 384 KiB for 1.8B in fp32,
+# 512 KiB for 7B in bf16 (1 MiB in fp32). 4 GiB holds one full 8K context of
+# 1.8B fp32 or 7B bf16 (``qwen-vllm bench cpu-defaults`` prints the capacity).
 DEFAULT_KVCACHE_GIB = 4
 
 

@@ -341,20 +341,11 @@ def scripted_weights(steps: list[ScriptStep], num_heads: int = SCRIPTED_HEADS) -
 
 
 # -- writing --------------------------------------------------------------------
-def write_checkpoint(
-    out_dir: str | os.PathLike,
-    cfg: dict[str, Any],
-    weights: dict[str, torch.Tensor],
-    *,
-    chat: bool = True,
-    shards: int = 2,
-    dtype: torch.dtype = torch.bfloat16,
-    extra_files: dict[str, str] | None = None,
+def write_model_files(
+    out_dir: str | os.PathLike, cfg: dict[str, Any], *, chat: bool = True, extra_files: dict[str, str] | None = None
 ) -> Path:
-    """Write a complete Qwen-7B-Chat-style directory: config, generation config,
-    tokenizer files, sharded safetensors with index, remote-code trap files."""
-    from safetensors.torch import save_file
-
+    """Everything of a Qwen v1 directory but the weights (config, generation config,
+    tokenizer files, remote-code traps): enough for vLLM's ``load_format="dummy"``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -375,7 +366,24 @@ def write_checkpoint(
         (out / name).write_text(_REMOTE_CODE_TRAP.format(name=name))
     for name, text in (extra_files or {}).items():
         (out / name).write_text(text)
+    return out
 
+
+def write_checkpoint(
+    out_dir: str | os.PathLike,
+    cfg: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    *,
+    chat: bool = True,
+    shards: int = 2,
+    dtype: torch.dtype = torch.bfloat16,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a complete Qwen-7B-Chat-style directory: config, generation config,
+    tokenizer files, sharded safetensors with index, remote-code trap files."""
+    from safetensors.torch import save_file
+
+    out = write_model_files(out_dir, cfg, chat=chat, extra_files=extra_files)
     names = list(weights)
     per_shard = math.ceil(len(names) / shards)
     weight_map: dict[str, str] = {}

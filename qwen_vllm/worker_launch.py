@@ -85,7 +85,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise QwenVLLMError("--model-path is required (a Qwen checkpoint directory)")
     args.model = model
     if is_qwen_v1(model):
-        validate_checkpoint(model)
+        validate_checkpoint(model, need_weights=args.load_format != "dummy")
     if args.model_names and args.served_model_name:
         raise QwenVLLMError("give --model-names or --served-model-name, not both")
     # fschat's default name is the directory's name; vLLM's would be the whole path.

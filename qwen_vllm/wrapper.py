@@ -137,7 +137,7 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         **engine_kwargs: Any,
     ) -> None:
         model_dir = os.fspath(model_dir)
-        validate_checkpoint(model_dir)
+        validate_checkpoint(model_dir, need_weights=engine_kwargs.get("load_format") != "dummy")
         self.generation_config = read_generation_config(model_dir)
         self.chat_format = self.generation_config.get("chat_format", "chatml")
         _check_engine_kwargs(engine_kwargs)

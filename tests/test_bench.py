@@ -1,0 +1,165 @@
+"""``qwen-vllm bench``: every mode really runs (real engines, real servers, real
+transformers) on the tiny random fixture with a few tokens, and writes a
+well-formed markdown table, JSON and PNG. Figures are never asserted (the
+machine is shared); only that they exist, are positive and the ratios finite.
+
+The three runs start at module set-up in two chains that run side by side
+(versus || profile then cpu-defaults), so at most two engines are alive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NEW_TOKENS = 4
+COMMON = ["--new-tokens", str(NEW_TOKENS), "--rounds", "1"]
+RUNS = {
+    "versus": ["--batches", "1", "8", "--concurrency", "1", "8", "--prompts-per-client", "1", "--input-len", "16",
+               "--base-port", "18640"],
+    "profile": ["--batch", "4"],
+    "cpu-defaults": ["--batches", "1", "4"],
+}  # fmt: skip
+CHAINS = [["versus"], ["profile", "cpu-defaults"]]
+pytestmark = pytest.mark.timeout(1800)  # seven engine starts in two chains: slow when the machine is shared
+TIMEOUT_S = 1500  # per run; ~3-5 min on a quiet 2-core machine, far more when it is shared
+
+
+def bench_cmd(mode: str, model: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "qwen_vllm.cli", "bench", mode, "--model", str(model), "--out", str(out),
+            *COMMON, *RUNS[mode]]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench_runs(random_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """mode -> (results folder, log); every run must have exited 0."""
+    root = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    outs = {mode: (root / mode, root / f"{mode}.log") for mode in RUNS}
+    codes: dict[str, int] = {}
+
+    def chain(modes: list[str]) -> None:
+        from qwen_vllm.bench_serving import stop_group
+
+        for mode in modes:
+            out, log = outs[mode]
+            with open(log, "w") as fh:
+                proc = subprocess.Popen(
+                    bench_cmd(mode, random_model, out), env=env, stdout=fh, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+                try:
+                    codes[mode] = proc.wait(timeout=TIMEOUT_S)
+                finally:
+                    stop_group(proc)  # a run that hangs leaves no engine behind
+
+    threads = [threading.Thread(target=chain, args=(c,)) for c in CHAINS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for mode, (_, log) in outs.items():
+        assert codes.get(mode) == 0, f"bench {mode} failed:\n{log.read_text()[-4000:]}"
+    return outs
+
+
+def load(bench_runs: dict, mode: str) -> dict:
+    out, _ = bench_runs[mode]
+    md, png = (out / f"{mode}.md").read_text(), (out / f"{mode}.png").read_bytes()
+    assert md.startswith(f"## qwen-vllm bench {mode}:") and "|---|" in md
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    result = json.loads((out / f"{mode}.json").read_text())
+    assert result["mode"] == mode and result["new_tokens"] == NEW_TOKENS and result["dtype"] == "float32"
+    return result
+
+
+def check_ratios(data: dict) -> None:
+    assert data["ratios"]
+    for name, value in data["ratios"].items():
+        assert math.isfinite(value) and value > 0, name
+
+
+def test_profile(bench_runs: dict) -> None:
+    rows = load(bench_runs, "profile")["data"]["rows"]
+    assert sorted(r["batch"] for r in rows) == [1, 4]
+    for r in rows:
+        assert r["target"] == "wrapper" and r["new_tokens"] == NEW_TOKENS
+        assert r["tok_s"] > 0 and r["peak_rss_gib"] > 0.1  # the engine core's memory is counted
+
+
+def test_versus(bench_runs: dict) -> None:
+    data = load(bench_runs, "versus")["data"]
+    offline = {(r["target"], r["batch"]): r for r in data["offline"]}
+    assert set(offline) == {(t, b) for t in ("raw", "wrapper", "transformers") for b in (1, 8)}
+    serving = {(r["target"], r["concurrency"]): r for r in data["serving"]}
+    assert set(serving) == {(t, c) for t in ("native", "worker", "front") for c in (1, 8)}
+    for r in [*offline.values(), *serving.values()]:
+        assert r["tok_s"] > 0
+    for r in serving.values():
+        assert r["median_ttft_ms"] > 0 and all(run["completed"] == r["concurrency"] for run in r["runs"])
+    check_ratios(data)
+    assert "front concurrency 8 / serial transformers" in data["ratios"]
+    assert set(data["goals"]) == {
+        "vLLMWrapper vs transformers static batch 8 >= 2x",
+        "worker concurrency 8 vs serial transformers >= 4x",
+        "front concurrency 8 vs serial transformers >= 4x",
+    }
+    assert all(isinstance(v, bool) for v in data["goals"].values())
+
+
+def test_cpu_defaults(bench_runs: dict) -> None:
+    data = load(bench_runs, "cpu-defaults")["data"]
+    engines = data["engines"]
+    ours, vllm = engines["ours (bind all cores)"], engines["vLLM default (reserve one core)"]
+    assert vllm["omp_threads_bind"] == "auto"
+    assert ours["omp_threads_bind"] == ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    for e in engines.values():
+        assert e["kv_cache_tokens"] > 0 and e["max_num_batched_tokens"] > 0
+    assert {(r["target"], r["batch"]) for r in data["rows"]} == {(v, b) for v in engines for b in (1, 4)}
+    assert all(r["tok_s"] > 0 for r in data["rows"])
+    check_ratios(data)
+
+
+# -- no engine ------------------------------------------------------------------
+@pytest.mark.parametrize("size", ["1.8B", "7B", "14B", "72B"])
+def test_shape_model_has_the_real_config(size: str, tmp_path: Path) -> None:
+    from qwen_vllm.bench import SIZES, write_shape_model
+    from qwen_vllm.checkpoint import read_config, validate_checkpoint
+    from qwen_vllm.config import QWenConfig
+    from qwen_vllm.errors import QwenCheckpointError
+
+    model = write_shape_model(size, tmp_path / size)
+    cfg, want = read_config(model), SIZES[size]
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]) == (
+        want["hidden"], want["layers"], want["heads"],
+    )  # fmt: skip
+    assert (cfg["intermediate_size"], cfg["vocab_size"], cfg["seq_length"], cfg["rotary_emb_base"]) == (
+        want["intermediate"], want["vocab"], want["seq"], want["rope"],
+    )  # fmt: skip
+    assert QWenConfig(**cfg).intermediate_size == want["intermediate"] // 2  # the real MLP width
+    validate_checkpoint(model, need_weights=False)  # tokenizer files and config are complete
+    with pytest.raises(QwenCheckpointError, match="no weights"):
+        validate_checkpoint(model)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["profile", "--model", "/nonexistent/qwen"], "not a directory"),
+        (["profile", "--size", "14B", "--new-tokens", "4096"], "does not fit the model's 2048-token context"),
+        (["versus", "--size", "1.8B", "--batches", "0"], "must be at least 1"),
+    ],
+)
+def test_bad_arguments_fail_before_any_engine(argv: list[str], message: str, capsys) -> None:
+    from qwen_vllm.bench import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
