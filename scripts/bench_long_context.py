@@ -1,0 +1,219 @@
+"""Benchmark: what Qwen's long context (dynamic NTK + LogN) costs on vLLM.
+
+Side by side, same shape, dummy weights (vLLM ``load_format="dummy"``), each
+engine in its own subprocess (one alive at a time), fresh random prompts every
+repeat (no prefix-cache hits on either side), medians over repeats:
+
+1. Short prompts: ``max_model_len = seq_length`` (the default: plain RoPE,
+   the path vLLM had before long context) vs ``max_model_len = --long-len``
+   (NTK rotary + LogN installed, M-RoPE positions, prefix caching off).
+   Output tokens/s of a batch, and resident memory of the engine processes
+   (same KV-cache space on both sides, sized for --long-len).
+2. One prompt of 4 x seq_length: prefill tokens/s (prompt / time to first
+   token) and decode tokens/s through the long path (alpha 7, LogN), against
+   the same shape whose seq_length covers the prompt (plain RoPE, no long path).
+
+    python scripts/bench_long_context.py                    # Qwen-1.8B shape, 8192 vs 32768
+    python scripts/bench_long_context.py --seq-length 2048 --long-len 8192 --long-prompt-seq-length 512
+
+The Qwen-1.8B shape: hidden 2048, 24 layers, 16 heads, intermediate_size 11008,
+vocab 151936 (public config.json). A 4 x 8192 prompt takes hours on two CPU
+cores, so part 2 uses --long-prompt-seq-length (default 512: a 2048-token prompt).
+Writes results/bench_long_context.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE_1_8B = {"hidden_size": 2048, "num_layers": 24, "num_heads": 16, "mlp_width": 5504}
+GiB = 1 << 30
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-length", type=int, default=8192, help="config seq_length for part 1")
+    p.add_argument("--long-len", type=int, default=32768, help="opted-in max_model_len for part 1")
+    p.add_argument("--long-prompt-seq-length", type=int, default=512, help="config seq_length for part 2")
+    p.add_argument("--layers", type=int, default=SHAPE_1_8B["num_layers"])
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="vLLM's default torch.compile instead of enforce_eager")
+    p.add_argument("--skip-short", action="store_true")
+    p.add_argument("--skip-long-prompt", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_long_context.json")
+    p.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one engine (JSON spec)
+    return p.parse_args(argv)
+
+
+def kv_bytes_per_token(layers: int, dtype: str) -> int:
+    size = 2 if dtype in ("bfloat16", "float16") else 4
+    return layers * 2 * SHAPE_1_8B["hidden_size"] * size
+
+
+def write_model(root: Path, seq_length: int, layers: int) -> Path:
+    """Config and tokenizer of a Qwen-1.8B-shaped checkpoint (weights: vLLM's dummy loader)."""
+    from qwen_vllm.fixtures import qwen_config, write_checkpoint
+
+    out = root / f"qwen-1.8b-shape-s{seq_length}-l{layers}"
+    if not (out / "config.json").is_file():
+        cfg = qwen_config(
+            SHAPE_1_8B["hidden_size"], layers, SHAPE_1_8B["num_heads"], SHAPE_1_8B["mlp_width"], seq_length=seq_length
+        )
+        write_checkpoint(out, cfg, {}, shards=1)
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+# -- one engine (runs in a subprocess) ---------------------------------------------
+def run_engine(spec: dict) -> dict:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    gen = torch.Generator().manual_seed(spec["seed"])
+
+    def prompts(n: int, length: int) -> list:
+        return [TokensPrompt(prompt_token_ids=torch.randint(0, 151000, (length,), generator=gen).tolist()) for _ in range(n)]
+
+    def timed(batch: list, max_tokens: int) -> float:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(batch, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    kwargs = {"max_model_len": spec["max_model_len"]} if spec["max_model_len"] else {}
+    llm = LLM(
+        model=spec["model"],
+        load_format="dummy",
+        dtype=spec["dtype"],
+        enforce_eager=not spec["compile"],
+        seed=0,
+        **kwargs,
+    )
+    config = llm.llm_engine.vllm_config
+    out = {
+        "max_model_len": config.model_config.max_model_len,
+        "long_context_path": config.model_config.uses_mrope,
+        "prefix_caching": config.cache_config.enable_prefix_caching,
+    }
+    if spec["kind"] == "short":
+        timed(prompts(spec["batch"], spec["prompt_len"]), spec["new_tokens"])  # warm-up
+        times = [timed(prompts(spec["batch"], spec["prompt_len"]), spec["new_tokens"]) for _ in range(spec["repeats"])]
+        out["output_tok_s"] = [spec["batch"] * spec["new_tokens"] / t for t in times]
+        out["rss_gib"] = tree_rss(os.getpid()) / GiB
+    else:
+        timed(prompts(1, 64), 2)  # warm-up
+        prefill, decode = [], []
+        for _ in range(spec["repeats"]):
+            t1 = timed(prompts(1, spec["prompt_len"]), 1)
+            tn = timed(prompts(1, spec["prompt_len"]), spec["new_tokens"])
+            prefill.append(spec["prompt_len"] / t1)
+            decode.append((spec["new_tokens"] - 1) / max(tn - t1, 1e-9))
+        out["prefill_tok_s"], out["decode_tok_s"] = prefill, decode
+    llm.llm_engine.engine_core.shutdown()
+    return out
+
+
+def launch(spec: dict, kv_gib: int) -> dict:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-%d" % (len(os.sched_getaffinity(0)) - 1))
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    label = f"{spec['kind']} seq_length={spec['seq_length']} max_model_len={spec['max_model_len'] or 'default'}"
+    print(f"[bench] {label} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--engine", json.dumps(spec)], env=env, capture_output=True, text=True
+    )
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"[bench] {label}: engine run failed (exit {proc.returncode})")
+    return {"spec": spec, **json.loads(lines[-1][len("RESULT ") :])}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.engine:
+        print("RESULT " + json.dumps(run_engine(json.loads(args.engine))), flush=True)
+        return 0
+    from qwen_vllm.ntk import LongContextPlan
+
+    common = {"dtype": args.dtype, "compile": args.compile, "repeats": args.repeats, "new_tokens": args.new_tokens}
+    rows: list[tuple[str, float, float]] = []
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items() if k != "engine"}, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="bench-longctx-") as tmp:
+        if not args.skip_short:
+            model = write_model(Path(tmp), args.seq_length, args.layers)
+            # Both sides get KV space for one --long-len sequence (vLLM insists on it).
+            kv_gib = math.ceil(kv_bytes_per_token(args.layers, args.dtype) * args.long_len / GiB) + 1
+            base = {**common, "kind": "short", "model": str(model), "seq_length": args.seq_length}
+            base.update(batch=args.batch, prompt_len=args.prompt_len, seed=1)
+            plain = launch({**base, "max_model_len": None}, kv_gib)
+            long = launch({**base, "max_model_len": args.long_len}, kv_gib)
+            assert not plain["long_context_path"] and long["long_context_path"]
+            report["runs"] += [plain, long]
+            plan = LongContextPlan.of({"seq_length": args.seq_length}, args.long_len)
+            head_dim = SHAPE_1_8B["hidden_size"] // SHAPE_1_8B["num_heads"]
+            # cos/sin cache (head_dim per position) + LogN table (1), per alpha bucket
+            tables = len(plan.alphas) * args.long_len * (head_dim + 1) * (4 if args.dtype == "float32" else 2)
+            report["long_context_tables_mib"] = tables / (1 << 20)
+            rows += [
+                (f"short prompts: output tok/s (batch {args.batch})", median(plain["output_tok_s"]), median(long["output_tok_s"])),
+                ("short prompts: engine RSS GiB", plain["rss_gib"], long["rss_gib"]),
+            ]
+        if not args.skip_long_prompt:
+            s = args.long_prompt_seq_length
+            length = 4 * s
+            long_model = write_model(Path(tmp), s, args.layers)
+            anchor_model = write_model(Path(tmp), length + args.new_tokens, args.layers)
+            kv_gib = math.ceil(kv_bytes_per_token(args.layers, args.dtype) * (length + args.new_tokens) / GiB) + 1
+            base = {**common, "kind": "long", "prompt_len": length, "seed": 2}
+            anchor = launch(
+                {**base, "model": str(anchor_model), "seq_length": length + args.new_tokens, "max_model_len": None}, kv_gib
+            )
+            ours = launch(
+                {**base, "model": str(long_model), "seq_length": s, "max_model_len": length + args.new_tokens}, kv_gib
+            )
+            assert not anchor["long_context_path"] and ours["long_context_path"]
+            report["runs"] += [anchor, ours]
+            rows += [
+                (f"{length}-token prompt (4 x {s}): prefill tok/s", median(anchor["prefill_tok_s"]), median(ours["prefill_tok_s"])),
+                (f"{length}-token prompt (4 x {s}): decode tok/s", median(anchor["decode_tok_s"]), median(ours["decode_tok_s"])),
+            ]
+    print(f"\n{'measure':<48} {'anchor':>10} {'long ctx':>10} {'ratio':>7}")
+    for name, anchor_value, ours_value in rows:
+        print(f"{name:<48} {anchor_value:>10.2f} {ours_value:>10.2f} {ours_value / anchor_value:>7.3f}")
+    print("anchor: plain RoPE (max_model_len = seq_length); long ctx: dynamic NTK + LogN path; medians")
+    report["table"] = [{"measure": n, "anchor": a, "long_context": o, "ratio": o / a} for n, a, o in rows]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
