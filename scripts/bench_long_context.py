@@ -2,12 +2,13 @@
 
 Side by side, same shape, dummy weights (vLLM ``load_format="dummy"``), each
 engine in its own subprocess (one alive at a time), fresh random prompts every
-repeat (no prefix-cache hits on either side), medians over repeats:
+repeat (no prefix-cache hits on either side), medians over repeats (and over
+``--rounds``, which alternate which side starts first):
 
 1. Short prompts: ``max_model_len = seq_length`` (the default: plain RoPE,
    the path vLLM had before long context) vs ``max_model_len = --long-len``
    (NTK rotary + LogN installed, M-RoPE positions, prefix caching off).
-   Output tokens/s of a batch, and resident memory of the engine processes
+   Output tokens/s of a batch, and memory (PSS) of the engine processes
    (same KV-cache space on both sides, sized for --long-len).
 2. One prompt of 4 x seq_length: prefill tokens/s (prompt / time to first
    token) and decode tokens/s through the long path (alpha 7, LogN), against
@@ -37,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE_1_8B = {"hidden_size": 2048, "num_layers": 24, "num_heads": 16, "mlp_width": 5504}
+VOCAB = 151936
 GiB = 1 << 30
 
 
@@ -50,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="measurements per engine")
+    p.add_argument("--rounds", type=int, default=1, help="engine starts per side, alternating order")
     p.add_argument("--compile", action="store_true", help="vLLM's default torch.compile instead of enforce_eager")
     p.add_argument("--skip-short", action="store_true")
     p.add_argument("--skip-long-prompt", action="store_true")
@@ -77,11 +80,12 @@ def write_model(root: Path, seq_length: int, layers: int) -> Path:
     return out
 
 
-def tree_rss(pid: int) -> int:
+def tree_pss(pid: int) -> int:
+    """Proportional set size of a process and its children (shared pages counted once)."""
     import psutil
 
     proc = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+    return sum(p.memory_full_info().pss for p in [proc, *proc.children(recursive=True)])
 
 
 # -- one engine (runs in a subprocess) ---------------------------------------------
@@ -107,6 +111,7 @@ def run_engine(spec: dict) -> dict:
         load_format="dummy",
         dtype=spec["dtype"],
         enforce_eager=not spec["compile"],
+        disable_log_stats=False,  # per-request timestamps
         seed=0,
         **kwargs,
     )
@@ -120,21 +125,41 @@ def run_engine(spec: dict) -> dict:
         timed(prompts(spec["batch"], spec["prompt_len"]), spec["new_tokens"])  # warm-up
         times = [timed(prompts(spec["batch"], spec["prompt_len"]), spec["new_tokens"]) for _ in range(spec["repeats"])]
         out["output_tok_s"] = [spec["batch"] * spec["new_tokens"] / t for t in times]
-        out["rss_gib"] = tree_rss(os.getpid()) / GiB
+        out["pss_gib"] = tree_pss(os.getpid()) / GiB
     else:
         timed(prompts(1, 64), 2)  # warm-up
+        params = SamplingParams(max_tokens=spec["new_tokens"], temperature=0.0, ignore_eos=True)
         prefill, decode = [], []
         for _ in range(spec["repeats"]):
-            t1 = timed(prompts(1, spec["prompt_len"]), 1)
-            tn = timed(prompts(1, spec["prompt_len"]), spec["new_tokens"])
-            prefill.append(spec["prompt_len"] / t1)
-            decode.append((spec["new_tokens"] - 1) / max(tn - t1, 1e-9))
+            (result,) = llm.generate(prompts(1, spec["prompt_len"]), params, use_tqdm=False)
+            stats = result.metrics  # engine-core timestamps of this request
+            prefill.append(spec["prompt_len"] / (stats.first_token_ts - stats.scheduled_ts))
+            decode.append((spec["new_tokens"] - 1) / (stats.last_token_ts - stats.first_token_ts))
         out["prefill_tok_s"], out["decode_tok_s"] = prefill, decode
     llm.llm_engine.engine_core.shutdown()
     return out
 
 
-def launch(spec: dict, kv_gib: int) -> dict:
+def param_count(layers: int) -> int:
+    h, mlp = SHAPE_1_8B["hidden_size"], SHAPE_1_8B["mlp_width"]
+    return 2 * VOCAB * h + layers * (4 * h * h + 3 * h + 3 * h * mlp + 2 * h) + h
+
+
+def wait_for_memory(need: int, timeout: float = 1800.0) -> None:
+    """The machine is shared: start an engine only when its memory is free."""
+    import psutil
+
+    start = time.monotonic()
+    while psutil.virtual_memory().available < need:
+        if time.monotonic() - start > timeout:
+            raise SystemExit(f"[bench] {need / GiB:.1f} GiB never became free; use --layers/--dtype to shrink")
+        print(f"[bench] waiting for {need / GiB:.1f} GiB of free memory ...", file=sys.stderr, flush=True)
+        time.sleep(30)
+
+
+def launch(spec: dict, kv_gib: int, layers: int) -> dict:
+    weight_bytes = param_count(layers) * (4 if spec["dtype"] == "float32" else 2)
+    wait_for_memory(weight_bytes + kv_gib * GiB + 2 * GiB)
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-%d" % (len(os.sched_getaffinity(0)) - 1))
     env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
@@ -155,6 +180,24 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def pair(anchor: dict, ours: dict, kv_gib: int, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Run anchor and ours ``--rounds`` times, alternating which goes first
+    (the machine is shared and drifts)."""
+    runs: tuple[list[dict], list[dict]] = ([], [])
+    for r in range(args.rounds):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for side in order:
+            runs[side].append(launch((anchor, ours)[side], kv_gib, args.layers))
+    assert not any(x["long_context_path"] for x in runs[0]) and all(x["long_context_path"] for x in runs[1])
+    return runs
+
+
+def pooled(runs: list[dict], key: str) -> float:
+    """Median over every repeat of every round."""
+    values = [v for run in runs for v in (run[key] if isinstance(run[key], list) else [run[key]])]
+    return statistics.median(values)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.engine:
@@ -172,18 +215,16 @@ def main(argv: list[str] | None = None) -> int:
             kv_gib = math.ceil(kv_bytes_per_token(args.layers, args.dtype) * args.long_len / GiB) + 1
             base = {**common, "kind": "short", "model": str(model), "seq_length": args.seq_length}
             base.update(batch=args.batch, prompt_len=args.prompt_len, seed=1)
-            plain = launch({**base, "max_model_len": None}, kv_gib)
-            long = launch({**base, "max_model_len": args.long_len}, kv_gib)
-            assert not plain["long_context_path"] and long["long_context_path"]
-            report["runs"] += [plain, long]
+            plain, long = pair({**base, "max_model_len": None}, {**base, "max_model_len": args.long_len}, kv_gib, args)
+            report["runs"] += plain + long
             plan = LongContextPlan.of({"seq_length": args.seq_length}, args.long_len)
             head_dim = SHAPE_1_8B["hidden_size"] // SHAPE_1_8B["num_heads"]
             # cos/sin cache (head_dim per position) + LogN table (1), per alpha bucket
             tables = len(plan.alphas) * args.long_len * (head_dim + 1) * (4 if args.dtype == "float32" else 2)
             report["long_context_tables_mib"] = tables / (1 << 20)
             rows += [
-                (f"short prompts: output tok/s (batch {args.batch})", median(plain["output_tok_s"]), median(long["output_tok_s"])),
-                ("short prompts: engine RSS GiB", plain["rss_gib"], long["rss_gib"]),
+                (f"short prompts: output tok/s (batch {args.batch})", pooled(plain, "output_tok_s"), pooled(long, "output_tok_s")),
+                ("short prompts: engine PSS GiB", pooled(plain, "pss_gib"), pooled(long, "pss_gib")),
             ]
         if not args.skip_long_prompt:
             s = args.long_prompt_seq_length
@@ -192,22 +233,24 @@ def main(argv: list[str] | None = None) -> int:
             anchor_model = write_model(Path(tmp), length + args.new_tokens, args.layers)
             kv_gib = math.ceil(kv_bytes_per_token(args.layers, args.dtype) * (length + args.new_tokens) / GiB) + 1
             base = {**common, "kind": "long", "prompt_len": length, "seed": 2}
-            anchor = launch(
-                {**base, "model": str(anchor_model), "seq_length": length + args.new_tokens, "max_model_len": None}, kv_gib
+            anchor, ours = pair(
+                {**base, "model": str(anchor_model), "seq_length": length + args.new_tokens, "max_model_len": None},
+                {**base, "model": str(long_model), "seq_length": s, "max_model_len": length + args.new_tokens},
+                kv_gib,
+                args,
             )
-            ours = launch(
-                {**base, "model": str(long_model), "seq_length": s, "max_model_len": length + args.new_tokens}, kv_gib
-            )
-            assert not anchor["long_context_path"] and ours["long_context_path"]
-            report["runs"] += [anchor, ours]
+            report["runs"] += anchor + ours
+            label = f"{length}-token prompt (4 x {s})"
             rows += [
-                (f"{length}-token prompt (4 x {s}): prefill tok/s", median(anchor["prefill_tok_s"]), median(ours["prefill_tok_s"])),
-                (f"{length}-token prompt (4 x {s}): decode tok/s", median(anchor["decode_tok_s"]), median(ours["decode_tok_s"])),
+                (f"{label}: prefill tok/s", pooled(anchor, "prefill_tok_s"), pooled(ours, "prefill_tok_s")),
+                (f"{label}: decode tok/s", pooled(anchor, "decode_tok_s"), pooled(ours, "decode_tok_s")),
             ]
     print(f"\n{'measure':<48} {'anchor':>10} {'long ctx':>10} {'ratio':>7}")
     for name, anchor_value, ours_value in rows:
         print(f"{name:<48} {anchor_value:>10.2f} {ours_value:>10.2f} {ours_value / anchor_value:>7.3f}")
     print("anchor: plain RoPE (max_model_len = seq_length); long ctx: dynamic NTK + LogN path; medians")
+    if "long_context_tables_mib" in report:
+        print(f"long-context rotary + LogN tables at max_model_len {args.long_len}: {report['long_context_tables_mib']:.1f} MiB")
     report["table"] = [{"measure": n, "anchor": a, "long_context": o, "ratio": o / a} for n, a, o in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
