@@ -8,6 +8,8 @@ registered as a lazy "module:Class" string.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -18,12 +20,28 @@ if TYPE_CHECKING:
 
 _registered = False
 
+# Set by interactive front ends that run an engine in their own process
+# (``qwen-vllm chat --model``). Ctrl-C in a terminal signals the whole
+# foreground process group, and vLLM's engine core and workers shut down on
+# SIGINT; with this set, each process vLLM spawns moves to a process group of
+# its own when it loads this plugin, so Ctrl-C reaches only the front end.
+# (A blocked or ignored SIGINT does not survive: spawn resets the mask and
+# vLLM installs its own handler.)
+OWN_PROCESS_GROUP_ENV = "QWEN_VLLM_ENGINE_OWN_PROCESS_GROUP"
+
+
+def _leave_terminal_process_group() -> None:
+    if os.environ.get(OWN_PROCESS_GROUP_ENV) == "1" and multiprocessing.parent_process() is not None:
+        os.setpgid(0, 0)
+
 
 def register() -> None:
-    """Teach vLLM and transformers about Qwen v1 (config, model, tokenizer)."""
+    """Teach vLLM and transformers about Qwen v1 (config, model, tokenizer,
+    tool parser, default ChatML stops)."""
     global _registered
     if _registered:
         return
+    _leave_terminal_process_group()
     from transformers import AutoConfig
     from transformers.models.auto import tokenization_auto
     from vllm import ModelRegistry
@@ -44,7 +62,20 @@ def register() -> None:
     # Per-engine long-context set-up (max_model_len default, M-RoPE positions,
     # prefix caching): vLLM runs this hook while building its config.
     MODELS_CONFIG_MAP["QWenLMHeadModel"] = QwenLongContextConfig
+    _register_serving()
     _registered = True
+
+
+def _register_serving() -> None:
+    """OpenAI-server pieces: the "qwen_react" tool parser (lazy: imported only
+    when a server selects it) and every ChatML stop id as a default stop."""
+    from vllm.tool_parsers import ToolParserManager
+
+    from qwen_vllm import chatml_eos
+    from qwen_vllm.function_call import PARSER_NAME
+
+    ToolParserManager.register_lazy_module(PARSER_NAME, "qwen_vllm.tool_parser", "QwenReactToolParser")
+    chatml_eos.install()
 
 
 def __getattr__(name: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from qwen_vllm.errors import QwenCheckpointError
 from qwen_vllm.tokenizer import VOCAB_FILE
 
 CHAT_FORMATS = ("chatml", "raw")
+_LAYER = re.compile(r"^transformer\.h\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -93,4 +95,62 @@ def validate_checkpoint(model_dir: str | os.PathLike, *, need_tokenizer: bool = 
     vocab = root / VOCAB_FILE
     if need_tokenizer and not vocab.is_file():
         raise QwenCheckpointError(f"{vocab}: missing; Qwen v1's tokenizer needs {VOCAB_FILE}")
-    return CheckpointFiles(cfg_path, weights, vocab if vocab.is_file() else None)
+    files = CheckpointFiles(cfg_path, weights, vocab if vocab.is_file() else None)
+    _check_config_fields(cfg, cfg_path)
+    check_checkpoint_shapes(files, cfg)
+    return files
+
+
+def _check_config_fields(cfg: dict[str, Any], path: Path) -> None:
+    """The fields config.json must carry; QWenConfig checks their consistency."""
+    from qwen_vllm.config import QWenConfig
+
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    missing = [k for k in required if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise QwenCheckpointError(f"{path}: missing or non-integer fields {missing}")
+    try:
+        QWenConfig.from_dict(dict(cfg))
+    except QwenCheckpointError as exc:
+        raise QwenCheckpointError(f"{path}: {str(exc).removeprefix('config.json: ')}") from exc
+
+
+def expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Float tensor shapes a Qwen v1 config.json implies, by name (layer prefix removed)."""
+    h, v, mlp = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"] // 2
+    return {
+        "transformer.wte.weight": (v, h),
+        "transformer.ln_f.weight": (h,),
+        "lm_head.weight": (v, h),
+        "ln_1.weight": (h,),
+        "ln_2.weight": (h,),
+        "attn.c_attn.weight": (3 * h, h),
+        "attn.c_attn.bias": (3 * h,),
+        "attn.c_proj.weight": (h, h),
+        "mlp.w1.weight": (mlp, h),
+        "mlp.w2.weight": (mlp, h),
+        "mlp.c_proj.weight": (h, mlp),
+    }
+
+
+def check_weight_shape(name: str, shape: tuple[int, ...], cfg: dict[str, Any], where: str = "") -> None:
+    """Raise QwenCheckpointError if tensor ``name`` disagrees with config.json."""
+    want = expected_shapes(cfg).get(_LAYER.sub("", name))
+    if want is not None and tuple(shape) != want:
+        raise QwenCheckpointError(
+            f"{where or 'checkpoint'}: weight {name!r} has shape {tuple(shape)} but config.json implies {want} "
+            f"(hidden_size={cfg['hidden_size']}, intermediate_size={cfg['intermediate_size']}, "
+            f"vocab_size={cfg['vocab_size']})"
+        )
+
+
+def check_checkpoint_shapes(files: CheckpointFiles, cfg: dict[str, Any]) -> None:
+    """Compare every safetensors header with config.json (reads headers only)."""
+    from safetensors import safe_open
+
+    for path in files.weights:
+        if path.suffix != ".safetensors":
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                check_weight_shape(name, tuple(f.get_slice(name).get_shape()), cfg, where=str(path))

@@ -22,7 +22,7 @@ from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
-from qwen_vllm.errors import QwenCheckpointError
+from qwen_vllm.checkpoint import check_weight_shape
 from qwen_vllm.long_context import encoded_positions, install_long_context
 
 QWEN_V1_TO_VLLM = WeightsMapper(
@@ -44,43 +44,15 @@ QWEN_V1_TO_VLLM = WeightsMapper(
     },
 )
 
-_LAYER = re.compile(r"^transformer\.h\.\d+\.")
-
-
-def expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Qwen v1 name suffix -> float tensor shape, read from the config."""
-    h, v = config.hidden_size, config.vocab_size
-    mlp = config.intermediate_size  # already halved by QWenConfig
-    return {
-        "transformer.wte.weight": (v, h),
-        "transformer.ln_f.weight": (h,),
-        "lm_head.weight": (v, h),
-        "ln_1.weight": (h,),
-        "ln_2.weight": (h,),
-        "attn.c_attn.weight": (3 * h, h),
-        "attn.c_attn.bias": (3 * h,),
-        "attn.c_proj.weight": (h, h),
-        "mlp.w1.weight": (mlp, h),
-        "mlp.w2.weight": (mlp, h),
-        "mlp.c_proj.weight": (h, mlp),
-    }
-
 
 def check_shapes(
     weights: Iterable[tuple[str, torch.Tensor]], config
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass weights through, raising a clear error on a shape that disagrees
     with config.json (vLLM's own message names only its internal parameter)."""
-    shapes = expected_shapes(config)
+    cfg = config.to_dict()
     for name, tensor in weights:
-        key = _LAYER.sub("", name)
-        want = shapes.get(key)
-        if want is not None and tuple(tensor.shape) != want:
-            raise QwenCheckpointError(
-                f"weight {name!r} has shape {tuple(tensor.shape)} but config.json implies {want} "
-                f"(hidden_size={config.hidden_size}, intermediate_size="
-                f"{2 * config.intermediate_size}, vocab_size={config.vocab_size})"
-            )
+        check_weight_shape(name, tuple(tensor.shape), cfg)
         yield name, tensor
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
 
 from qwen_vllm.errors import QwenRequestError
 
@@ -82,5 +83,5 @@ def to_sampling_params(
     )
     try:
         return SamplingParams(**kwargs)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, VLLMClientError) as exc:
         raise QwenRequestError(f"invalid generation settings: {exc}") from exc

@@ -22,7 +22,9 @@ from typing import Any
 
 import tiktoken
 from transformers import PythonBackend
+from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 
+from qwen_vllm.chat_template import RenderedChat
 from qwen_vllm.errors import QwenCheckpointError
 
 VOCAB_FILE = "qwen.tiktoken"
@@ -173,8 +175,11 @@ class QWenTokenizer(PythonBackend):
 
         ``allowed_special="all"`` (Qwen's default) parses special-token text as
         control tokens; pass ``allowed_special=set()`` for untrusted text so
-        ``<|im_start|>`` stays plain text.
+        ``<|im_start|>`` stays plain text. A prompt our chat template rendered
+        (chat_template.RenderedChat) keeps the ids it was rendered with.
         """
+        if isinstance(text, RenderedChat):
+            return list(text.token_ids)
         if not unicodedata.is_normalized("NFC", text):
             text = unicodedata.normalize("NFC", text)
         return self.tokenizer.encode(
@@ -185,16 +190,41 @@ class QWenTokenizer(PythonBackend):
         kwargs.pop("add_special_tokens", None)
         return [self._convert_id_to_token(i) for i in self.encode_text(text, **kwargs)]
 
+    def encode(self, text: Any, text_pair: Any = None, **kwargs: Any) -> list[int]:
+        """Plain ``encode(str)`` is tiktoken alone; anything else (pairs,
+        truncation, padding, tensors) takes transformers' path."""
+        plain = {"add_special_tokens", "allowed_special", "disallowed_special"}
+        if isinstance(text, str) and text_pair is None and set(kwargs) <= plain:
+            kwargs.pop("add_special_tokens", None)  # Qwen adds none
+            return self.encode_text(text, **kwargs)
+        return super().encode(text, text_pair=text_pair, **kwargs)
+
     def _encode_plus(self, text: Any, text_pair: Any = None, **kwargs: Any) -> Any:
+        """Strings go straight to tiktoken (no per-token Python work); batches
+        and pre-tokenized input take transformers' path, which calls back here
+        for each string."""
         special = {k: kwargs.pop(k) for k in ("allowed_special", "disallowed_special") if k in kwargs}
-        if isinstance(text, str):
-            text = self.encode_text(text, **special)
-        elif isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
-            if not kwargs.get("is_split_into_words"):
-                text = [self.encode_text(t, **special) for t in text]
-        if isinstance(text_pair, str):
-            text_pair = self.encode_text(text_pair, **special)
-        return super()._encode_plus(text, text_pair=text_pair, **kwargs)
+        if not isinstance(text, str) or not (text_pair is None or isinstance(text_pair, str)):
+            return super()._encode_plus(text, text_pair=text_pair, **kwargs)
+        return self.prepare_for_model(
+            self.encode_text(text, **special),
+            pair_ids=None if text_pair is None else self.encode_text(text_pair, **special),
+            add_special_tokens=kwargs.get("add_special_tokens", True),
+            padding=kwargs.get("padding_strategy", PaddingStrategy.DO_NOT_PAD).value,
+            truncation=kwargs.get("truncation_strategy", TruncationStrategy.DO_NOT_TRUNCATE).value,
+            max_length=kwargs.get("max_length"),
+            stride=kwargs.get("stride", 0),
+            pad_to_multiple_of=kwargs.get("pad_to_multiple_of"),
+            padding_side=kwargs.get("padding_side"),
+            return_tensors=kwargs.get("return_tensors"),
+            prepend_batch_axis=True,
+            return_attention_mask=kwargs.get("return_attention_mask"),
+            return_token_type_ids=kwargs.get("return_token_type_ids"),
+            return_overflowing_tokens=kwargs.get("return_overflowing_tokens", False),
+            return_special_tokens_mask=kwargs.get("return_special_tokens_mask", False),
+            return_length=kwargs.get("return_length", False),
+            verbose=kwargs.get("verbose", True),
+        )
 
     def build_inputs_with_special_tokens(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None

@@ -77,3 +77,28 @@ def qwen_tokenizer(scripted_model: Path):
     from qwen_vllm.tokenizer import QWenTokenizer
 
     return QWenTokenizer(str(scripted_model / "qwen.tiktoken"))
+
+
+def _wrapper(model_dir: Path, **kwargs):
+    from qwen_vllm.wrapper import vLLMWrapper
+
+    opts = dict(dtype="float32", enforce_eager=True, max_model_len=2048)
+    opts.update(kwargs)
+    return vLLMWrapper(str(model_dir), **opts)
+
+
+@pytest.fixture(scope="session")
+def scripted_wrapper(scripted_model: Path):
+    """One vLLMWrapper engine on the scripted fixture for the whole session."""
+    wrapper = _wrapper(scripted_model)
+    yield wrapper
+    wrapper.llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def random_wrapper(random_model: Path):
+    """One vLLMWrapper engine on the random fixture (fp32) for the whole session;
+    ``.llm`` is the underlying vllm.LLM for raw-engine comparisons."""
+    wrapper = _wrapper(random_model)
+    yield wrapper
+    wrapper.llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,155 @@
+"""vLLMWrapper: Qwen's chat() interface on vLLM (scripted and random fixtures)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from qwen_vllm.chat_template import make_context
+from qwen_vllm.errors import QwenContextError, QwenRequestError
+from qwen_vllm.fixtures import CHAT_REPLY, make_model
+from qwen_vllm.wrapper import QwenChatFormatError, vLLMWrapper
+
+
+def test_chat_returns_the_scripted_reply(scripted_wrapper) -> None:
+    history = [("Hi", "Hello!")]
+    response, new_history = scripted_wrapper.chat("Who are you?", history=history, do_sample=False)
+    assert response == CHAT_REPLY
+    assert new_history == [("Hi", "Hello!"), ("Who are you?", CHAT_REPLY)]
+    assert history == [("Hi", "Hello!")]  # the caller's list is never mutated
+
+
+def test_three_turn_history_and_transformers_call_order(scripted_wrapper) -> None:
+    tok = scripted_wrapper.tokenizer
+    history: list = []
+    for query in ("one", "two", "three"):
+        # model.chat(tokenizer, query, history) -- transformers' argument order
+        response, history = scripted_wrapper.chat(tok, query, history, do_sample=False)
+        assert response == CHAT_REPLY
+    assert [q for q, _ in history] == ["one", "two", "three"]
+    ids, kept = make_context(tok, "four", history)
+    assert kept == 3 and tok.decode(ids).count("<|im_start|>assistant\n" + CHAT_REPLY + "<|im_end|>") == 3
+
+
+def test_stream_final_text_equals_chat(scripted_wrapper) -> None:
+    chunks = list(scripted_wrapper.chat_stream("Hi", do_sample=False))
+    assert chunks[-1] == CHAT_REPLY
+    assert len(chunks) > 10  # token by token, not one blob
+    assert all(CHAT_REPLY.startswith(c) for c in chunks)  # cumulative, never retracted
+    assert not any("\ufffd" in c for c in chunks)  # the llama emoji spans 3 tokens
+    deltas = list(scripted_wrapper.chat_stream("Hi", do_sample=False, delta=True))
+    assert "".join(deltas) == CHAT_REPLY and " 🦙" in deltas
+
+
+def test_stream_never_shows_a_stop_word_fragment(scripted_wrapper) -> None:
+    stop = "scripted Qwen"
+    chunks = list(scripted_wrapper.chat_stream("Hi", stop_words_ids=[stop], do_sample=False))
+    final = chunks[-1]
+    assert final == CHAT_REPLY[: CHAT_REPLY.index(stop)]
+    assert all(final.startswith(c) for c in chunks)
+
+
+def test_batch_chat_equals_sequential(scripted_wrapper) -> None:
+    queries = [f"question {i}" for i in range(16)]
+    batch = scripted_wrapper.batch_chat(queries, do_sample=False)
+    assert [r for r, _ in batch] == [scripted_wrapper.chat(q, do_sample=False)[0] for q in queries]
+    assert batch[3][1] == [("question 3", CHAT_REPLY)]
+
+
+def test_batch_chat_equals_sequential_on_random_weights(random_wrapper) -> None:
+    queries = ["alpha", "你好", "def f(x):", "1 2 3", "a much longer question " * 5, "z", "?!", "emoji 🦙"]
+    batch = [r for r, _ in random_wrapper.batch_chat(queries, do_sample=False, max_new_tokens=24)]
+    sequential = [random_wrapper.chat(q, do_sample=False, max_new_tokens=24)[0] for q in queries]
+    assert batch == sequential
+    assert len(set(batch)) == len(queries)
+
+
+def test_max_new_tokens_and_stop_words(scripted_wrapper) -> None:
+    short, _ = scripted_wrapper.chat("Hi", max_new_tokens=4, do_sample=False)
+    assert short == "Hello! I am"
+    tok = scripted_wrapper.tokenizer
+    cut = CHAT_REPLY[: CHAT_REPLY.index(" fixture")]
+    assert scripted_wrapper.chat("Hi", stop_words_ids=[" fixture"], do_sample=False)[0] == cut
+    ids = tok.encode(" fixture")
+    assert scripted_wrapper.chat("Hi", stop_words_ids=[ids], do_sample=False)[0] == cut
+    # A single-id stop word stops as a token; stop text never appears in output.
+    assert scripted_wrapper.chat("Hi", stop_words_ids=[[tok.encode("!")[0]]], do_sample=False)[0] == "Hello"
+
+
+def test_generation_config_object_and_greedy(scripted_wrapper) -> None:
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=2)
+    assert scripted_wrapper.chat("Hi", generation_config=cfg)[0] == "Hello!"
+    # kwargs override generation_config
+    assert scripted_wrapper.chat("Hi", generation_config=cfg, max_new_tokens=3)[0] == "Hello! I"
+
+
+def test_seed_makes_sampling_reproducible(random_wrapper) -> None:
+    def sample(seed: int) -> str:
+        return random_wrapper.chat("tell me a story", do_sample=True, temperature=1.0, top_p=1.0, seed=seed, max_new_tokens=16)[0]
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in (1, 2, 3)}) > 1
+
+
+def test_bad_arguments(scripted_wrapper) -> None:
+    with pytest.raises(TypeError, match="unknown generation argument 'max_lenght'"):
+        scripted_wrapper.chat("Hi", max_lenght=3)
+    with pytest.raises(QwenContextError, match=r"needs \d+ tokens"):
+        scripted_wrapper.chat("word " * 3000)
+    with pytest.raises(QwenRequestError, match="temperature"):
+        scripted_wrapper.chat("Hi", temperature=-1.0)
+    with pytest.raises(QwenRequestError, match="history\\[0\\]"):
+        scripted_wrapper.chat("Hi", history=[("only one",)])
+    with pytest.raises(TypeError, match="use chat_stream"):
+        scripted_wrapper.chat("Hi", stream=True)
+
+
+def test_unknown_engine_argument_is_a_type_error(scripted_model) -> None:
+    with pytest.raises(TypeError, match="unknown engine argument 'max_model_length'.*max_model_len"):
+        vLLMWrapper(str(scripted_model), max_model_length=512)
+
+
+def test_engine_kwargs_reach_vllm(scripted_wrapper) -> None:
+    assert scripted_wrapper.max_model_len == 2048
+    assert scripted_wrapper.llm.llm_engine.model_config.enforce_eager
+
+
+@pytest.fixture(scope="module")
+def base_wrapper(tmp_path_factory):
+    path = make_model(tmp_path_factory.mktemp("base") / "scripted-base", "scripted", chat=False)
+    wrapper = vLLMWrapper(str(path), dtype="float32", enforce_eager=True, max_model_len=512)
+    yield wrapper
+    wrapper.llm.llm_engine.engine_core.shutdown()
+
+
+def test_base_model_generate_and_chat_error(base_wrapper) -> None:
+    with pytest.raises(QwenChatFormatError, match="use generate"):
+        base_wrapper.chat("Hi")
+    out = base_wrapper.generate("<|im_start|>assistant\n", do_sample=False, max_new_tokens=40)
+    assert out.startswith(CHAT_REPLY)  # a base model does not stop at <|im_end|>
+    pair = base_wrapper.generate(["a", "b"], do_sample=False, max_new_tokens=2)
+    assert pair == [base_wrapper.generate(p, do_sample=False, max_new_tokens=2) for p in ("a", "b")]
+
+
+def test_unguarded_top_level_script_works(scripted_model, tmp_path) -> None:
+    """The Qwen README's snippet builds the model at a script's top level; vLLM's
+    CPU backend spawns processes, which re-import __main__."""
+    script = tmp_path / "readme_snippet.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            from vllm_wrapper import vLLMWrapper
+            model = vLLMWrapper({str(scripted_model)!r}, dtype="float32", enforce_eager=True, max_model_len=1024)
+            response, history = model.chat(query="Hi", history=None, do_sample=False)
+            print("REPLY:", response)
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("REPLY: " + CHAT_REPLY) == 1
