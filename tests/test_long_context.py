@@ -19,6 +19,7 @@ the outputs and is shut down before the next starts (at most one alive).
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import logging
@@ -360,6 +361,55 @@ def test_max_model_len_beyond_32768_is_a_clear_error(model_dir: Path, monkeypatc
     # The wrapper refuses before starting an engine, with a typed error.
     with pytest.raises(QwenContextError, match=r"max_model_len=40000 .*32768 tokens \(seq_length=32\)"):
         vLLMWrapper(model_dir, max_model_len=40000)
+
+
+def worker_engine_config(argv: list[str]):
+    """The engine config a ``qwen-vllm worker`` command line builds (no engine started)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from qwen_vllm import worker_launch
+
+    parser = FlexibleArgumentParser(prog="qwen-vllm worker")
+    worker_launch.add_arguments(parser)
+    args = worker_launch.resolve_args(parser.parse_args(argv))
+    return AsyncEngineArgs.from_cli_args(args).create_engine_config()
+
+
+def test_worker_and_stack_flags_opt_in(model_dir: Path, tmp_path: Path) -> None:
+    """``qwen-vllm worker --max-model-len`` (vLLM's flag) and ``qwen-vllm stack
+    --max-model-len`` (passed to every worker) reach the engine config."""
+    from qwen_vllm import stack
+
+    base = ["--model-path", str(model_dir), "--no-register"]
+    default = worker_engine_config(base)
+    assert default.model_config.max_model_len == SEQ_LENGTH and not default.model_config.uses_mrope
+
+    parser = argparse.ArgumentParser()
+    stack.add_arguments(parser)
+    args = parser.parse_args(["--model", str(model_dir), "--workers", "2", "--log-dir", str(tmp_path),
+                              "--max-model-len", str(MAX_MODEL_LEN)])  # fmt: skip
+    topology = stack.Stack(args)
+    topology.client.close()
+    assert len(topology.workers) == 2
+    for worker in topology.workers:
+        argv = worker.cmd[worker.cmd.index("qwen_vllm.worker_launch") + 1 :]
+        opted = worker_engine_config(argv)
+        assert opted.model_config.max_model_len == MAX_MODEL_LEN
+        assert opted.model_config.uses_mrope and not opted.cache_config.enable_prefix_caching
+
+
+def test_worker_and_stack_refuse_beyond_32768_before_starting(model_dir: Path, tmp_path: Path, capsys) -> None:
+    from qwen_vllm import stack, worker_launch
+
+    expected = "max_model_len=40000 is longer than this Qwen checkpoint supports"
+    assert worker_launch.main(["--model-path", str(model_dir), "--no-register", "--max-model-len", "40000"]) == 2
+    err = capsys.readouterr().err
+    assert "qwen-vllm worker: error: " + expected in err and "32768 tokens" in err
+    assert stack.main(["--model", str(model_dir), "--log-dir", str(tmp_path), "--max-model-len", "40000"]) == 2
+    err = capsys.readouterr().err
+    assert "qwen-vllm stack: error: " + expected in err and "32768 tokens" in err
+    assert not any(tmp_path.iterdir())  # nothing was started (no process logs)
 
 
 def test_flags_decide_what_is_supported(model_dir: Path, tmp_path: Path) -> None:
