@@ -171,8 +171,9 @@ def launch(spec: dict, kv_gib: int, layers: int) -> dict:
     )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"[bench] {label}: engine run failed (exit {proc.returncode})")
+        log = Path(tempfile.mkstemp(prefix="bench-longctx-engine-", suffix=".log")[1])
+        log.write_text(proc.stdout + proc.stderr)
+        raise SystemExit(f"[bench] {label}: engine run failed (exit {proc.returncode}); its output: {log}")
     return {"spec": spec, **json.loads(lines[-1][len("RESULT ") :])}
 
 
