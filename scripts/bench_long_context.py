@@ -113,6 +113,7 @@ def run_engine(spec: dict) -> dict:
         enforce_eager=not spec["compile"],
         disable_log_stats=False,  # per-request timestamps
         seed=0,
+        max_num_seqs=spec.get("batch", 1),  # no warm-up buffers for 256 sequences (shared machine)
         **kwargs,
     )
     config = llm.llm_engine.vllm_config
