@@ -45,9 +45,11 @@ def register() -> None:
     from transformers import AutoConfig
     from transformers.models.auto import tokenization_auto
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils import config as vllm_config
 
     from qwen_vllm.config import QWenConfig
+    from qwen_vllm.long_context_config import QwenLongContextConfig
     from qwen_vllm.tokenizer import QWenTokenizer
 
     vllm_config._CONFIG_REGISTRY[QWenConfig.model_type] = QWenConfig
@@ -57,6 +59,9 @@ def register() -> None:
     tokenization_auto.REGISTERED_TOKENIZER_CLASSES["QWenTokenizer"] = QWenTokenizer
     if "QWenLMHeadModel" not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model("QWenLMHeadModel", "qwen_vllm.model:QWenLMHeadModel")
+    # Per-engine long-context set-up (max_model_len default, M-RoPE positions,
+    # prefix caching): vLLM runs this hook while building its config.
+    MODELS_CONFIG_MAP["QWenLMHeadModel"] = QwenLongContextConfig
     _register_serving()
     _registered = True
 

@@ -14,6 +14,7 @@ from typing import Any
 from transformers import Qwen2Config
 
 from qwen_vllm.errors import QwenCheckpointError
+from qwen_vllm.ntk import LongContextFlags
 
 # v1 keys that Qwen2Config has no field for, kept as attributes. kv_channels,
 # layer_norm_epsilon, rotary_emb_base and rotary_pct are mapped onto Qwen2
@@ -98,6 +99,10 @@ class QWenConfig(Qwen2Config):
         for key in _V1_ONLY_KEYS:
             if key in v1:
                 setattr(self, key, v1[key])
+        # The longest max_model_len vLLM may accept (32768 with dynamic NTK /
+        # LogN). vLLM's config hook (qwen_vllm.long_context_config) keeps the default
+        # at seq_length; users opt in with max_model_len.
+        self.model_max_length = LongContextFlags.of(v1).max_context
         super().__post_init__(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +113,13 @@ class QWenConfig(Qwen2Config):
         out["layer_norm_epsilon"] = self.rms_norm_eps
         out["rotary_emb_base"] = self.rope_parameters["rope_theta"]
         out["rotary_pct"] = 1.0
-        for key in ("num_key_value_heads", "rms_norm_eps", "rope_parameters", "head_dim"):
+        for key in (
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "rope_parameters",
+            "head_dim",
+            "model_max_length",  # derived from seq_length and the long-context flags
+            "mrope_section",  # set per engine by vLLM's config hook
+        ):
             out.pop(key, None)
         return out

@@ -6,6 +6,10 @@ Qwen v1 is Qwen2 with one K/V head per attention head, a biased fused QKV
 fused tensor: ``QKVParallelLinear``'s loader splits q/k/v (weight and bias)
 before taking each tensor-parallel rank's slice. ``w2`` is the gate and
 ``w1`` the up projection (Qwen computes ``w1(x) * silu(w2(x))``).
+
+Beyond ``seq_length`` (only when the engine's max_model_len asks for it) the
+layers get Qwen's dynamic NTK rotary + LogN (``qwen_vllm.long_context``), fed
+per-request positions through vLLM's M-RoPE hook.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import re
 from collections.abc import Iterable, Iterator
 
 import torch
+from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from qwen_vllm.checkpoint import check_weight_shape
+from qwen_vllm.long_context import encoded_positions, install_long_context
 
 QWEN_V1_TO_VLLM = WeightsMapper(
     orig_to_new_regex={re.compile(r"^transformer\.h\.(\d+)\."): r"model.layers.\1."},
@@ -38,6 +44,7 @@ QWEN_V1_TO_VLLM = WeightsMapper(
     },
 )
 
+
 def check_shapes(
     weights: Iterable[tuple[str, torch.Tensor]], config
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -49,10 +56,19 @@ def check_shapes(
         yield name, tensor
 
 
-class QWenLMHeadModel(Qwen2ForCausalLM):
+class QWenLMHeadModel(Qwen2ForCausalLM, SupportsMRoPE):
     """Qwen v1 (``QWenLMHeadModel``) served by vLLM's Qwen2 implementation."""
 
     hf_to_vllm_mapper = QWEN_V1_TO_VLLM
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.long_context = install_long_context(self.model, vllm_config)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        """Per-request positions for dynamic NTK (called only when the config
+        hook enabled vLLM's M-RoPE path, i.e. max_model_len > seq_length)."""
+        return encoded_positions(self.long_context, input_tokens, mm_features)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import httpx
 
+from qwen_vllm.errors import QwenVLLMError
+
 PR_SET_PDEATHSIG = 1
 PROGRESS_EVERY_S = 10.0
 STOP_GRACE_S = 30.0
@@ -124,6 +126,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", required=True, help="checkpoint directory (repeat to serve several)")
     parser.add_argument("--workers", type=int, default=1, help="worker replicas per model (default 1)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="tensor-parallel size of each worker")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        help="context length of every worker (default: the model's seq_length; up to 32768 opts into "
+        "Qwen's dynamic NTK + LogN long context)",
+    )
     parser.add_argument("--web", action="store_true", help="also start the web UI (qwen_vllm.web_ui)")
     parser.add_argument("--host", default="127.0.0.1", help="address every part binds (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="OpenAI API port")
@@ -158,6 +166,8 @@ class Stack:
             cwd=self.log_dir,  # FastChat writes controller.log into its working directory
         )
         worker_args = [a for a in args.worker_args if a != "--"]
+        if args.max_model_len is not None:
+            worker_args = ["--max-model-len", str(args.max_model_len), *worker_args]
         self.keys = keys = [k for k in (args.api_keys or "").split(",") if k]
         if keys and host not in ("127.0.0.1", "::1", "localhost"):
             # Workers reachable from other machines: guard their /v1 too.
@@ -314,6 +324,16 @@ def run(args: argparse.Namespace, on_ready: Callable[[Stack], bool] | None = Non
     names = [Path(m).resolve().name for m in args.model]
     if len(set(names)) != len(names):
         print(f"qwen-vllm stack: error: models must have distinct directory names, got {names}", file=sys.stderr)
+        return 2
+    from qwen_vllm.checkpoint import is_qwen_v1
+    from qwen_vllm.ntk import check_max_model_len
+
+    try:  # before anything starts, not after a worker's engine failed
+        for model in args.model:
+            if is_qwen_v1(model):
+                check_max_model_len(model, args.max_model_len)
+    except QwenVLLMError as exc:
+        print(f"qwen-vllm stack: error: {exc}", file=sys.stderr)
         return 2
     stack = Stack(args)
     previous = {sig: signal.signal(sig, lambda *_: stack.stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}

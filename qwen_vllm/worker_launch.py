@@ -79,6 +79,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Map fschat's flags onto vLLM's and check them before any engine starts."""
     from qwen_vllm.checkpoint import is_qwen_v1, validate_checkpoint
     from qwen_vllm.fastchat_protocol import conv_template
+    from qwen_vllm.ntk import check_max_model_len
 
     model = args.model_path or args.model_tag or args.model
     if not model:
@@ -86,6 +87,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.model = model
     if is_qwen_v1(model):
         validate_checkpoint(model, need_weights=args.load_format != "dummy")
+        # --max-model-len: default seq_length; up to 32768 opts into Qwen's long context.
+        check_max_model_len(model, args.max_model_len)
     if args.model_names and args.served_model_name:
         raise QwenVLLMError("give --model-names or --served-model-name, not both")
     # fschat's default name is the directory's name; vLLM's would be the whole path.

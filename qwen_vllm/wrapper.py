@@ -28,6 +28,7 @@ from qwen_vllm.chat_template import DEFAULT_SYSTEM, History, make_context
 from qwen_vllm.checkpoint import read_generation_config, validate_checkpoint
 from qwen_vllm.cpu_defaults import apply_cpu_defaults
 from qwen_vllm.errors import QwenRequestError, QwenVLLMError
+from qwen_vllm.ntk import check_max_model_len
 from qwen_vllm.sampling import merge_generation, to_sampling_params
 from qwen_vllm.stop_words import StopWords, StreamDelta, split_stop_words, stop_ids_for
 
@@ -141,6 +142,8 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         self.generation_config = read_generation_config(model_dir)
         self.chat_format = self.generation_config.get("chat_format", "chatml")
         _check_engine_kwargs(engine_kwargs)
+        # max_model_len defaults to seq_length; up to 32768 opts into Qwen's long context.
+        check_max_model_len(model_dir, engine_kwargs.get("max_model_len"))
         apply_cpu_defaults(tensor_parallel_size)
         from vllm import LLM
 
