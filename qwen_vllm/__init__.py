@@ -36,7 +36,8 @@ def _leave_terminal_process_group() -> None:
 
 
 def register() -> None:
-    """Teach vLLM and transformers about Qwen v1 (config, model, tokenizer)."""
+    """Teach vLLM and transformers about Qwen v1 (config, model, tokenizer,
+    GPTQ checks, and the CPU Int4 kernel where vLLM's build lacks it)."""
     global _registered
     if _registered:
         return
@@ -44,9 +45,12 @@ def register() -> None:
     from transformers import AutoConfig
     from transformers.models.auto import tokenization_auto
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils import config as vllm_config
 
+    from qwen_vllm import cpu_gptq
     from qwen_vllm.config import QWenConfig
+    from qwen_vllm.quantization import QwenQuantizationHook
     from qwen_vllm.tokenizer import QWenTokenizer
 
     vllm_config._CONFIG_REGISTRY[QWenConfig.model_type] = QWenConfig
@@ -56,6 +60,10 @@ def register() -> None:
     tokenization_auto.REGISTERED_TOKENIZER_CLASSES["QWenTokenizer"] = QWenTokenizer
     if "QWenLMHeadModel" not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model("QWenLMHeadModel", "qwen_vllm.model:QWenLMHeadModel")
+    # GPTQ/KV-cache checks when vLLM builds an engine config for Qwen v1.
+    MODELS_CONFIG_MAP["QWenLMHeadModel"] = QwenQuantizationHook
+    # GPTQ Int4 on CPUs whose vLLM build lacks the kernel (AVX2): a torch op.
+    cpu_gptq.install()
     _registered = True
 
 

@@ -1,0 +1,209 @@
+"""GPTQ Int4 benchmark (issue 9): memory and speed of the Int4 fixture on the
+CPU fallback kernel (qwen_vllm.cpu_gptq) vs the same model in float.
+
+1. Kernel: one linear at a Qwen-1.8B MLP shape, fallback op vs torch's float
+   matmul, median of N calls per batch size M.
+2. Engine: a Qwen-1.8B-shaped fixture (hidden 2048, 16 heads, MLP 5504, a few
+   layers; random weights, GPTQ group 128 like Qwen's) written as GPTQ Int4
+   and as float16; each engine in a fresh process (alternating order per
+   run): weight bytes on disk, process-tree RSS after start-up, decode
+   tokens/s at batch 1 and 8 and prefill tokens/s. Medians of N runs.
+
+Prints a ratio table (Int4 / float16, Int4 / float32) and writes
+results/bench_gptq.json.
+    python scripts/bench_gptq.py [--runs 3] [--layers 4] [--skip-engine]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# One engine, one configuration: prints a JSON line "RESULT {...}".
+ENGINE_SNIPPET = r"""
+import json, os, sys, time
+import psutil
+
+def tree_rss():
+    me = psutil.Process()
+    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
+
+if __name__ == "__main__":
+    model, dtype, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    t0 = time.perf_counter()
+    llm = LLM(model, dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0)
+    startup = time.perf_counter() - t0
+    rss = tree_rss()
+    decode = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    prefill = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    def prompt(i, n):
+        return TokensPrompt(prompt_token_ids=[(1000 + 7 * i + j) % 150000 for j in range(n)])
+    llm.generate([prompt(0, 16)], decode, use_tqdm=False)  # warm-up
+    out = {"startup_s": startup, "rss_bytes": rss, "quantization": llm.llm_engine.model_config.quantization}
+    for batch in (1, 8):
+        t = time.perf_counter()
+        res = llm.generate([prompt(i, 16) for i in range(batch)], decode, use_tqdm=False)
+        out[f"decode_b{batch}_tok_s"] = sum(len(r.outputs[0].token_ids) for r in res) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    llm.generate([prompt(0, 1024)], prefill, use_tqdm=False)
+    out["prefill_tok_s"] = 1024 / (time.perf_counter() - t)
+    print("RESULT " + json.dumps(out), flush=True)
+    llm.llm_engine.engine_core.shutdown()
+"""
+
+ENGINES = {  # name -> (checkpoint key, dtype)
+    "int4_fp16": ("int4", "float16"),
+    "float_fp16": ("float", "float16"),
+    "float_fp32": ("float", "float32"),
+}
+
+
+def median_ms(fn, runs: int) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def bench_kernel(runs: int, k: int = 2048, n: int = 5504, group: int = 128) -> dict:
+    """Fallback op vs torch matmul for one [k -> n] linear (Qwen-1.8B's MLP up)."""
+    import torch
+
+    from qwen_vllm import cpu_gptq
+    from qwen_vllm.gptq_pack import quantize_rtn, unpack_int32
+
+    cpu_gptq.install()
+    torch.manual_seed(0)
+    t = quantize_rtn(torch.randn(n, k) / 45, 4, group)
+    q = unpack_int32(t.qweight, 4, dim=0)  # [k, n]
+    # The CPUWNA16 layout the op receives: blocks of 16 output channels.
+    from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
+    from vllm.scalar_type import scalar_types
+
+    packed = pack_quantized_values_into_int32(q, scalar_types.uint4b8, 1)
+    q_weight = packed.view(k, -1, 2).permute(1, 0, 2).reshape(-1, 2 * k).contiguous()
+    scales = t.scales.half()
+    w32 = ((q - 8).float() * scales.float().repeat_interleave(group, 0)).contiguous()
+    w16 = w32.half()
+    out = {}
+    for m in (1, 8, 128):
+        x16 = torch.randn(m, k).half()
+        x32 = x16.float()
+        y = torch.empty(m, n, dtype=torch.float16)
+        row = {
+            "fallback_int4_fp16_ms": median_ms(
+                lambda: torch.ops._C.cpu_gemm_wna16(x16, q_weight, y, scales, None, None, 8, "vec"), runs
+            ),
+            "torch_fp16_ms": median_ms(lambda: x16 @ w16, runs),
+            "torch_fp32_ms": median_ms(lambda: x32 @ w32, runs),
+        }
+        torch.ops._C.cpu_gemm_wna16(x16, q_weight, y, scales, None, None, 8, "vec")
+        row["max_abs_err_vs_fp32"] = (y.float() - x32 @ w32).abs().max().item()
+        out[f"m{m}"] = row
+        print(f"kernel m={m}: {row}", file=sys.stderr)
+    return {"shape": [k, n], "group_size": group, "rows": out}
+
+
+def weight_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
+def run_engine(model_dir: Path, dtype: str, new_tokens: int) -> dict:
+    env = dict(os.environ, VLLM_CACHE_ROOT=tempfile.mkdtemp(prefix="bench-gptq-cache-"))
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{len(os.sched_getaffinity(0)) - 1}")
+    proc = subprocess.run(
+        [sys.executable, "-c", ENGINE_SNIPPET, str(model_dir), dtype, str(new_tokens)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"engine {model_dir} ({dtype}) failed:\n{proc.stderr[-3000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--out", default="results/bench_gptq.json")
+    args = parser.parse_args(argv)
+
+    result: dict = {"kernel": bench_kernel(max(args.runs, 5))}
+    if not args.skip_engine:
+        from qwen_vllm.fixtures import make_model
+
+        work = Path(tempfile.mkdtemp(prefix="bench-gptq-"))
+        shape = dict(hidden_size=2048, num_layers=args.layers, num_heads=16, mlp_width=5504, seq_length=2048)
+        dirs = {
+            "int4": make_model(work / "int4", "random", gptq_bits=4, gptq_group_size=128, **shape),
+            "float": make_model(work / "float", "random", dtype=__import__("torch").float16, **shape),
+        }
+        runs: dict[str, list[dict]] = {name: [] for name in ENGINES}
+        for i in range(args.runs):
+            order = list(ENGINES) if i % 2 == 0 else list(reversed(ENGINES))
+            for name in order:
+                key, dtype = ENGINES[name]
+                print(f"run {i + 1}/{args.runs}: {name} ...", file=sys.stderr)
+                runs[name].append(run_engine(dirs[key], dtype, args.new_tokens))
+        metrics = ("rss_bytes", "startup_s", "decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s")
+        result["engine"] = {
+            "shape": shape,
+            "weight_bytes": {key: weight_bytes(d) for key, d in dirs.items()},
+            "median": {name: {m: statistics.median(r[m] for r in rs) for m in metrics} for name, rs in runs.items()},
+            "quantization": {name: rs[0]["quantization"] for name, rs in runs.items()},
+            "runs": runs,
+        }
+    print_table(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+def print_table(result: dict) -> None:
+    k = result["kernel"]
+    print(f"\nKernel, one linear {k['shape'][0]} -> {k['shape'][1]} (group {k['group_size']}), median ms:")
+    print("| M | Int4 fallback (fp16 in/out) | torch fp16 | torch fp32 | Int4 / fp16 | Int4 / fp32 |\n|---|---|---|---|---|---|")
+    for m, row in k["rows"].items():
+        q, h, f = row["fallback_int4_fp16_ms"], row["torch_fp16_ms"], row["torch_fp32_ms"]
+        print(f"| {m[1:]} | {q:.2f} | {h:.2f} | {f:.2f} | {q / h:.2f} | {q / f:.2f} |")
+    if "engine" not in result:
+        return
+    e, med = result["engine"], result["engine"]["median"]
+    w = e["weight_bytes"]
+    print(f"\nEngine, {e['shape']}, medians; ratio columns are Int4 / float:")
+    print("| measure | Int4 (fp16) | float16 | float32 | Int4/fp16 | Int4/fp32 |\n|---|---|---|---|---|---|")
+    print(f"| weights on disk MB | {w['int4'] / 1e6:.0f} | {w['float'] / 1e6:.0f} | {2 * w['float'] / 1e6:.0f}* | {w['int4'] / w['float']:.2f} | {w['int4'] / (2 * w['float']):.2f} |")
+    for metric, label, scale in (
+        ("rss_bytes", "process-tree RSS MB", 1e6),
+        ("decode_b1_tok_s", "decode tok/s, batch 1", 1),
+        ("decode_b8_tok_s", "decode tok/s, batch 8", 1),
+        ("prefill_tok_s", "prefill tok/s, 1024 tokens", 1),
+        ("startup_s", "engine start-up s", 1),
+    ):
+        a, b, c = (med[n][metric] for n in ("int4_fp16", "float_fp16", "float_fp32"))
+        print(f"| {label} | {a / scale:.1f} | {b / scale:.1f} | {c / scale:.1f} | {a / b:.2f} | {a / c:.2f} |")
+    print("* float32 weights: twice the float16 checkpoint (it is loaded from float16)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

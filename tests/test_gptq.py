@@ -1,0 +1,389 @@
+"""GPTQ checkpoints (issue 9): the auto-gptq packer, the CPU Int4 fallback
+kernel, the hardware errors, and real engines on a GPTQ Int4 fixture compared
+with transformers on the exact float weights the fixture encodes.
+
+Engines: one at TP=1 (through vLLMWrapper, no ``quantization=``), one at TP=2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from qwen_vllm.errors import QwenQuantizationError
+
+GROUP = 32  # hidden 128 / MLP 256: 4 and 8 groups per row; 2 and 4 per TP=2 rank
+PROMPTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog because it wanted to see what was on the other side.",
+    "你好，世界！今天天气怎么样？",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "1 2 3 4 5 6 7 8 9 10 11 12",
+]
+NEW_TOKENS = 24
+# Prompt log-probs, float16 GPTQ engine vs the float32 reference. float16 keeps
+# 11 significant bits in every activation: transformers itself, on the same
+# reference weights in float16 vs float32, differs by up to 1.0e-2 on these
+# prompts, and the GPTQ engine measured 1.0e-2 (TP=2 vs TP=1: 1.0e-2). A
+# layout mistake is far larger: the reference with each word's nibbles
+# reversed differs by 12. 0.05 sits 5x above the noise, 240x below the error.
+LOGPROB_TOL = 0.05
+
+
+# -- fixture checkpoints (no engine) ------------------------------------------------
+@pytest.fixture(scope="module")
+def gptq_dirs(fixtures_root):
+    """(int4 dir, its float32 reference dir, int8 dir)."""
+    from qwen_vllm.fixtures import make_model
+
+    int4 = fixtures_root / "gptq-int4"
+    ref = fixtures_root / "gptq-int4-reference"
+    if not int4.exists():
+        make_model(int4, "random", gptq_bits=4, gptq_group_size=GROUP, gptq_reference=ref)
+    int8 = fixtures_root / "gptq-int8"
+    if not int8.exists():
+        make_model(int8, "random", gptq_bits=8, gptq_group_size=GROUP)
+    return int4, ref, int8
+
+
+def test_packer_matches_vllm_layout_and_rounds_to_nearest() -> None:
+    from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
+    from vllm.scalar_type import scalar_types
+
+    from qwen_vllm.gptq_pack import dequantize, quantize_rtn, unpack_int32
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 128)
+    for bits, wtype in ((4, scalar_types.uint4b8), (8, scalar_types.uint8b128)):
+        t = quantize_rtn(w, bits, GROUP)
+        q = unpack_int32(t.qweight, bits, dim=0)
+        # vLLM's own packer (the order its GPTQ loaders and kernels read) agrees.
+        assert torch.equal(pack_quantized_values_into_int32(q, wtype, packed_dim=0), t.qweight)
+        assert t.qweight.shape == (128 * bits // 32, 96) and t.qweight.dtype == torch.int32
+        assert t.scales.shape == (128 // GROUP, 96) and t.scales.dtype == torch.float16
+        assert t.qzeros.shape == (128 // GROUP, 96 * bits // 32)
+        assert torch.equal(t.g_idx, torch.arange(128, dtype=torch.int32) // GROUP)
+        # auto-gptq v1 zeros: 2**(bits-1) stored minus one -> 0x77777777 for 4 bits.
+        assert torch.all(unpack_int32(t.qzeros, bits, dim=1) == 2 ** (bits - 1) - 1)
+        err = (dequantize(t, bits) - w).abs()
+        half_step = t.scales.float().repeat_interleave(GROUP, 0).t() / 2
+        # Half a step, plus the fp16 rounding of the scale (relative 2**-11) where
+        # +max clips to the top level.
+        assert torch.all(err <= half_step + w.abs() * 2**-10)
+    assert bits == 8 and err.max() < 0.02  # 8 bits are finer than 4
+
+
+def _cpuwna16_layer(t, k: int, n: int, group: int, dtype: torch.dtype, zeros=None):
+    """A layer processed by vLLM's own CPUWNA16LinearKernel (the kernel vLLM
+    picks for GPTQ on CPU), whose apply calls torch.ops._C.cpu_gemm_wna16."""
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig
+    from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+    from vllm.scalar_type import scalar_types
+
+    cfg = MPLinearLayerConfig(
+        full_weight_shape=(k, n),
+        partition_weight_shape=(k, n),
+        weight_type=scalar_types.uint4b8 if zeros is None else scalar_types.uint4,
+        act_type=dtype,
+        group_size=group,
+        zero_points=zeros is not None,
+    )
+    kernel = CPUWNA16LinearKernel(cfg, "qweight", "scales", "qzeros")
+    layer = torch.nn.Module()
+    for name, data, attrs in (
+        ("qweight", t.qweight, {"input_dim": 0, "output_dim": 1, "packed_dim": 0}),
+        ("scales", t.scales.to(dtype), {"input_dim": 0, "output_dim": 1}),
+        ("qzeros", t.qzeros if zeros is None else zeros, {"input_dim": 0, "output_dim": 1, "packed_dim": 1}),
+    ):
+        param = torch.nn.Parameter(data.clone(), requires_grad=False)
+        for key, value in attrs.items():
+            setattr(param, key, value)
+        layer.register_parameter(name, param)
+    kernel.process_weights_after_loading(layer)
+    return kernel, layer
+
+
+@pytest.mark.parametrize(("group", "dtype", "m"), [(32, torch.float16, 1), (64, torch.bfloat16, 7), (-1, torch.float16, 33)])
+def test_fallback_kernel_equals_dequantized_matmul(group, dtype, m) -> None:
+    """vLLM's CPU GPTQ kernel path, running our op, computes x @ W for the
+    exact dequantized W (float32 inside, one rounding to the output dtype)."""
+    from qwen_vllm import cpu_gptq
+    from qwen_vllm.gptq_pack import quantize_rtn, unpack_int32
+
+    cpu_gptq.install()
+    torch.manual_seed(1)
+    k, n = 256, 384
+    t = quantize_rtn(torch.randn(n, k) / 16, 4, group)
+    kernel, layer = _cpuwna16_layer(t, k, n, group, dtype)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    got = kernel.apply_weights(layer, x, bias)
+    # vLLM keeps the scales in the activation dtype (bfloat16 rounds fp16 scales).
+    rows = k // t.scales.shape[0]
+    q = unpack_int32(t.qweight, 4, dim=0)
+    w = ((q - 8).float() * t.scales.to(dtype).float().repeat_interleave(rows, 0)).t()
+    want = x.float() @ w.t() + bias.float()
+    assert got.dtype == dtype and got.shape == (m, n)
+    ulp = torch.finfo(dtype).eps * want.abs().clamp(min=1.0)
+    assert torch.all((got.float() - want).abs() <= ulp), (got.float() - want).abs().max()
+
+
+def test_fallback_kernel_zero_points() -> None:
+    """The asymmetric variant (``zeros`` given, vLLM's uint4 + zero points)."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
+    from vllm.scalar_type import scalar_types
+
+    from qwen_vllm import cpu_gptq
+    from qwen_vllm.gptq_pack import GPTQTensors, pack_int32
+
+    cpu_gptq.install()
+    torch.manual_seed(2)
+    k, n, group = 128, 64, 32
+    q = torch.randint(0, 16, (k, n), dtype=torch.int32)
+    z = torch.randint(0, 16, (k // group, n), dtype=torch.int32)
+    s = (torch.rand(k // group, n) / 10 + 0.01).half()
+    t = GPTQTensors(pack_int32(q, 4, 0), torch.empty(0), s, torch.empty(0))
+    zeros = pack_quantized_values_into_int32(z, scalar_types.uint4, packed_dim=1)
+    kernel, layer = _cpuwna16_layer(t, k, n, group, torch.float16, zeros=zeros)
+    x = torch.randn(3, k).half()
+    got = kernel.apply_weights(layer, x)
+    w = (q - z.repeat_interleave(group, 0)).float() * s.float().repeat_interleave(group, 0)
+    want = x.float() @ w
+    assert torch.allclose(got.float(), want, rtol=2e-3, atol=2e-3)
+
+
+def test_fallback_is_installed_only_without_the_native_kernel() -> None:
+    from qwen_vllm import cpu_gptq
+
+    if torch.cpu._is_avx512_supported():
+        pytest.skip("this CPU runs vLLM's AVX-512 build, which has the native kernel")
+    assert cpu_gptq.install() is True and cpu_gptq.install() is True  # idempotent
+    assert cpu_gptq.native_kernel_available()  # torch.ops._C.cpu_gemm_wna16 resolves now
+    assert torch.ops._C.cpu_gemm_wna16.default._schema.arguments[2].alias_info.is_write
+
+
+def test_make_model_cli_writes_qwen_int4_layout(tmp_path) -> None:
+    from safetensors import safe_open
+
+    from qwen_vllm.cli import main
+    from qwen_vllm.gptq_pack import GPTQTensors, dequantize
+
+    out, ref = tmp_path / "int4", tmp_path / "ref"
+    args = ["make-model", str(out), "--gptq", "4", "--group-size", "64", "--gptq-reference", str(ref), "--layers", "1"]
+    assert main(args) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"] == {**json.loads((out / "quantize_config.json").read_text()), "quant_method": "gptq"}
+    assert cfg["quantization_config"]["bits"] == 4 and cfg["quantization_config"]["group_size"] == 64
+    assert cfg["quantization_config"]["sym"] is True and cfg["quantization_config"]["desc_act"] is False
+    assert cfg["torch_dtype"] == "float16" and "quantization_config" not in json.loads((ref / "config.json").read_text())
+    tensors, ref_tensors = {}, {}
+    for d, into in ((out, tensors), (ref, ref_tensors)):
+        for path in d.glob("*.safetensors"):
+            with safe_open(str(path), framework="pt") as f:
+                into.update({k: f.get_tensor(k) for k in f.keys()})
+    quantized = {n.rsplit(".", 1)[0] for n in tensors if n.endswith(".qweight")}
+    assert quantized == {f"transformer.h.0.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")}
+    assert not any(n.endswith(".weight") and n.rsplit(".", 1)[0] in quantized for n in tensors)
+    assert tensors["transformer.h.0.attn.c_attn.bias"].dtype == torch.float16  # c_attn keeps its bias
+    assert tensors["lm_head.weight"].dtype == torch.float16  # wte / lm_head are not quantized
+    c_attn = GPTQTensors(*(tensors[f"transformer.h.0.attn.c_attn.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")))
+    assert c_attn.qweight.shape == (128 // 8, 3 * 128) and c_attn.scales.shape == (2, 384)
+    assert torch.equal(dequantize(c_attn, 4), ref_tensors["transformer.h.0.attn.c_attn.weight"])
+    assert torch.equal(ref_tensors["lm_head.weight"], tensors["lm_head.weight"].float())
+
+
+# -- clear errors (no engine) ----------------------------------------------------------
+def test_int8_gptq_on_cpu_names_the_hardware(gptq_dirs) -> None:
+    from qwen_vllm.quantization import check_engine_settings
+    from qwen_vllm.wrapper import vLLMWrapper
+
+    _, _, int8 = gptq_dirs
+    with pytest.raises(QwenQuantizationError, match=r"Int8.*NVIDIA GPU with compute capability 7\.5.*only 4-bit"):
+        check_engine_settings(int8)
+    with pytest.raises(QwenQuantizationError, match="compute capability 7.5"):
+        vLLMWrapper(str(int8), dtype="float16")
+
+
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_fp8_kv_cache_on_avx2_names_the_hardware(random_model, kv) -> None:
+    from qwen_vllm.quantization import check_engine_settings
+
+    if torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported():
+        pytest.skip("this CPU can hold an FP8 KV cache")
+    with pytest.raises(QwenQuantizationError, match=rf"kv_cache_dtype='{kv}'.*AVX-512 or AMX.*AVX2 only"):
+        check_engine_settings(random_model, kv_cache_dtype=kv)
+
+
+def test_kv_cache_dtype_the_cpu_backend_lacks(random_model) -> None:
+    from qwen_vllm.quantization import check_engine_settings
+    from qwen_vllm.wrapper import vLLMWrapper
+
+    with pytest.raises(QwenQuantizationError, match=r"'bfloat16' is not supported by vLLM's CPU.*'auto', 'fp8'"):
+        check_engine_settings(random_model, kv_cache_dtype="bfloat16")
+    check_engine_settings(random_model, kv_cache_dtype="auto")
+    with pytest.raises(QwenQuantizationError, match="kv_cache_dtype='fp8'"):
+        vLLMWrapper(str(random_model), kv_cache_dtype="fp8")
+
+
+def test_vllm_own_entry_point_gets_the_same_errors(gptq_dirs, random_model) -> None:
+    """vllm.LLM directly (as vLLM's API server would build it): the plugin's
+    config hook raises while vLLM builds its config, before any engine process
+    starts (pydantic reports it as a ValueError of VllmConfig)."""
+    from vllm import LLM
+
+    _, _, int8 = gptq_dirs
+    with pytest.raises(ValueError, match=r"VllmConfig\n.*GPTQ Int8 checkpoints need an NVIDIA GPU with compute capability 7\.5"):
+        LLM(str(int8), dtype="float16", enforce_eager=True, max_model_len=512)
+    with pytest.raises(ValueError, match="FP8 KV cache.*AVX-512 or AMX"):
+        LLM(str(random_model), kv_cache_dtype="fp8", enforce_eager=True, max_model_len=512)
+
+
+def test_tensor_parallel_split_must_keep_whole_groups() -> None:
+    """Qwen-1.8B-Chat-Int4 (MLP 5504, group 128) at TP=2: 2752 inputs per rank
+    is 21.5 groups -- the "input size is not aligned" failure Qwen's CI hit."""
+    from qwen_vllm.fixtures import gptq_quantize_config, qwen_config
+    from qwen_vllm.quantization import check_gptq
+
+    qwen_1_8b = qwen_config(2048, 24, 16, 5504)
+    qwen_7b = qwen_config(4096, 32, 32, 11008)
+    q = gptq_quantize_config(4, 128)
+    with pytest.raises(QwenQuantizationError, match=r"mlp\.c_proj: tensor_parallel_size=2 gives each rank 2752 inputs"):
+        check_gptq(q, qwen_1_8b, tensor_parallel_size=2, on_cpu=True, where="Qwen-1.8B-Chat-Int4")
+    check_gptq(q, qwen_1_8b, tensor_parallel_size=1, on_cpu=True, where="Qwen-1.8B-Chat-Int4")
+    check_gptq(q, qwen_7b, tensor_parallel_size=2, on_cpu=True, where="Qwen-7B-Chat-Int4")
+    with pytest.raises(QwenQuantizationError, match="group_size=16"):
+        check_gptq(gptq_quantize_config(4, 16), qwen_7b, tensor_parallel_size=1, on_cpu=True, where="x")
+    check_gptq(gptq_quantize_config(8, 128), qwen_7b, tensor_parallel_size=2, on_cpu=False, where="GPU")
+
+
+def test_quantize_config_json_alone_selects_gptq(tmp_path, gptq_dirs) -> None:
+    """auto-gptq's own saves carry only quantize_config.json, which vLLM reads
+    only when told quantization="gptq": the wrapper tells it."""
+    import shutil
+
+    from qwen_vllm.quantization import engine_quantization
+
+    int4, _, _ = gptq_dirs
+    assert engine_quantization(int4, None) is None  # config.json declares it: vLLM auto-detects
+    legacy = tmp_path / "legacy"
+    shutil.copytree(int4, legacy)
+    cfg = json.loads((legacy / "config.json").read_text())
+    del cfg["quantization_config"]
+    (legacy / "config.json").write_text(json.dumps(cfg))
+    assert engine_quantization(legacy, None) == "gptq"
+    assert engine_quantization(legacy, "gptq_marlin") == "gptq_marlin"
+
+
+def test_module_names_reach_vllms_quantization_config() -> None:
+    """vLLM's GPTQ config, given the checkpoint's module list through our
+    mapper, quantizes exactly the fused layers built from Qwen's linears."""
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
+    from vllm.model_executor.layers.quantization.utils.gptq_utils import is_layer_gptq_quantized
+
+    from qwen_vllm.model import QWenLMHeadModel
+
+    cfg = AutoGPTQConfig.from_config({"bits": 4, "group_size": 128, "desc_act": False, "sym": True})
+    cfg.modules_in_block_to_quantize = [f"transformer.h.0.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2")]
+    cfg.apply_vllm_mapper(QWenLMHeadModel.hf_to_vllm_mapper.get_rename_mapper())
+    fused = QWenLMHeadModel.packed_modules_mapping
+    quantized = lambda prefix: is_layer_gptq_quantized(prefix, cfg.modules_in_block_to_quantize, fused)  # noqa: E731
+    assert quantized("model.layers.0.self_attn.qkv_proj") and quantized("model.layers.0.self_attn.o_proj")
+    assert quantized("model.layers.0.mlp.gate_up_proj")
+    assert not quantized("model.layers.0.mlp.down_proj")  # left out of the list above
+    assert not quantized("model.layers.1.self_attn.qkv_proj") and not quantized("lm_head")
+
+
+# -- real engines --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prompt_ids(qwen_tokenizer) -> list[list[int]]:
+    return [qwen_tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(gptq_dirs, fixtures_root, prompt_ids):
+    """transformers' Qwen2 in float32 on the exact weights the Int4 fixture
+    encodes: prompt log-probs and greedy continuations."""
+    from transformers import Qwen2ForCausalLM
+
+    from qwen_vllm.convert import convert_to_qwen2
+
+    _, ref, _ = gptq_dirs
+    qwen2 = convert_to_qwen2(ref, fixtures_root / "gptq-int4-reference-qwen2")
+    model = Qwen2ForCausalLM.from_pretrained(str(qwen2), dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+            prompt_lp = [logprobs[i - 1, ids[i]].item() for i in range(1, len(ids))]
+            seq = list(ids)
+            for _ in range(NEW_TOKENS):
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+            out.append((prompt_lp, seq[len(ids) :]))
+    return out
+
+
+def run(llm, prompt_ids):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, prompt_logprobs=0, ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+    return [
+        ([o.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))], list(o.outputs[0].token_ids))
+        for ids, o in zip(prompt_ids, outs)
+    ]
+
+
+@pytest.fixture(scope="module")
+def int4_tp1(gptq_dirs, prompt_ids):
+    """The wrapper on the Int4 fixture, no quantization= (auto-detected):
+    (quantization, dtype, outputs on the prompts, a chat reply). The engine
+    is shut down before the TP=2 one starts."""
+    from qwen_vllm.wrapper import vLLMWrapper
+
+    int4, _, _ = gptq_dirs
+    wrapper = vLLMWrapper(str(int4), dtype="float16", enforce_eager=True, max_model_len=1024)
+    try:
+        model_config = wrapper.llm.llm_engine.model_config
+        return model_config.quantization, model_config.dtype, run(wrapper.llm, prompt_ids), wrapper.chat("Hi", max_new_tokens=8)[0]
+    finally:
+        wrapper.llm.llm_engine.engine_core.shutdown()
+
+
+def test_int4_auto_detected_and_equals_dequantized_reference(int4_tp1, reference) -> None:
+    quantization, dtype, got, reply = int4_tp1
+    assert quantization == "auto_gptq" and dtype == torch.float16
+    worst = 0.0
+    for (ref_lp, ref_gen), (lp, gen) in zip(reference, got):
+        assert gen == ref_gen
+        worst = max(worst, max(abs(a - b) for a, b in zip(ref_lp, lp)))
+    assert worst <= LOGPROB_TOL, f"max |logprob diff| {worst}"
+    assert min(min(lp) for lp, _ in reference) < -5  # the model is far from uniform
+    assert isinstance(reply, str) and reply  # chat() works on the quantized engine
+
+
+def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1) -> None:
+    from vllm import LLM
+
+    int4, _, _ = gptq_dirs
+    _, _, tp1, _ = int4_tp1
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        llm = LLM(str(int4), tensor_parallel_size=2, dtype="float16", enforce_eager=True, max_model_len=1024)
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+    try:
+        tp2 = run(llm, prompt_ids)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    for (lp1, gen1), (lp2, gen2) in zip(tp1, tp2):
+        assert gen2 == gen1
+        assert max(abs(a - b) for a, b in zip(lp1, lp2)) <= LOGPROB_TOL
