@@ -37,7 +37,8 @@ def _leave_terminal_process_group() -> None:
 
 def register() -> None:
     """Teach vLLM and transformers about Qwen v1 (config, model, tokenizer,
-    GPTQ checks, and the CPU Int4 kernel where vLLM's build lacks it)."""
+    tool parser, default ChatML stops, GPTQ checks, and the CPU Int4 kernel
+    where vLLM's build lacks it)."""
     global _registered
     if _registered:
         return
@@ -64,7 +65,20 @@ def register() -> None:
     MODELS_CONFIG_MAP["QWenLMHeadModel"] = QwenQuantizationHook
     # GPTQ Int4 on CPUs whose vLLM build lacks the kernel (AVX2): a torch op.
     cpu_gptq.install()
+    _register_serving()
     _registered = True
+
+
+def _register_serving() -> None:
+    """OpenAI-server pieces: the "qwen_react" tool parser (lazy: imported only
+    when a server selects it) and every ChatML stop id as a default stop."""
+    from vllm.tool_parsers import ToolParserManager
+
+    from qwen_vllm import chatml_eos
+    from qwen_vllm.function_call import PARSER_NAME
+
+    ToolParserManager.register_lazy_module(PARSER_NAME, "qwen_vllm.tool_parser", "QwenReactToolParser")
+    chatml_eos.install()
 
 
 def __getattr__(name: str):

@@ -137,6 +137,30 @@ def make_context(
     return system_ids + kept + query_ids, turns_kept
 
 
+class RenderedChat(str):
+    """A rendered ChatML prompt that remembers its token ids.
+
+    vLLM's chat endpoint asks the tokenizer for the prompt as *text*
+    (``tokenize=False``) and tokenizes that text in a second step. Re-encoding
+    would parse ``<|im_start|>`` typed by a user as a control token and could
+    merge BPE across segment boundaries; QWenTokenizer instead returns
+    ``token_ids`` when asked to encode a RenderedChat, so the engine gets
+    exactly the ids rendered here. Any other string (a raw /v1/completions
+    prompt) is encoded as Qwen's tokenizer does, special-token text included.
+    """
+
+    token_ids: tuple[int, ...]
+
+    def __new__(cls, text: str, token_ids: Sequence[int]) -> RenderedChat:
+        obj = super().__new__(cls, text)
+        obj.token_ids = tuple(token_ids)
+        return obj
+
+    def __reduce__(self) -> tuple[type, tuple[str, tuple[int, ...]]]:
+        # Pickle and deepcopy keep the ids (str's own reduce would drop them).
+        return RenderedChat, (str(self), self.token_ids)
+
+
 def apply_chat_template(
     tok: QWenTokenizer,
     conversation: Sequence[Mapping[str, Any]],
@@ -150,12 +174,14 @@ def apply_chat_template(
 ) -> Any:
     """transformers' ``apply_chat_template`` contract, rendered natively.
 
-    Tools (OpenAI ``tools``) switch to Qwen's ReAct prompt (function_call.py).
+    Tools (OpenAI ``tools``), and tool calls or results in the history, switch
+    to Qwen's ReAct prompt (function_call.py). ``tokenize=False`` returns a
+    RenderedChat (a str carrying the ids).
     """
-    messages = list(conversation)
-    if tools:
-        from qwen_vllm.function_call import react_messages
+    from qwen_vllm.function_call import has_tool_history, react_messages
 
+    messages = list(conversation)
+    if tools or has_tool_history(messages):
         messages, open_final = react_messages(messages, tools)
         if open_final:
             add_generation_prompt, continue_final_message = False, True
@@ -166,7 +192,7 @@ def apply_chat_template(
         continue_final_message=bool(continue_final_message),
     )
     if not tokenize:
-        return tok.decode(ids)
+        return RenderedChat(tok.decode(ids), ids)
     if return_dict:
         from transformers import BatchEncoding
 

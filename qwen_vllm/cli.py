@@ -14,6 +14,10 @@ SUBCOMMANDS = {
     "convert-to-qwen2": ("qwen_vllm.convert", "rewrite a Qwen v1 checkpoint as Qwen2ForCausalLM"),
     "chat": ("qwen_vllm.chat_cli", "chat in the terminal: in-process (--model DIR) or with a server (--api URL)"),
     "web": ("qwen_vllm.web_ui", "web chat UI for an OpenAI-compatible server (--api-url URL)"),
+    "serve": ("qwen_vllm.serve", "vLLM's OpenAI API server with Qwen tool calling enabled"),
+    "worker": ("qwen_vllm.worker_launch", "FastChat model worker on vLLM's OpenAI server (FastChat + vLLM flags)"),
+    "openai-api": ("qwen_vllm.openai_front", "OpenAI API in front of FastChat-controller workers"),
+    "stack": ("qwen_vllm.stack", "controller + workers + OpenAI API (+ web UI) in one command"),
 }
 
 
@@ -33,10 +37,15 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser, module = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if module is None:
         parser.print_help()
         return 2
+    if extra:
+        # A subcommand that wraps another program's parser takes the rest as-is.
+        if not getattr(module, "PASS_THROUGH_ARGS", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra_args = extra
     return int(module.run(args) or 0)
 
 

@@ -24,6 +24,7 @@ import tiktoken
 from transformers import PythonBackend
 from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 
+from qwen_vllm.chat_template import RenderedChat
 from qwen_vllm.errors import QwenCheckpointError
 
 VOCAB_FILE = "qwen.tiktoken"
@@ -174,8 +175,11 @@ class QWenTokenizer(PythonBackend):
 
         ``allowed_special="all"`` (Qwen's default) parses special-token text as
         control tokens; pass ``allowed_special=set()`` for untrusted text so
-        ``<|im_start|>`` stays plain text.
+        ``<|im_start|>`` stays plain text. A prompt our chat template rendered
+        (chat_template.RenderedChat) keeps the ids it was rendered with.
         """
+        if isinstance(text, RenderedChat):
+            return list(text.token_ids)
         if not unicodedata.is_normalized("NFC", text):
             text = unicodedata.normalize("NFC", text)
         return self.tokenizer.encode(

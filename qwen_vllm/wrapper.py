@@ -286,6 +286,28 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
             if new:
                 yield new if delta else step.text
 
+    def chat_ids(
+        self,
+        prompt_ids: Sequence[int],
+        generation_config: Any = None,
+        stop_words_ids: StopWords | None = None,
+        **gen_kwargs: Any,
+    ) -> str:
+        """The reply to a prompt already rendered as ChatML token ids, with
+        ChatML stops plus ``stop_words_ids``. For prompts ``chat()`` cannot
+        express, e.g. a tool conversation continued inside an open assistant
+        turn (qwen_vllm.function_call.chat_with_tools)."""
+        if self.chat_format != "chatml":
+            raise QwenChatFormatError(
+                f"chat_ids() needs a chat model; this checkpoint's chat_format is {self.chat_format!r}"
+            )
+        ids = list(prompt_ids)
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise QwenRequestError("prompt_ids must be a non-empty list of token ids")
+        gen = merge_generation(self.generation_config, generation_config, gen_kwargs)
+        out = self._loop.run([(ids, self._params(gen, stop_words_ids, "chatml"))])[0]
+        return out.outputs[0].text
+
     def batch_chat(
         self,
         queries: Sequence[str],

@@ -1,0 +1,42 @@
+"""``qwen-vllm serve`` / ``python -m qwen_vllm.serve``: vLLM's own OpenAI API
+server with Qwen tool calling on.
+
+Same as ``python -m vllm.entrypoints.openai.api_server ARGS`` plus the flags
+tool calling needs (tool_parser.SERVER_ARGS) unless ARGS already set them.
+Chat, the ChatML template and the default ChatML stops need no flags at all;
+only vLLM's tool-parser selection does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from qwen_vllm.tool_parser import with_server_args
+
+PASS_THROUGH_ARGS = True  # everything after "serve" goes to vLLM's own parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run vLLM's OpenAI API server (all of its arguments: --model DIR, --port, "
+        "--tensor-parallel-size, ...) with Qwen tool calling enabled."
+    )
+
+
+def run(args: Any) -> int:
+    return main(getattr(args, "extra_args", []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+
+    argv = sys.argv[1:] if argv is None else argv
+    sys.argv = [sys.argv[0], *with_server_args(argv)]
+    vllm_main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

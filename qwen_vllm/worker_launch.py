@@ -1,0 +1,150 @@
+"""``qwen-vllm worker`` (``python -m qwen_vllm.worker_launch``): the FastChat worker.
+
+Takes fschat vllm_worker's flags (--host, --port, --worker-address,
+--controller-address, --model-path, --model-names, --limit-worker-concurrency,
+--no-register, --num-gpus, --conv-template) plus every flag of vLLM's own
+OpenAI server (its parser: --tensor-parallel-size, --dtype, --max-model-len,
+--api-key, --distributed-executor-backend ray, ...), then runs vLLM's API
+server with the FastChat endpoint plugin (worker_api.py): one process serves
+FastChat's worker routes, /v1/* and /health, and registers with the controller.
+
+Differences from fschat: binds 127.0.0.1 unless --host says otherwise; the
+Qwen template and stop ids apply whatever the model path is called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib.metadata import entry_points
+
+from qwen_vllm.errors import QwenVLLMError
+
+PLUGIN_GROUPS = (
+    "vllm.general_plugins",
+    "vllm.platform_plugins",
+    "vllm.io_processor_plugins",
+    "vllm.stat_logger_plugins",
+)
+REQUIRED_PLUGINS = ("qwen_vllm", "qwen_vllm_fastchat")
+WILDCARD_HOSTS = (None, "", "0.0.0.0", "::")
+
+
+def plugin_allowlist(current: str | None) -> str:
+    """VLLM_PLUGINS naming our two plugins. It is one allowlist for every plugin
+    group: when unset, keep everything that loads today (all non-endpoint
+    plugins) and add ours, instead of silently disabling the rest."""
+    if current is None:
+        names = [ep.name for group in PLUGIN_GROUPS for ep in entry_points(group=group)]
+    else:
+        names = current.split(",")
+    return ",".join(dict.fromkeys([*names, *REQUIRED_PLUGINS]))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+
+    fc = parser.add_argument_group("FastChat worker", "fschat vllm_worker's flags")
+    fc.add_argument("--model-path", help="checkpoint directory (same as vLLM's --model)")
+    fc.add_argument(
+        "--model-names",
+        type=lambda s: [n for n in s.split(",") if n],
+        help="comma-separated names to serve the model as (default: the directory's name)",
+    )
+    fc.add_argument("--worker-address", help="URL the controller and front reach this worker at (default http://HOST:PORT)")
+    fc.add_argument("--controller-address", default="http://localhost:21001", help="FastChat controller URL")
+    fc.add_argument("--limit-worker-concurrency", type=int, default=1024, help="concurrent FastChat-route requests")
+    fc.add_argument("--no-register", action="store_true", help="do not register with a controller")
+    fc.add_argument("--num-gpus", type=int, default=1, help="tensor-parallel size (fschat's name for it)")
+    fc.add_argument("--conv-template", help="FastChat conversation template (default qwen-7b-chat for chat models)")
+    make_arg_parser(parser)
+    from qwen_vllm.function_call import PARSER_NAME
+    from qwen_vllm.tool_parser import LEGACY_MIDDLEWARE
+
+    # Qwen tool calling on by default, as with `qwen-vllm serve` (tool_parser.SERVER_ARGS).
+    parser.set_defaults(
+        host="127.0.0.1",
+        port=21002,
+        model=None,
+        enable_server_load_tracking=True,
+        enable_auto_tool_choice=True,
+        tool_call_parser=PARSER_NAME,
+        exclude_tools_when_tool_choice_none=True,
+        middleware=[LEGACY_MIDDLEWARE],
+    )
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Map fschat's flags onto vLLM's and check them before any engine starts."""
+    from qwen_vllm.checkpoint import is_qwen_v1, validate_checkpoint
+    from qwen_vllm.fastchat_protocol import conv_template
+
+    model = args.model_path or args.model_tag or args.model
+    if not model:
+        raise QwenVLLMError("--model-path is required (a Qwen checkpoint directory)")
+    args.model = model
+    if is_qwen_v1(model):
+        validate_checkpoint(model)
+    if args.model_names and args.served_model_name:
+        raise QwenVLLMError("give --model-names or --served-model-name, not both")
+    # fschat's default name is the directory's name; vLLM's would be the whole path.
+    args.served_model_name = args.model_names or args.served_model_name or [os.path.basename(model.rstrip("/"))]
+    if args.num_gpus > 1:
+        if args.tensor_parallel_size not in (1, args.num_gpus):
+            raise QwenVLLMError(
+                f"--num-gpus {args.num_gpus} conflicts with --tensor-parallel-size {args.tensor_parallel_size}"
+            )
+        args.tensor_parallel_size = args.num_gpus
+    if args.limit_worker_concurrency < 1:
+        raise QwenVLLMError("--limit-worker-concurrency must be at least 1")
+    if (args.api_server_count or 1) != 1:
+        raise QwenVLLMError("the FastChat worker runs one API server process (--api-server-count 1)")
+    if args.worker_address is None:
+        if args.host in WILDCARD_HOSTS:
+            raise QwenVLLMError(
+                f"--host {args.host or '(all interfaces)'} is not an address others can reach: "
+                "give --worker-address http://THIS_HOST:PORT"
+            )
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        args.worker_address = f"http://{host}:{args.port}"
+    if args.conv_template:
+        conv_template(args.conv_template)
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    from qwen_vllm.cpu_defaults import apply_cpu_defaults
+
+    try:
+        resolve_args(args)
+    except QwenVLLMError as exc:
+        print(f"qwen-vllm worker: error: {exc}", file=sys.stderr)
+        return 2
+    os.environ["VLLM_PLUGINS"] = plugin_allowlist(os.environ.get("VLLM_PLUGINS"))
+    apply_cpu_defaults(args.tensor_parallel_size)
+    cli_env_setup()
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    uvloop.run(run_server(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(
+        prog="qwen-vllm worker", description="FastChat model worker on vLLM's OpenAI API server."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The FastChat topology end to end, real processes on 127.0.0.1.
+
+One ``qwen-vllm stack`` for the module: the real FastChat controller, two
+workers (the scripted chat fixture served as "scripted-chat" — no "qwen" in
+its name — and the random fixture as "random"), and the OpenAI front with an
+API key; driven by the official openai SDK and by raw FastChat worker
+requests. Destructive tests (controller restart, kill -9, shutdown) run last,
+in that order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from fastchat_helpers import free_ports
+from qwen_vllm.fixtures import CHAT_REPLY
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-test-fastchat"
+HEARTBEAT_S = 2  # FastChat parses it with int()
+CHATML_PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+class StackProcess:
+    """``qwen-vllm stack`` run as a user would, its output parsed for pids."""
+
+    def __init__(self, models: list[Path], log_dir: Path) -> None:
+        base = free_ports(5)
+        self.front_port, self.controller_port, self.worker_port = base, base + 1, base + 2
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "FASTCHAT_WORKER_HEART_BEAT_INTERVAL": str(HEARTBEAT_S)}
+        cmd = [sys.executable, "-m", "qwen_vllm.cli", "stack", "--port", str(base),
+               "--controller-port", str(base + 1), "--worker-port", str(base + 2), "--api-keys", KEY,
+               "--log-dir", str(log_dir)]  # fmt: skip
+        for m in models:
+            cmd += ["--model", str(m)]
+        cmd += ["--", "--enforce-eager", "--max-model-len", "2048"]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_line(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for line in self.lines[start:]:
+                    if m := re.search(pattern, line):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise AssertionError(f"no line matching {pattern!r}; stack output:\n" + "\n".join(self.lines))
+                self.changed.wait(min(left, 1.0))
+
+    def pids(self) -> dict[str, int]:
+        """Latest pid of each role, e.g. {"controller": 1, "worker random#0": 2, "openai-api": 3}."""
+        found = {}
+        for line in self.lines:
+            if m := re.match(r"\[stack\] (.+?)\s+pid (\d+)\s", line):
+                found[m.group(1)] = int(m.group(2))
+        return found
+
+
+@pytest.fixture(scope="module")
+def stack(scripted_model, random_model, artifacts_dir):
+    s = StackProcess([scripted_model, random_model], artifacts_dir / "fastchat-stack")
+    try:
+        s.wait_line(r"^Press Ctrl-C to stop", timeout=900)
+        s.descendants = {p.pid for p in psutil.Process(s.proc.pid).children(recursive=True)}
+        yield s
+    finally:
+        if s.proc.poll() is None:
+            s.proc.send_signal(signal.SIGINT)
+            try:
+                s.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{stack.front_port}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def worker_url(stack, name: str) -> str:
+    m = stack.wait_line(rf"^\s+worker {re.escape(name)}#0\s+(http://\S+)", timeout=1)
+    return m.group(1)
+
+
+def messages(text: str = "Hello") -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_models_and_api_keys(stack, client):
+    assert sorted(m.id for m in client.models.list().data) == ["random", "scripted-chat"]
+    assert client.models.retrieve("random").id == "random"
+    front = f"http://127.0.0.1:{stack.front_port}"
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/health")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.request(method, front + path, headers=headers, json={"model": "random"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, headers)
+    bad = openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="scripted-chat", messages=messages())
+
+
+def test_chat_non_stream_and_stream(client):
+    r = client.chat.completions.create(model="scripted-chat", messages=messages(), temperature=0)
+    assert r.choices[0].message.content == CHAT_REPLY
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens > 0
+    stream = client.chat.completions.create(
+        model="scripted-chat", messages=messages(), temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == CHAT_REPLY
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_completions(client):
+    r = client.completions.create(model="scripted-chat", prompt=CHATML_PROMPT, max_tokens=100, temperature=0)
+    assert r.choices[0].text == CHAT_REPLY and r.choices[0].finish_reason == "stop"
+    text = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="scripted-chat", prompt=CHATML_PROMPT, max_tokens=100, temperature=0, stream=True
+        )
+    )
+    assert text == CHAT_REPLY
+
+
+def test_unknown_model_and_bad_body(stack, client):
+    with pytest.raises(openai.NotFoundError, match="'gpt-4' is not served here; available models: random, scripted-chat"):
+        client.chat.completions.create(model="gpt-4", messages=messages())
+    r = httpx.post(
+        f"http://127.0.0.1:{stack.front_port}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        content=b"not json",
+    )
+    assert r.status_code == 400 and "'model'" in r.json()["error"]["message"]
+    # Errors of the worker itself are relayed unchanged.
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="scripted-chat", messages=messages(), temperature=9)
+
+
+def fastchat_stream(url: str, params: dict) -> list[dict]:
+    """POST /worker_generate_stream and split FastChat's \\0-framed chunks."""
+    with httpx.stream("POST", url + "/worker_generate_stream", json=params, timeout=120) as r:
+        assert r.status_code == 200
+        body = b"".join(r.iter_raw())
+    assert body.endswith(b"\0")
+    return [json.loads(frame) for frame in body.split(b"\0") if frame]
+
+
+def test_gradio_shaped_request_streams_the_reply(stack):
+    # Exactly what fschat's gradio_web_server sends: no top_k, echo false.
+    params = {
+        "model": "scripted-chat",
+        "prompt": CHATML_PROMPT,
+        "temperature": 0.7,
+        "repetition_penalty": 1.0,
+        "top_p": 1.0,
+        "max_new_tokens": 1024,
+        "stop": "<|endoftext|>",
+        "stop_token_ids": [151643, 151644, 151645],
+        "echo": False,
+    }
+    chunks = fastchat_stream(worker_url(stack, "scripted-chat"), params)
+    assert len(chunks) > 3 and all(c["error_code"] == 0 for c in chunks)
+    texts = [c["text"] for c in chunks]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # cumulative, never retracted
+    assert texts[-1] == CHAT_REPLY
+    assert [c["finish_reason"] for c in chunks].count(None) == len(chunks) - 1  # final chunk sent once
+    assert chunks[-1]["finish_reason"] == "stop"
+    usage = chunks[-1]["usage"]
+    assert usage["prompt_tokens"] == 20 and usage["total_tokens"] == 20 + usage["completion_tokens"]
+
+
+def test_worker_api_endpoints(stack, qwen_tokenizer):
+    from qwen_vllm.chat_template import render_messages
+
+    url = worker_url(stack, "scripted-chat")
+    assert httpx.post(url + "/worker_get_status").json() == {
+        "model_names": ["scripted-chat"],
+        "speed": 1,
+        "queue_length": 0,
+    }
+    count = httpx.post(url + "/count_token", json={"prompt": CHATML_PROMPT}).json()
+    assert count == {"count": len(render_messages(qwen_tokenizer, messages())), "error_code": 0}
+    conv = httpx.post(url + "/worker_get_conv_template").json()["conv"]
+    assert conv["name"] == "qwen-7b-chat" and conv["stop_token_ids"] == [151643, 151644, 151645]
+    assert httpx.post(url + "/model_details").json() == {"context_length": 2048}
+    final = httpx.post(url + "/worker_generate", json={"prompt": CHATML_PROMPT, "temperature": 0}, timeout=120).json()
+    assert final["text"] == CHATML_PROMPT + CHAT_REPLY  # fschat's default echo=True
+    bad = httpx.post(url + "/worker_generate", json={"prompt": CHATML_PROMPT, "top_k": 2.5}).json()
+    assert bad["error_code"] == 40302 and "top_k must be an integer" in bad["text"]
+    overflow = httpx.post(url + "/worker_generate", json={"prompt": "hi " * 3000}).json()
+    assert overflow["error_code"] == 40303 and "2048" in overflow["text"]
+
+
+def test_sampling_params_are_honoured(stack):
+    scripted = worker_url(stack, "scripted-chat")
+    rnd = worker_url(stack, "random")
+
+    def gen(url, **params):
+        out = httpx.post(url + "/worker_generate", json={"prompt": CHATML_PROMPT, "echo": False, **params}, timeout=120)
+        return out.json()
+
+    assert gen(scripted, temperature=0, repetition_penalty=1.0)["text"] == CHAT_REPLY
+    assert gen(scripted, temperature=0, repetition_penalty=10.0, max_new_tokens=20)["text"] != CHAT_REPLY[:20]
+    a, b, c = (gen(rnd, temperature=1.0, max_new_tokens=12, seed=s)["text"] for s in (11, 11, 12))
+    assert a == b and a != c
+    n3 = gen(rnd, temperature=1.0, max_new_tokens=6, n=3, seed=5)
+    assert [ch["index"] for ch in n3["choices"]] == [0, 1, 2] and n3["text"] == n3["choices"][0]["text"]
+    assert len({ch["text"] for ch in n3["choices"]}) == 3 and n3["usage"]["completion_tokens"] == 18
+    three = gen(scripted, temperature=0, max_new_tokens=3, logprobs=1)
+    lp = three["logprobs"]
+    assert "".join(lp["tokens"]) == three["text"] and CHAT_REPLY.startswith(three["text"])
+    assert len(lp["token_logprobs"]) == 3 and all(v <= 0 for v in lp["token_logprobs"])
+
+
+def engine_counts(url: str) -> tuple[float, float]:
+    """(requests running, requests finished by stop or length) from the worker's /metrics."""
+    text = httpx.get(url + "/metrics").text
+    running = sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{.*\} (\S+)$", text, re.M))
+    done = sum(
+        float(v) for v in re.findall(r'^vllm:request_success_total\{.*finished_reason="(?:stop|length)".*\} (\S+)$', text, re.M)
+    )
+    return running, done
+
+
+def assert_aborted(url: str, done_before: float) -> None:
+    """The long request left the engine without finishing (it was aborted)."""
+    deadline = time.monotonic() + 10
+    while engine_counts(url)[0] > 0:
+        assert time.monotonic() < deadline, "request still running 10 s after the client left"
+        time.sleep(0.2)
+    assert engine_counts(url)[1] == done_before
+
+
+def test_client_disconnect_aborts_the_vllm_request(stack, client):
+    url = worker_url(stack, "random")
+    long = {"max_new_tokens": 1500, "temperature": 1.0, "echo": False}
+    _, done = engine_counts(url)
+    with httpx.stream("POST", url + "/worker_generate_stream", json={"prompt": CHATML_PROMPT, **long}) as r:
+        frames = r.iter_raw()
+        for _ in range(3):
+            next(frames)
+        assert engine_counts(url)[0] == 1
+    assert_aborted(url, done)
+    # Through the front: closing the client's stream closes the upstream one.
+    stream = client.chat.completions.create(model="random", messages=messages(), max_tokens=1500, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    assert_aborted(url, done)
+    # Non-streaming through the front: the client gives up.
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=1.5).chat.completions.create(model="random", messages=messages(), max_tokens=1500)
+    assert_aborted(url, done)
+
+
+def test_controller_restart_workers_return_within_one_heartbeat(stack, client):
+    old = stack.pids()["controller"]
+    mark = len(stack.lines)
+    os.kill(old, signal.SIGKILL)
+    # Meanwhile the front keeps serving from the workers the controller named.
+    r = client.chat.completions.create(model="scripted-chat", messages=messages(), temperature=0)
+    assert r.choices[0].message.content == CHAT_REPLY
+    new = int(stack.wait_line(r"^\[stack\] controller\s+pid (\d+)", timeout=30, start=mark).group(1))
+    assert new != old
+    controller = f"http://127.0.0.1:{stack.controller_port}"
+    deadline = time.monotonic() + 60
+    while True:  # the restarted controller answering is the start of the clock
+        try:
+            models = httpx.post(controller + "/list_models").json()["models"]
+            break
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    up = time.monotonic()
+    while sorted(models) != ["random", "scripted-chat"]:
+        assert time.monotonic() - up < HEARTBEAT_S + 2.0, f"workers not back within one heartbeat: {models}"
+        time.sleep(0.1)
+        models = httpx.post(controller + "/list_models").json()["models"]
+
+
+def test_killed_worker_fails_cleanly_and_the_other_keeps_serving(stack, client):
+    os.kill(stack.pids()["worker random#0"], signal.SIGKILL)
+    for _ in range(3):
+        start = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model="random", messages=messages(), max_tokens=5)
+        assert time.monotonic() - start < 5
+        assert info.value.status_code in (404, 503) and "'random'" in info.value.message
+        r = client.chat.completions.create(model="scripted-chat", messages=messages(), temperature=0)
+        assert r.choices[0].message.content == CHAT_REPLY
+    assert [m.id for m in client.models.list().data] == ["scripted-chat"]  # the controller dropped it
+    stack.wait_line(r"worker random#0 exited with code -9", timeout=10)
+
+
+def test_stack_stops_cleanly(stack):
+    tracked = set(stack.pids().values()) | stack.descendants
+    stack.proc.send_signal(signal.SIGINT)
+    assert stack.proc.wait(timeout=90) == 0
+    stack.wait_line(r"^\[stack\] stopped", timeout=1)
+    deadline = time.monotonic() + 10
+    while alive := [p for p in tracked if running(p)]:
+        assert time.monotonic() < deadline, f"processes left behind: {alive}"
+        time.sleep(0.2)
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

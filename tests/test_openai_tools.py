@@ -1,0 +1,208 @@
+"""OpenAI tool calling for Qwen v1 on vLLM's own server (started with
+tool_parser.SERVER_ARGS), and the same from Python on vLLMWrapper.
+
+The ``react`` fixture replies to a ChatML prompt with a ReAct action
+(fixtures.REACT_ACTION) and, after a prompt ending "\nThought:", with the
+final answer (fixtures.REACT_ANSWER).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import openai
+import pytest
+
+from qwen_vllm import fixtures
+from qwen_vllm.tool_parser import SERVER_ARGS
+from react_cases import ARGS, FINAL_ANSWER, THOUGHT, TIME, WEATHER, WEATHER_INSTRUCTION
+from vllm_server import GREEDY, client_for, start_server, stream_chat  # noqa: F401 (start_server is a fixture)
+
+QUESTION = "What's the weather like in Paris?"
+TOOL_RESULT = "22 degrees, sunny"
+ACTION_TEXT = fixtures.REACT_ACTION.removesuffix("Observation:")  # what the "Observation:" stop leaves
+
+
+def second_step_prompt(tokenizer) -> list[int]:
+    """Qwen's completion-mode prompt after the tool result, written out and
+    encoded as one string (as Qwen's openai_api.py encodes it)."""
+    text = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{WEATHER_INSTRUCTION}\n\nQuestion: {QUESTION}<|im_end|>\n"
+        f"<|im_start|>assistant\nThought: {THOUGHT}\nAction: get_weather\nAction Input: {ARGS}\n"
+        f"Observation: {TOOL_RESULT}\nThought:"
+    )
+    return tokenizer.encode_text(text, allowed_special="all")
+
+
+@pytest.fixture(scope="module")
+def react_server(start_server, react_model: Path):
+    base = start_server(react_model, "react", *SERVER_ARGS)
+    return (base, *client_for(base))
+
+
+def test_tool_call(react_server) -> None:
+    _, client, model = react_server
+    messages = [{"role": "user", "content": QUESTION}]
+    reply = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER], **GREEDY)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == THOUGHT
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+
+
+def test_tool_call_streamed(react_server) -> None:
+    """Tool-call deltas: the first carries id, type and name; the arguments
+    follow in fragments that add up to the JSON object."""
+    _, client, model = react_server
+    content, calls, finish = stream_chat(
+        client, model=model, messages=[{"role": "user", "content": QUESTION}], tools=[WEATHER], **GREEDY
+    )
+    assert content == THOUGHT and finish == "tool_calls"
+    assert calls[0].id and calls[0].type == "function" and calls[0].function.name == "get_weather"
+    assert all(c.index == 0 and not c.id and c.function.name is None for c in calls[1:])
+    fragments = [c.function.arguments for c in calls if c.function.arguments]
+    assert len(fragments) > 3
+    assert json.loads("".join(fragments)) == {"city": "Paris", "unit": "celsius"}
+
+
+def test_multi_step_exchange(react_server, qwen_tokenizer) -> None:
+    """Tool call -> tool result -> final answer; the engine's prompt is Qwen's
+    completion-mode layout (instruction + Question, Thought/Action/Action
+    Input/Observation, open turn ending "\\nThought:"), encoded independently."""
+    _, client, model = react_server
+    messages = [{"role": "user", "content": QUESTION}]
+    first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER], **GREEDY)
+    call = first.choices[0].message.tool_calls[0]
+    messages += [
+        first.choices[0].message.model_dump(include={"role", "content", "tool_calls"}),
+        {"role": "tool", "tool_call_id": call.id, "content": TOOL_RESULT},
+    ]
+    final = client.chat.completions.create(
+        model=model, messages=messages, tools=[WEATHER], extra_body={"return_token_ids": True}, **GREEDY
+    )
+    assert final.choices[0].message.content == FINAL_ANSWER
+    assert final.choices[0].finish_reason == "stop" and not final.choices[0].message.tool_calls
+    assert final.prompt_token_ids == second_step_prompt(qwen_tokenizer)
+    content, calls, finish = stream_chat(client, model=model, messages=messages, tools=[WEATHER], **GREEDY)
+    assert (content, calls, finish) == (FINAL_ANSWER, [], "stop")
+
+
+def test_unparseable_calls_fall_back_to_content(react_server) -> None:
+    """The model calls a tool that was not offered (get_weather with only
+    get_time), or not the one a named tool_choice asks for: plain content,
+    never an error, in both modes."""
+    _, client, model = react_server
+    messages = [{"role": "user", "content": QUESTION}]
+    cases = [
+        {"tools": [TIME]},
+        {"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+    ]
+    for kw in cases:
+        reply = client.chat.completions.create(model=model, messages=messages, **kw, **GREEDY)
+        assert reply.choices[0].message.content == ACTION_TEXT and not reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "stop"
+        assert stream_chat(client, model=model, messages=messages, **kw, **GREEDY) == (ACTION_TEXT, [], "stop")
+
+
+def test_named_tool_choice(react_server) -> None:
+    """A named choice returns that call; finish_reason is "stop" (OpenAI's rule for named calls)."""
+    _, client, model = react_server
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTION}], tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, **GREEDY,
+    )
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == ARGS
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_tool_choice_none_is_plain_chat(react_server, qwen_tokenizer) -> None:
+    _, client, model = react_server
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTION}], tools=[WEATHER], tool_choice="none",
+        extra_body={"return_token_ids": True}, **GREEDY,
+    )
+    assert reply.prompt_token_ids == qwen_tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert reply.choices[0].message.content == fixtures.REACT_ACTION  # no "Observation:" stop, no parsing
+    assert not reply.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"city": {"type": "strang"}}}}}]}, "not a valid JSON Schema"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+         "type must be 'object'"),
+        ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "must be 1-64 characters"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "parameters"),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ],
+)
+def test_bad_tool_requests_get_400(react_server, kw, needle) -> None:
+    _, client, model = react_server
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": QUESTION}], stream=stream, **kw, **GREEDY
+            )
+        assert needle in str(err.value)
+
+
+def test_legacy_functions_api(react_server, qwen_tokenizer) -> None:
+    """Qwen's openai_api.py clients: ``functions`` in, ``message.function_call``
+    and finish_reason "function_call" out (streamed too); legacy history
+    (assistant function_call, role "function") gives the same prompt as tools."""
+    _, client, model = react_server
+    messages = [{"role": "user", "content": QUESTION}]
+    functions = [WEATHER["function"]]
+    reply = client.chat.completions.create(model=model, messages=messages, functions=functions, **GREEDY)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "function_call" and choice.message.content == THOUGHT
+    assert not choice.message.tool_calls
+    assert (choice.message.function_call.name, choice.message.function_call.arguments) == ("get_weather", ARGS)
+    name, args, finish = None, "", None
+    for chunk in client.chat.completions.create(model=model, messages=messages, functions=functions, stream=True, **GREEDY):
+        delta = chunk.choices[0].delta
+        assert not delta.tool_calls
+        if delta.function_call:
+            name = name or delta.function_call.name
+            args += delta.function_call.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert (name, args, finish) == ("get_weather", ARGS, "function_call")
+    messages += [
+        {"role": "assistant", "content": THOUGHT, "function_call": {"name": "get_weather", "arguments": ARGS}},
+        {"role": "function", "name": "get_weather", "content": TOOL_RESULT},
+    ]
+    final = client.chat.completions.create(
+        model=model, messages=messages, functions=functions, function_call="auto",
+        extra_body={"return_token_ids": True}, **GREEDY,
+    )
+    assert final.choices[0].message.content == FINAL_ANSWER and final.choices[0].finish_reason == "stop"
+    assert final.prompt_token_ids == second_step_prompt(qwen_tokenizer)
+    with pytest.raises(openai.BadRequestError, match="function_call"):
+        client.chat.completions.create(model=model, messages=messages, functions=functions, function_call="sometimes")
+
+
+# -- the same tool use from Python, without a server ---------------------------------
+def test_chat_with_tools_on_vllm_wrapper(react_model: Path) -> None:
+    """vLLMWrapper + function_call.chat_with_tools: the same call and final
+    answer as the server, with no server."""
+    from qwen_vllm.function_call import chat_with_tools
+    from qwen_vllm.wrapper import vLLMWrapper
+
+    model = vLLMWrapper(react_model, dtype="float32", enforce_eager=True, max_model_len=2048)
+    messages = [{"role": "user", "content": QUESTION}]
+    reply = chat_with_tools(model, messages, [WEATHER], do_sample=False)
+    assert reply.finish_reason == "tool_calls" and reply.content == THOUGHT
+    assert (reply.tool_call.name, reply.tool_call.arguments) == ("get_weather", ARGS)
+    messages += [reply.message, {"role": "tool", "tool_call_id": reply.tool_call.id, "content": TOOL_RESULT}]
+    final = chat_with_tools(model, messages, [WEATHER], do_sample=False)
+    assert (final.content, final.tool_call, final.finish_reason) == (FINAL_ANSWER, None, "stop")
