@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -229,19 +230,6 @@ def test_kv_cache_dtype_the_cpu_backend_lacks(random_model) -> None:
         vLLMWrapper(str(random_model), kv_cache_dtype="fp8")
 
 
-def test_vllm_own_entry_point_gets_the_same_errors(gptq_dirs, random_model) -> None:
-    """vllm.LLM directly (as vLLM's API server would build it): the plugin's
-    config hook raises while vLLM builds its config, before any engine process
-    starts (pydantic reports it as a ValueError of VllmConfig)."""
-    from vllm import LLM
-
-    _, _, int8 = gptq_dirs
-    with pytest.raises(ValueError, match=r"VllmConfig\n.*GPTQ Int8 checkpoints need an NVIDIA GPU with compute capability 7\.5"):
-        LLM(str(int8), dtype="float16", enforce_eager=True, max_model_len=512)
-    with pytest.raises(ValueError, match="FP8 KV cache.*AVX-512 or AMX"):
-        LLM(str(random_model), kv_cache_dtype="fp8", enforce_eager=True, max_model_len=512)
-
-
 def test_tensor_parallel_split_must_keep_whole_groups() -> None:
     """Qwen-1.8B-Chat-Int4 (MLP 5504, group 128) at TP=2: 2752 inputs per rank
     is 21.5 groups -- the "input size is not aligned" failure Qwen's CI hit."""
@@ -260,20 +248,30 @@ def test_tensor_parallel_split_must_keep_whole_groups() -> None:
     check_gptq(gptq_quantize_config(8, 128), qwen_7b, tensor_parallel_size=2, on_cpu=False, where="GPU")
 
 
-def test_quantize_config_json_alone_selects_gptq(tmp_path, gptq_dirs) -> None:
-    """auto-gptq's own saves carry only quantize_config.json, which vLLM reads
-    only when told quantization="gptq": the wrapper tells it."""
+@pytest.fixture(scope="module")
+def legacy_int4(gptq_dirs, fixtures_root):
+    """The Int4 fixture with GPTQ declared only in quantize_config.json (as
+    auto-gptq's own saves are)."""
     import shutil
 
+    int4, _, _ = gptq_dirs
+    legacy = fixtures_root / "gptq-int4-legacy"
+    if not legacy.exists():
+        shutil.copytree(int4, legacy)
+        cfg = json.loads((legacy / "config.json").read_text())
+        del cfg["quantization_config"]
+        (legacy / "config.json").write_text(json.dumps(cfg))
+    return legacy
+
+
+def test_quantize_config_json_alone_selects_gptq(gptq_dirs, legacy_int4) -> None:
+    """auto-gptq's own saves carry only quantize_config.json, which vLLM reads
+    only when told quantization="gptq": the wrapper and the worker tell it."""
     from qwen_vllm.quantization import engine_quantization
 
     int4, _, _ = gptq_dirs
+    legacy = legacy_int4
     assert engine_quantization(int4, None) is None  # config.json declares it: vLLM auto-detects
-    legacy = tmp_path / "legacy"
-    shutil.copytree(int4, legacy)
-    cfg = json.loads((legacy / "config.json").read_text())
-    del cfg["quantization_config"]
-    (legacy / "config.json").write_text(json.dumps(cfg))
     assert engine_quantization(legacy, None) == "gptq"
     assert engine_quantization(legacy, "gptq_marlin") == "gptq_marlin"
 
@@ -341,22 +339,23 @@ def run(llm, prompt_ids):
 @pytest.fixture(scope="module")
 def int4_tp1(gptq_dirs, prompt_ids):
     """The wrapper on the Int4 fixture, no quantization= (auto-detected):
-    (quantization, dtype, outputs on the prompts, a chat reply). The engine
+    ((quantization, dtype, KV-cache dtype), outputs on the prompts, a chat reply). The engine
     is shut down before the TP=2 one starts."""
     from qwen_vllm.wrapper import vLLMWrapper
 
     int4, _, _ = gptq_dirs
-    wrapper = vLLMWrapper(str(int4), dtype="float16", enforce_eager=True, max_model_len=1024)
+    wrapper = vLLMWrapper(str(int4), dtype="float16", kv_cache_dtype="auto", enforce_eager=True, max_model_len=1024)
     try:
-        model_config = wrapper.llm.llm_engine.model_config
-        return model_config.quantization, model_config.dtype, run(wrapper.llm, prompt_ids), wrapper.chat("Hi", max_new_tokens=8)[0]
+        config = wrapper.llm.llm_engine.vllm_config
+        settings = (config.model_config.quantization, config.model_config.dtype, config.cache_config.cache_dtype)
+        return settings, run(wrapper.llm, prompt_ids), wrapper.chat("Hi", max_new_tokens=8)[0]
     finally:
         wrapper.llm.llm_engine.engine_core.shutdown()
 
 
 def test_int4_auto_detected_and_equals_dequantized_reference(int4_tp1, reference) -> None:
-    quantization, dtype, got, reply = int4_tp1
-    assert quantization == "auto_gptq" and dtype == torch.float16
+    settings, got, reply = int4_tp1
+    assert settings == ("auto_gptq", torch.float16, "auto")
     worst = 0.0
     for (ref_lp, ref_gen), (lp, gen) in zip(reference, got):
         assert gen == ref_gen
@@ -370,7 +369,7 @@ def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1) -> Non
     from vllm import LLM
 
     int4, _, _ = gptq_dirs
-    _, _, tp1, _ = int4_tp1
+    _, tp1, _ = int4_tp1
     old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     try:
@@ -387,3 +386,94 @@ def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1) -> Non
     for (lp1, gen1), (lp2, gen2) in zip(tp1, tp2):
         assert gen2 == gen1
         assert max(abs(a - b) for a, b in zip(lp1, lp2)) <= LOGPROB_TOL
+
+
+# -- flags reach vLLM from the worker and the stack; vLLM's own entry point -------------
+# After the engines: vLLM's model inspection is cached by then, so building an
+# engine config (no engine) takes a fraction of a second.
+def _worker_engine_config(argv: list[str]):
+    """What ``qwen-vllm worker ARGV`` hands vLLM: its parsed and checked args
+    and the engine config vLLM's API server builds from them (run_server:
+    AsyncEngineArgs.from_cli_args(args).create_engine_config())."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from qwen_vllm import worker_launch
+
+    args = worker_launch.resolve_args(worker_launch.build_parser().parse_args(argv))
+    return args, AsyncEngineArgs.from_cli_args(args).create_engine_config()
+
+
+def _stack(argv: list[str]):
+    import argparse
+
+    from qwen_vllm import stack
+
+    parser = argparse.ArgumentParser()
+    stack.add_arguments(parser)
+    return stack, parser.parse_args(argv)
+
+
+def test_stack_engine_flags_reach_each_workers_vllm_config(gptq_dirs, tmp_path) -> None:
+    """``qwen-vllm stack --model INT4 -- --dtype float16 ...``: the worker's
+    command line, parsed by the worker, gives vLLM an engine config with GPTQ
+    auto-detected (no --quantization), float16 and the KV-cache dtype."""
+    int4, _, _ = gptq_dirs
+    stack, args = _stack(["--model", str(int4), "--log-dir", str(tmp_path), "--",
+                          "--dtype", "float16", "--kv-cache-dtype", "auto", "--max-model-len", "512"])  # fmt: skip
+    st = stack.Stack(args)
+    try:
+        st.check_worker_args()
+        (worker,) = st.workers
+        wargs, cfg = _worker_engine_config(worker.cmd[3:])
+    finally:
+        st.client.close()
+    assert wargs.model == str(int4) and wargs.quantization is None
+    assert cfg.model_config.quantization == "auto_gptq" and cfg.model_config.dtype == torch.float16
+    assert cfg.cache_config.cache_dtype == "auto" and cfg.model_config.max_model_len == 512
+
+
+def test_worker_selects_gptq_for_quantize_config_json_alone(legacy_int4) -> None:
+    args, cfg = _worker_engine_config(["--model-path", str(legacy_int4), "--dtype", "float16", "--max-model-len", "512"])
+    assert args.quantization == "gptq" and cfg.model_config.quantization == "gptq"
+    assert cfg.model_config.dtype == torch.float16
+    # An explicit choice is kept (and vLLM's GPTQ override picks its CPU-capable method).
+    _, cfg = _worker_engine_config(["--model-path", str(legacy_int4), "--quantization", "gptq_marlin",
+                                    "--dtype", "bfloat16", "--max-model-len", "512"])  # fmt: skip
+    assert cfg.model_config.quantization in ("gptq_marlin", "auto_gptq") and cfg.model_config.dtype == torch.bfloat16
+
+
+def test_worker_and_stack_refuse_int8_and_fp8_kv_before_starting(gptq_dirs, random_model, tmp_path, capsys) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from qwen_vllm import worker_launch
+
+    _, _, int8 = gptq_dirs
+    parse = worker_launch.build_parser().parse_args
+    assert worker_launch.run(parse(["--model-path", str(int8), "--dtype", "float16"])) == 2
+    assert re.search(r"qwen-vllm worker: error: .*GPTQ Int8 checkpoints need an NVIDIA GPU", capsys.readouterr().err)
+    # The flag itself reaches vLLM's engine args ...
+    kv_args = parse(["--model", str(random_model), "--kv-cache-dtype", "fp8"])
+    assert AsyncEngineArgs.from_cli_args(kv_args).kv_cache_dtype == "fp8"
+    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        # ... and this CPU cannot hold it: the worker says so instead of starting.
+        assert worker_launch.run(kv_args) == 2
+        assert "kv_cache_dtype='fp8' (FP8 KV cache) needs an x86 CPU with AVX-512 or AMX" in capsys.readouterr().err
+    stack, args = _stack(["--model", str(int8), "--log-dir", str(tmp_path), "--", "--dtype", "float16"])
+    assert stack.run(args) == 2
+    out = capsys.readouterr()
+    assert "qwen-vllm stack: error:" in out.err and "compute capability 7.5" in out.err
+    assert "controller" not in out.out and not list(tmp_path.iterdir())  # nothing was started
+
+
+def test_vllm_own_entry_point_gets_the_same_errors(gptq_dirs, random_model) -> None:
+    """vllm.LLM directly (as vLLM's API server would build it): the plugin's
+    config hook raises while vLLM builds its config, before any engine process
+    starts (pydantic reports it as a ValueError of VllmConfig)."""
+    from vllm import LLM
+
+    _, _, int8 = gptq_dirs
+    with pytest.raises(ValueError, match=r"VllmConfig\n.*GPTQ Int8 checkpoints need an NVIDIA GPU with compute capability 7\.5"):
+        LLM(str(int8), dtype="float16", enforce_eager=True, max_model_len=512)
+    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        with pytest.raises(ValueError, match="FP8 KV cache.*AVX-512 or AMX"):
+            LLM(str(random_model), kv_cache_dtype="fp8", enforce_eager=True, max_model_len=512)
