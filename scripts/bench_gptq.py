@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -95,8 +96,12 @@ def bench_kernel(runs: int, k: int = 2048, n: int = 5504, group: int = 128) -> d
     packed = pack_quantized_values_into_int32(q, scalar_types.uint4b8, 1)
     q_weight = packed.view(k, -1, 2).permute(1, 0, 2).reshape(-1, 2 * k).contiguous()
     scales = t.scales.half()
-    w32 = ((q - 8).float() * scales.float().repeat_interleave(group, 0)).contiguous()
-    w16 = w32.half()
+    w32 = ((q - 8).float() * scales.float().repeat_interleave(group, 0)).contiguous()  # [k, n]
+    # torch's float layers as vLLM runs them: F.linear on [n, k] weights (x @ w
+    # on a [k, n] half weight takes a slow path on AVX2, 20x slower).
+    linear = torch.nn.functional.linear
+    wt32 = w32.t().contiguous()
+    wt16 = wt32.half()
     out = {}
     for m in (1, 8, 128):
         x16 = torch.randn(m, k).half()
@@ -106,18 +111,33 @@ def bench_kernel(runs: int, k: int = 2048, n: int = 5504, group: int = 128) -> d
             "fallback_int4_fp16_ms": median_ms(
                 lambda: torch.ops._C.cpu_gemm_wna16(x16, q_weight, y, scales, None, None, 8, "vec"), runs
             ),
-            "torch_fp16_ms": median_ms(lambda: x16 @ w16, runs),
-            "torch_fp32_ms": median_ms(lambda: x32 @ w32, runs),
+            "torch_fp16_ms": median_ms(lambda: linear(x16, wt16), runs),
+            "torch_fp32_ms": median_ms(lambda: linear(x32, wt32), runs),
         }
         torch.ops._C.cpu_gemm_wna16(x16, q_weight, y, scales, None, None, 8, "vec")
-        row["max_abs_err_vs_fp32"] = (y.float() - x32 @ w32).abs().max().item()
+        row["max_abs_err_vs_fp32"] = (y.float() - linear(x32, wt32)).abs().max().item()
         out[f"m{m}"] = row
         print(f"kernel m={m}: {row}", file=sys.stderr)
     return {"shape": [k, n], "group_size": group, "rows": out}
 
 
-def weight_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+def weight_bytes(model_dir: Path) -> dict[str, int]:
+    """Bytes on disk: the whole checkpoint, and the transformer layers alone
+    (what GPTQ quantizes; wte and lm_head stay float16 in Qwen's Int4 models
+    and dominate a 4-layer fixture)."""
+    from safetensors import safe_open
+
+    layers = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name.startswith("transformer.h."):
+                    t = f.get_slice(name)
+                    layers += math.prod(t.get_shape()) * _DTYPE_BYTES[t.get_dtype()]
+    return {"total": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")), "layers": layers}
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4}
 
 
 def run_engine(model_dir: Path, dtype: str, new_tokens: int) -> dict:
@@ -192,7 +212,9 @@ def print_table(result: dict) -> None:
     w = e["weight_bytes"]
     print(f"\nEngine, {e['shape']}, medians; ratio columns are Int4 / float:")
     print("| measure | Int4 (fp16) | float16 | float32 | Int4/fp16 | Int4/fp32 |\n|---|---|---|---|---|---|")
-    print(f"| weights on disk MB | {w['int4'] / 1e6:.0f} | {w['float'] / 1e6:.0f} | {2 * w['float'] / 1e6:.0f}* | {w['int4'] / w['float']:.2f} | {w['int4'] / (2 * w['float']):.2f} |")
+    for part, label in (("total", "weights on disk MB"), ("layers", "  of which layers MB")):
+        a, b = w["int4"][part], w["float"][part]
+        print(f"| {label} | {a / 1e6:.0f} | {b / 1e6:.0f} | {2 * b / 1e6:.0f}* | {a / b:.2f} | {a / (2 * b):.2f} |")
     for metric, label, scale in (
         ("rss_bytes", "process-tree RSS MB", 1e6),
         ("decode_b1_tok_s", "decode tok/s, batch 1", 1),

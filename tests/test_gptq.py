@@ -15,16 +15,9 @@ import pytest
 import torch
 
 from qwen_vllm.errors import QwenQuantizationError
+from greedy_reference import PROMPTS, transformers_greedy, vllm_greedy
 
 GROUP = 32  # hidden 128 / MLP 256: 4 and 8 groups per row; 2 and 4 per TP=2 rank
-PROMPTS = [
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog because it wanted to see what was on the other side.",
-    "你好，世界！今天天气怎么样？",
-    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
-    "1 2 3 4 5 6 7 8 9 10 11 12",
-]
 NEW_TOKENS = 24
 # Prompt log-probs, float16 GPTQ engine vs the float32 reference. float16 keeps
 # 11 significant bits in every activation: transformers itself, on the same
@@ -305,35 +298,15 @@ def prompt_ids(qwen_tokenizer) -> list[list[int]]:
 def reference(gptq_dirs, fixtures_root, prompt_ids):
     """transformers' Qwen2 in float32 on the exact weights the Int4 fixture
     encodes: prompt log-probs and greedy continuations."""
-    from transformers import Qwen2ForCausalLM
-
     from qwen_vllm.convert import convert_to_qwen2
 
     _, ref, _ = gptq_dirs
     qwen2 = convert_to_qwen2(ref, fixtures_root / "gptq-int4-reference-qwen2")
-    model = Qwen2ForCausalLM.from_pretrained(str(qwen2), dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for ids in prompt_ids:
-            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
-            prompt_lp = [logprobs[i - 1, ids[i]].item() for i in range(1, len(ids))]
-            seq = list(ids)
-            for _ in range(NEW_TOKENS):
-                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-            out.append((prompt_lp, seq[len(ids) :]))
-    return out
+    return transformers_greedy(qwen2, prompt_ids, NEW_TOKENS)
 
 
 def run(llm, prompt_ids):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, prompt_logprobs=0, ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
-    return [
-        ([o.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))], list(o.outputs[0].token_ids))
-        for ids, o in zip(prompt_ids, outs)
-    ]
+    return vllm_greedy(llm, prompt_ids, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
