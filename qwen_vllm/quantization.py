@@ -234,6 +234,13 @@ def check_vllm_config(vllm_config: Any) -> None:
     model_config = vllm_config.model_config
     cpu = current_platform.is_cpu()
     check_kv_cache_dtype(vllm_config.cache_config.cache_dtype, on_cpu=cpu)
+    model_dir = str(model_config.model)
+    if model_config.quantization is None and Path(model_dir).is_dir() and engine_quantization(model_dir, None):
+        # vLLM would build float layers and then fail on the first "qweight".
+        raise QwenQuantizationError(
+            f"{model_dir} declares GPTQ only in quantize_config.json, which vLLM reads only when told: "
+            "pass --quantization gptq (quantization='gptq'); qwen-vllm worker and vLLMWrapper do this themselves"
+        )
     qcfg = getattr(model_config.hf_config, "quantization_config", None)
     if isinstance(qcfg, Mapping) and model_config.quantization in (*GPTQ_METHODS, None):
         check_gptq(

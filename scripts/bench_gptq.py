@@ -5,13 +5,14 @@ CPU fallback kernel (qwen_vllm.cpu_gptq) vs the same model in float.
    matmul, median of N calls per batch size M.
 2. Engine: a Qwen-1.8B-shaped fixture (hidden 2048, 16 heads, MLP 5504, a few
    layers; random weights, GPTQ group 128 like Qwen's) written as GPTQ Int4
-   and as float16; each engine in a fresh process (alternating order per
-   run): weight bytes on disk, process-tree RSS after start-up, decode
-   tokens/s at batch 1 and 8 and prefill tokens/s. Medians of N runs.
+   and as float16; each engine (Int4 in float16, float16, float32) in a
+   fresh process, started once: weight bytes on disk, process-tree RSS
+   after start-up, then N rounds of decode tokens/s at batch 1 and 8 and
+   prefill tokens/s (medians of the N rounds).
 
 Prints a ratio table (Int4 / float16, Int4 / float32) and writes
 results/bench_gptq.json.
-    python scripts/bench_gptq.py [--runs 3] [--layers 4] [--skip-engine]
+    python scripts/bench_gptq.py [--runs 3] [--layers 4] [--new-tokens 16] [--prefill 512] [--skip-engine]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def tree_rss():
     return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
 
 if __name__ == "__main__":
-    model, dtype, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model, dtype, new_tokens, prefill_len, rounds = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     t0 = time.perf_counter()
@@ -50,13 +51,15 @@ if __name__ == "__main__":
         return TokensPrompt(prompt_token_ids=[(1000 + 7 * i + j) % 150000 for j in range(n)])
     llm.generate([prompt(0, 16)], decode, use_tqdm=False)  # warm-up
     out = {"startup_s": startup, "rss_bytes": rss, "quantization": llm.llm_engine.model_config.quantization}
-    for batch in (1, 8):
+    for r in range(rounds):
+        for batch in (1, 8):
+            t = time.perf_counter()
+            res = llm.generate([prompt(i + r, 16) for i in range(batch)], decode, use_tqdm=False)
+            tok_s = sum(len(x.outputs[0].token_ids) for x in res) / (time.perf_counter() - t)
+            out.setdefault(f"decode_b{batch}_tok_s", []).append(tok_s)
         t = time.perf_counter()
-        res = llm.generate([prompt(i, 16) for i in range(batch)], decode, use_tqdm=False)
-        out[f"decode_b{batch}_tok_s"] = sum(len(r.outputs[0].token_ids) for r in res) / (time.perf_counter() - t)
-    t = time.perf_counter()
-    llm.generate([prompt(0, 1024)], prefill, use_tqdm=False)
-    out["prefill_tok_s"] = 1024 / (time.perf_counter() - t)
+        llm.generate([prompt(r, prefill_len)], prefill, use_tqdm=False)
+        out.setdefault("prefill_tok_s", []).append(prefill_len / (time.perf_counter() - t))
     print("RESULT " + json.dumps(out), flush=True)
     llm.llm_engine.engine_core.shutdown()
 """
@@ -140,12 +143,12 @@ def weight_bytes(model_dir: Path) -> dict[str, int]:
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4}
 
 
-def run_engine(model_dir: Path, dtype: str, new_tokens: int) -> dict:
+def run_engine(model_dir: Path, dtype: str, new_tokens: int, prefill: int, rounds: int) -> dict:
     env = dict(os.environ, VLLM_CACHE_ROOT=tempfile.mkdtemp(prefix="bench-gptq-cache-"))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{len(os.sched_getaffinity(0)) - 1}")
     proc = subprocess.run(
-        [sys.executable, "-c", ENGINE_SNIPPET, str(model_dir), dtype, str(new_tokens)],
+        [sys.executable, "-c", ENGINE_SNIPPET, str(model_dir), dtype, str(new_tokens), str(prefill), str(rounds)],
         capture_output=True,
         text=True,
         env=env,
@@ -159,10 +162,12 @@ def run_engine(model_dir: Path, dtype: str, new_tokens: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="timed rounds per engine (kernel: at least 5 calls)")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement")
     parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--fixtures", help="directory to keep (and reuse) the two fixture checkpoints in")
     parser.add_argument("--out", default="results/bench_gptq.json")
     args = parser.parse_args(argv)
 
@@ -170,25 +175,28 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_engine:
         from qwen_vllm.fixtures import make_model
 
-        work = Path(tempfile.mkdtemp(prefix="bench-gptq-"))
+        work = Path(args.fixtures) if args.fixtures else Path(tempfile.mkdtemp(prefix="bench-gptq-"))
         shape = dict(hidden_size=2048, num_layers=args.layers, num_heads=16, mlp_width=5504, seq_length=2048)
-        dirs = {
-            "int4": make_model(work / "int4", "random", gptq_bits=4, gptq_group_size=128, **shape),
-            "float": make_model(work / "float", "random", dtype=__import__("torch").float16, **shape),
+        kinds = {"int4": dict(gptq_bits=4, gptq_group_size=128), "float": dict(dtype=__import__("torch").float16)}
+        dirs = {}
+        for key, kwargs in kinds.items():
+            d = work / f"{key}-l{args.layers}"
+            dirs[key] = d if (d / "config.json").exists() else make_model(d, "random", **kwargs, **shape)
+        runs: dict[str, dict] = {}
+        for name, (key, dtype) in ENGINES.items():
+            print(f"engine {name}: {args.runs} rounds ...", file=sys.stderr)
+            runs[name] = run_engine(dirs[key], dtype, args.new_tokens, args.prefill, args.runs)
+        median = {
+            name: {m: statistics.median(v) if isinstance(v, list) else v for m, v in r.items() if m != "quantization"}
+            for name, r in runs.items()
         }
-        runs: dict[str, list[dict]] = {name: [] for name in ENGINES}
-        for i in range(args.runs):
-            order = list(ENGINES) if i % 2 == 0 else list(reversed(ENGINES))
-            for name in order:
-                key, dtype = ENGINES[name]
-                print(f"run {i + 1}/{args.runs}: {name} ...", file=sys.stderr)
-                runs[name].append(run_engine(dirs[key], dtype, args.new_tokens))
-        metrics = ("rss_bytes", "startup_s", "decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s")
         result["engine"] = {
             "shape": shape,
+            "new_tokens": args.new_tokens,
+            "prefill_tokens": args.prefill,
             "weight_bytes": {key: weight_bytes(d) for key, d in dirs.items()},
-            "median": {name: {m: statistics.median(r[m] for r in rs) for m in metrics} for name, rs in runs.items()},
-            "quantization": {name: rs[0]["quantization"] for name, rs in runs.items()},
+            "median": median,
+            "quantization": {name: r["quantization"] for name, r in runs.items()},
             "runs": runs,
         }
     print_table(result)
@@ -219,7 +227,7 @@ def print_table(result: dict) -> None:
         ("rss_bytes", "process-tree RSS MB", 1e6),
         ("decode_b1_tok_s", "decode tok/s, batch 1", 1),
         ("decode_b8_tok_s", "decode tok/s, batch 8", 1),
-        ("prefill_tok_s", "prefill tok/s, 1024 tokens", 1),
+        ("prefill_tok_s", f"prefill tok/s, {e['prefill_tokens']} tokens", 1),
         ("startup_s", "engine start-up s", 1),
     ):
         a, b, c = (med[n][metric] for n in ("int4_fp16", "float_fp16", "float_fp32"))

@@ -2,7 +2,10 @@
 kernel, the hardware errors, and real engines on a GPTQ Int4 fixture compared
 with transformers on the exact float weights the fixture encodes.
 
-Engines: one at TP=1 (through vLLMWrapper, no ``quantization=``), one at TP=2.
+Engines: one at TP=1 (through vLLMWrapper, no ``quantization=``), one at TP=2,
+one after the other. Then, without engines: the worker's and the stack's
+flags turned into vLLM's engine config as its API server does, and the
+errors vLLM's own entry point (vllm.LLM) gets from the plugin's config hook.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import re
 import pytest
 import torch
 
-from qwen_vllm.errors import QwenQuantizationError
 from greedy_reference import PROMPTS, transformers_greedy, vllm_greedy
+from qwen_vllm.errors import QwenQuantizationError
 
 GROUP = 32  # hidden 128 / MLP 256: 4 and 8 groups per row; 2 and 4 per TP=2 rank
 NEW_TOKENS = 24
@@ -160,18 +163,21 @@ def test_fallback_is_installed_only_without_the_native_kernel() -> None:
     assert torch.ops._C.cpu_gemm_wna16.default._schema.arguments[2].alias_info.is_write
 
 
-def test_make_model_cli_writes_qwen_int4_layout(tmp_path) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_make_model_cli_writes_qwen_gptq_layout(tmp_path, bits) -> None:
+    """``qwen-vllm make-model --gptq 4|8``: Qwen-7B-Chat-Int4/Int8's files and
+    tensors, and a float32 reference holding exactly what they encode."""
     from safetensors import safe_open
 
     from qwen_vllm.cli import main
     from qwen_vllm.gptq_pack import GPTQTensors, dequantize
 
-    out, ref = tmp_path / "int4", tmp_path / "ref"
-    args = ["make-model", str(out), "--gptq", "4", "--group-size", "64", "--gptq-reference", str(ref), "--layers", "1"]
+    out, ref = tmp_path / f"int{bits}", tmp_path / "ref"
+    args = ["make-model", str(out), "--gptq", str(bits), "--group-size", "64", "--gptq-reference", str(ref), "--layers", "1"]
     assert main(args) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"] == {**json.loads((out / "quantize_config.json").read_text()), "quant_method": "gptq"}
-    assert cfg["quantization_config"]["bits"] == 4 and cfg["quantization_config"]["group_size"] == 64
+    assert cfg["quantization_config"]["bits"] == bits and cfg["quantization_config"]["group_size"] == 64
     assert cfg["quantization_config"]["sym"] is True and cfg["quantization_config"]["desc_act"] is False
     assert cfg["torch_dtype"] == "float16" and "quantization_config" not in json.loads((ref / "config.json").read_text())
     tensors, ref_tensors = {}, {}
@@ -185,8 +191,8 @@ def test_make_model_cli_writes_qwen_int4_layout(tmp_path) -> None:
     assert tensors["transformer.h.0.attn.c_attn.bias"].dtype == torch.float16  # c_attn keeps its bias
     assert tensors["lm_head.weight"].dtype == torch.float16  # wte / lm_head are not quantized
     c_attn = GPTQTensors(*(tensors[f"transformer.h.0.attn.c_attn.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")))
-    assert c_attn.qweight.shape == (128 // 8, 3 * 128) and c_attn.scales.shape == (2, 384)
-    assert torch.equal(dequantize(c_attn, 4), ref_tensors["transformer.h.0.attn.c_attn.weight"])
+    assert c_attn.qweight.shape == (128 * bits // 32, 3 * 128) and c_attn.scales.shape == (2, 384)
+    assert torch.equal(dequantize(c_attn, bits), ref_tensors["transformer.h.0.attn.c_attn.weight"])
     assert torch.equal(ref_tensors["lm_head.weight"], tensors["lm_head.weight"].float())
 
 
@@ -305,10 +311,6 @@ def reference(gptq_dirs, fixtures_root, prompt_ids):
     return transformers_greedy(qwen2, prompt_ids, NEW_TOKENS)
 
 
-def run(llm, prompt_ids):
-    return vllm_greedy(llm, prompt_ids, NEW_TOKENS)
-
-
 @pytest.fixture(scope="module")
 def int4_tp1(gptq_dirs, prompt_ids):
     """The wrapper on the Int4 fixture, no quantization= (auto-detected):
@@ -321,7 +323,7 @@ def int4_tp1(gptq_dirs, prompt_ids):
     try:
         config = wrapper.llm.llm_engine.vllm_config
         settings = (config.model_config.quantization, config.model_config.dtype, config.cache_config.cache_dtype)
-        return settings, run(wrapper.llm, prompt_ids), wrapper.chat("Hi", max_new_tokens=8)[0]
+        return settings, vllm_greedy(wrapper.llm, prompt_ids, NEW_TOKENS), wrapper.chat("Hi", max_new_tokens=8)[0]
     finally:
         wrapper.llm.llm_engine.engine_core.shutdown()
 
@@ -353,7 +355,7 @@ def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1) -> Non
         else:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
     try:
-        tp2 = run(llm, prompt_ids)
+        tp2 = vllm_greedy(llm, prompt_ids, NEW_TOKENS)
     finally:
         llm.llm_engine.engine_core.shutdown()
     for (lp1, gen1), (lp2, gen2) in zip(tp1, tp2):
@@ -438,13 +440,15 @@ def test_worker_and_stack_refuse_int8_and_fp8_kv_before_starting(gptq_dirs, rand
     assert "controller" not in out.out and not list(tmp_path.iterdir())  # nothing was started
 
 
-def test_vllm_own_entry_point_gets_the_same_errors(gptq_dirs, random_model) -> None:
+def test_vllm_own_entry_point_gets_the_same_errors(gptq_dirs, legacy_int4, random_model) -> None:
     """vllm.LLM directly (as vLLM's API server would build it): the plugin's
     config hook raises while vLLM builds its config, before any engine process
     starts (pydantic reports it as a ValueError of VllmConfig)."""
     from vllm import LLM
 
     _, _, int8 = gptq_dirs
+    with pytest.raises(ValueError, match=r"declares GPTQ only in quantize_config.json.*pass --quantization gptq"):
+        LLM(str(legacy_int4), dtype="float16", enforce_eager=True, max_model_len=512)
     with pytest.raises(ValueError, match=r"VllmConfig\n.*GPTQ Int8 checkpoints need an NVIDIA GPU with compute capability 7\.5"):
         LLM(str(int8), dtype="float16", enforce_eager=True, max_model_len=512)
     if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
