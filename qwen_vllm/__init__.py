@@ -37,7 +37,8 @@ def _leave_terminal_process_group() -> None:
 
 def register() -> None:
     """Teach vLLM and transformers about Qwen v1 (config, model, tokenizer,
-    tool parser, default ChatML stops)."""
+    tool parser, default ChatML stops, GPTQ checks, and the CPU Int4 kernel
+    where vLLM's build lacks it)."""
     global _registered
     if _registered:
         return
@@ -48,8 +49,9 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils import config as vllm_config
 
+    from qwen_vllm import cpu_gptq
     from qwen_vllm.config import QWenConfig
-    from qwen_vllm.long_context_config import QwenLongContextConfig
+    from qwen_vllm.engine_config import QWenEngineConfig
     from qwen_vllm.tokenizer import QWenTokenizer
 
     vllm_config._CONFIG_REGISTRY[QWenConfig.model_type] = QWenConfig
@@ -59,9 +61,11 @@ def register() -> None:
     tokenization_auto.REGISTERED_TOKENIZER_CLASSES["QWenTokenizer"] = QWenTokenizer
     if "QWenLMHeadModel" not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model("QWenLMHeadModel", "qwen_vllm.model:QWenLMHeadModel")
-    # Per-engine long-context set-up (max_model_len default, M-RoPE positions,
-    # prefix caching): vLLM runs this hook while building its config.
-    MODELS_CONFIG_MAP["QWenLMHeadModel"] = QwenLongContextConfig
+    # vLLM's per-architecture config hook: long-context set-up (max_model_len
+    # default, M-RoPE positions, prefix caching) and GPTQ/KV-cache checks.
+    MODELS_CONFIG_MAP["QWenLMHeadModel"] = QWenEngineConfig
+    # GPTQ Int4 on CPUs whose vLLM build lacks the kernel (AVX2): a torch op.
+    cpu_gptq.install()
     _register_serving()
     _registered = True
 

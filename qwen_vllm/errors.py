@@ -15,3 +15,8 @@ class QwenRequestError(QwenVLLMError, ValueError):
 
 class QwenContextError(QwenRequestError):
     """A prompt does not fit the context window; the message names both lengths."""
+
+
+class QwenQuantizationError(QwenVLLMError, ValueError):
+    """A quantized checkpoint or KV-cache dtype cannot run on this hardware or
+    tensor-parallel size; the message names what can."""

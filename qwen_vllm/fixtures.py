@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from importlib import resources
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 from qwen_vllm.errors import QwenCheckpointError
+from qwen_vllm.gptq_pack import dequantize, quantize_rtn
 from qwen_vllm.tokenizer import IM_END_ID, SPECIAL_START_ID, VOCAB_FILE, load_encoding
 
 QWEN_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
@@ -340,6 +342,50 @@ def scripted_weights(steps: list[ScriptStep], num_heads: int = SCRIPTED_HEADS) -
     return cfg, weights
 
 
+# -- GPTQ -----------------------------------------------------------------------
+# The linears Qwen's Int4/Int8 checkpoints quantize (wte and lm_head stay float).
+GPTQ_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
+_LAYER_PREFIX = re.compile(r"^transformer\.h\.\d+\.")
+
+
+def gptq_quantize_config(bits: int, group_size: int) -> dict[str, Any]:
+    """quantize_config.json as auto-gptq wrote it for Qwen-7B-Chat-Int4/Int8."""
+    return {
+        "bits": bits,
+        "group_size": group_size,
+        "damp_percent": 0.01,
+        "desc_act": False,
+        "static_groups": False,
+        "sym": True,
+        "true_sequential": True,
+        "model_name_or_path": None,
+        "model_file_base_name": "model",
+    }
+
+
+def gptq_weights(
+    weights: dict[str, torch.Tensor], bits: int, group_size: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(GPTQ checkpoint tensors, the exact float32 weights they encode).
+
+    Quantized linears become qweight/qzeros/scales/g_idx (gptq_pack); every
+    other tensor is stored as float16 in the checkpoint and as the same
+    float16 values, widened, in the reference.
+    """
+    quant: dict[str, torch.Tensor] = {}
+    ref: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        module, _, kind = name.rpartition(".")
+        if kind == "weight" and _LAYER_PREFIX.sub("", module) in GPTQ_MODULES:
+            packed = quantize_rtn(w, bits, group_size)
+            quant.update(packed.as_dict(module))
+            ref[name] = dequantize(packed, bits)
+        else:
+            quant[name] = w.to(torch.float16)
+            ref[name] = quant[name].to(torch.float32)
+    return quant, ref
+
+
 # -- writing --------------------------------------------------------------------
 def write_model_files(
     out_dir: str | os.PathLike, cfg: dict[str, Any], *, chat: bool = True, extra_files: dict[str, str] | None = None
@@ -391,7 +437,8 @@ def write_checkpoint(
     for s in range(shards):
         part = names[s * per_shard : (s + 1) * per_shard]
         fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        tensors = {n: weights[n].to(dtype).contiguous() for n in part}
+        # Float tensors take ``dtype``; GPTQ's int32 tensors keep theirs.
+        tensors = {n: (w.to(dtype) if (w := weights[n]).is_floating_point() else w).contiguous() for n in part}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in part})
@@ -414,8 +461,18 @@ def make_model(
     qk_std: float = 1.0,
     chat: bool = True,
     dtype: torch.dtype = torch.bfloat16,
+    gptq_bits: int | None = None,
+    gptq_group_size: int = 32,
+    gptq_reference: str | os.PathLike | None = None,
 ) -> Path:
-    """Write a fixture checkpoint: ``kind`` is "random" or "scripted"."""
+    """Write a fixture checkpoint: ``kind`` is "random" or "scripted".
+
+    With ``gptq_bits`` (4 or 8) the linears are quantized into a GPTQ
+    checkpoint laid out like Qwen-7B-Chat-Int4/Int8 (auto-gptq tensors,
+    ``quantization_config`` in config.json and quantize_config.json, float16);
+    ``gptq_reference`` then receives a float32 checkpoint of the exact weights
+    the quantized one encodes.
+    """
     if kind == "random":
         cfg = qwen_config(hidden_size, num_layers, num_heads, mlp_width, seq_length=seq_length)
         weights = random_weights(cfg, seed=seed, qk_std=qk_std)
@@ -426,7 +483,17 @@ def make_model(
         cfg, weights = scripted_weights(steps)
     else:
         raise ValueError(f"unknown fixture kind {kind!r}; choose 'random' or 'scripted'")
-    return write_checkpoint(out_dir, cfg, weights, chat=chat, dtype=dtype)
+    if gptq_bits is None:
+        if gptq_reference is not None:
+            raise ValueError("gptq_reference needs gptq_bits")
+        return write_checkpoint(out_dir, cfg, weights, chat=chat, dtype=dtype)
+    quant, ref = gptq_weights(weights, gptq_bits, gptq_group_size)
+    if gptq_reference is not None:
+        write_checkpoint(gptq_reference, cfg, ref, chat=chat, dtype=torch.float32)
+    qcfg = gptq_quantize_config(gptq_bits, gptq_group_size)
+    cfg = dict(cfg, fp16=True, torch_dtype="float16", quantization_config=dict(qcfg, quant_method="gptq"))
+    extra = {"quantize_config.json": json.dumps(qcfg, indent=2) + "\n"}
+    return write_checkpoint(out_dir, cfg, quant, chat=chat, dtype=torch.float16, extra_files=extra)
 
 
 def add_arguments(parser: Any) -> None:
@@ -447,6 +514,13 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--mlp-width", type=int, default=256, help="real MLP width (config stores twice this)")
     parser.add_argument("--seq-length", type=int, default=8192)
     parser.add_argument("--base", action="store_true", help="a base model (chat_format raw) instead of a chat model")
+    parser.add_argument(
+        "--gptq", type=int, choices=(4, 8), metavar="BITS", help="write a GPTQ Int4/Int8 checkpoint (auto-gptq layout)"
+    )
+    parser.add_argument("--group-size", type=int, default=32, help="GPTQ group size (-1: one group per row)")
+    parser.add_argument(
+        "--gptq-reference", metavar="DIR", help="also write the float32 weights the GPTQ checkpoint encodes to DIR"
+    )
 
 
 def run(args: Any) -> int:
@@ -462,6 +536,12 @@ def run(args: Any) -> int:
         mlp_width=args.mlp_width,
         seq_length=args.seq_length,
         chat=not args.base,
+        gptq_bits=args.gptq,
+        gptq_group_size=args.group_size,
+        gptq_reference=args.gptq_reference,
     )
-    print(f"wrote {kind} Qwen v1 fixture to {out}")
+    quant = f" GPTQ Int{args.gptq}" if args.gptq else ""
+    print(f"wrote {kind}{quant} Qwen v1 fixture to {out}")
+    if args.gptq_reference:
+        print(f"wrote its dequantized float32 reference to {args.gptq_reference}")
     return 0

@@ -3,7 +3,7 @@ under continuous batching, without patching vLLM.
 
 The maths is in ``qwen_vllm.ntk``. The vLLM side has three parts:
 
-* ``QwenLongContextConfig`` (``qwen_vllm.long_context_config``), vLLM's
+* ``QWenEngineConfig`` (``qwen_vllm.engine_config``), vLLM's
   per-architecture config hook: keeps ``max_model_len``
   at ``seq_length`` unless the user opts in (up to 32768), and when dynamic
   NTK is needed turns on vLLM's M-RoPE position path (an ``mrope_section`` on

@@ -20,12 +20,15 @@ from collections.abc import Iterable, Iterator
 import torch
 from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
+from vllm.model_executor.models.utils import AutoWeightsLoader
 
 from qwen_vllm.checkpoint import check_weight_shape
 from qwen_vllm.long_context import encoded_positions, install_long_context
+from qwen_vllm.quantization import QWenWeightsMapper
 
-QWEN_V1_TO_VLLM = WeightsMapper(
+# QWenWeightsMapper: a WeightsMapper that also names GPTQ modules for vLLM's
+# quantization config (c_attn -> q/k/v_proj, ...); see qwen_vllm.quantization.
+QWEN_V1_TO_VLLM = QWenWeightsMapper(
     orig_to_new_regex={re.compile(r"^transformer\.h\.(\d+)\."): r"model.layers.\1."},
     orig_to_new_prefix={
         "transformer.wte.": "model.embed_tokens.",

@@ -10,7 +10,9 @@ Every child runs in its own process group (its engine processes included)
 and gets SIGTERM if the stack itself dies (PR_SET_PDEATHSIG), so nothing is
 left behind. A controller that exits is restarted (it holds no state; workers
 re-register within one heartbeat); a worker or front that exits is reported
-and left down. Arguments after ``--`` go to every worker (vLLM engine flags).
+and left down. Arguments after ``--`` go to every worker (vLLM engine flags:
+``--dtype float16 --quantization gptq --kv-cache-dtype auto`` ...); each
+worker's command line is parsed and checked before anything starts.
 On a CPU machine the cores are split between workers (VLLM_CPU_OMP_THREADS_BIND);
 on GPUs, CUDA_VISIBLE_DEVICES is split likewise.
 """
@@ -209,6 +211,15 @@ class Stack:
             self.web = Child("web-ui", web_cmd, self.log_dir / "web-ui.log", f"{self.base}:{args.web_port}", env=web_env)
         self.client = httpx.Client(timeout=2.0, trust_env=False)
 
+    def check_worker_args(self) -> None:
+        """Parse and check each worker's command line as the worker will, before
+        anything starts: a bad checkpoint, GPTQ Int8 or an FP8 KV cache on a CPU
+        that cannot run them fails here with the reason, not in a worker log."""
+        from qwen_vllm import worker_launch
+
+        for w in self.workers:
+            worker_launch.resolve_args(worker_launch.build_parser().parse_args(w.cmd[3:]))
+
     @property
     def children(self) -> list[Child]:
         return [c for c in (self.controller, *self.workers, self.front, self.web) if c is not None]
@@ -336,6 +347,12 @@ def run(args: argparse.Namespace, on_ready: Callable[[Stack], bool] | None = Non
         print(f"qwen-vllm stack: error: {exc}", file=sys.stderr)
         return 2
     stack = Stack(args)
+    try:
+        stack.check_worker_args()
+    except QwenVLLMError as exc:
+        stack.client.close()
+        print(f"qwen-vllm stack: error: {exc}", file=sys.stderr)
+        return 2
     previous = {sig: signal.signal(sig, lambda *_: stack.stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if stack.start():

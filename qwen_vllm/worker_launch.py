@@ -80,6 +80,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     from qwen_vllm.checkpoint import is_qwen_v1, validate_checkpoint
     from qwen_vllm.fastchat_protocol import conv_template
     from qwen_vllm.ntk import check_max_model_len
+    from qwen_vllm.quantization import check_engine_settings, engine_quantization
 
     model = args.model_path or args.model_tag or args.model
     if not model:
@@ -99,6 +100,16 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"--num-gpus {args.num_gpus} conflicts with --tensor-parallel-size {args.tensor_parallel_size}"
             )
         args.tensor_parallel_size = args.num_gpus
+    if is_qwen_v1(model):
+        # GPTQ declared only in quantize_config.json needs quantization="gptq";
+        # Int8 / FP8 KV cache on this hardware fail here, naming what can run them.
+        args.quantization = engine_quantization(model, args.quantization)
+        check_engine_settings(
+            model,
+            quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
+            tensor_parallel_size=args.tensor_parallel_size,
+        )
     if args.limit_worker_concurrency < 1:
         raise QwenVLLMError("--limit-worker-concurrency must be at least 1")
     if (args.api_server_count or 1) != 1:
@@ -139,14 +150,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The worker's whole parser (FastChat flags + vLLM's server and engine flags)."""
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser(
         prog="qwen-vllm worker", description="FastChat model worker on vLLM's OpenAI API server."
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -142,6 +142,15 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         self.generation_config = read_generation_config(model_dir)
         self.chat_format = self.generation_config.get("chat_format", "chatml")
         _check_engine_kwargs(engine_kwargs)
+        from qwen_vllm.quantization import check_engine_settings, engine_quantization
+
+        quantization = engine_quantization(model_dir, quantization)
+        check_engine_settings(
+            model_dir,
+            quantization=quantization,
+            kv_cache_dtype=engine_kwargs.get("kv_cache_dtype"),
+            tensor_parallel_size=tensor_parallel_size,
+        )
         # max_model_len defaults to seq_length; up to 32768 opts into Qwen's long context.
         check_max_model_len(model_dir, engine_kwargs.get("max_model_len"))
         apply_cpu_defaults(tensor_parallel_size)

@@ -8,13 +8,10 @@ import os
 import pytest
 import torch
 
+from greedy_reference import PROMPTS, transformers_greedy, vllm_greedy
+
 PROMPTS = [
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog because it wanted to see what was on the other side.",
-    "你好，世界！今天天气怎么样？",
-    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
-    "1 2 3 4 5 6 7 8 9 10 11 12",
+    *PROMPTS,
     "emoji 🦙🙂 mixed 中文 English",
     "a" * 3 + " long " * 60 + "end",
 ]
@@ -29,35 +26,11 @@ def prompt_ids(qwen_tokenizer) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def reference(random_qwen2, prompt_ids):
     """Per-position prompt log-probs and greedy continuations from transformers."""
-    from transformers import Qwen2ForCausalLM
-
-    model = Qwen2ForCausalLM.from_pretrained(str(random_qwen2), dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for ids in prompt_ids:
-            logits = model(torch.tensor([ids])).logits[0]
-            logprobs = torch.log_softmax(logits.double(), -1)
-            prompt_lp = [logprobs[i - 1, ids[i]].item() for i in range(1, len(ids))]
-            # Plain greedy loop (transformers' generate() would merge in the copied
-            # generation_config.json, e.g. Qwen's repetition_penalty 1.1).
-            seq = list(ids)
-            for _ in range(NEW_TOKENS):
-                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-            out.append((prompt_lp, seq[len(ids) :]))
-    return out
+    return transformers_greedy(random_qwen2, prompt_ids, NEW_TOKENS)
 
 
 def vllm_run(llm, prompt_ids):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, prompt_logprobs=0, ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
-    result = []
-    for ids, out in zip(prompt_ids, outs):
-        prompt_lp = [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
-        result.append((prompt_lp, list(out.outputs[0].token_ids)))
-    return result
+    return vllm_greedy(llm, prompt_ids, NEW_TOKENS)
 
 
 def test_logprobs_and_greedy_match_transformers(random_wrapper, prompt_ids, reference) -> None:

@@ -1,6 +1,9 @@
 """vLLM's config hook for ``QWenLMHeadModel`` (registered in vLLM's
-``MODELS_CONFIG_MAP`` by ``qwen_vllm.register``): the engine-wide half of
-Qwen's long context (see ``qwen_vllm.long_context`` for the model half).
+``MODELS_CONFIG_MAP`` by ``qwen_vllm.register``; vLLM allows one per
+architecture): the engine-wide half of Qwen's long context (see
+``qwen_vllm.long_context`` for the model half) and the GPTQ / KV-cache checks
+(``qwen_vllm.quantization.check_vllm_config``), so ``vllm.LLM`` and
+``vllm serve`` fail clearly before any engine process starts.
 
 vLLM runs it while building its config, in the process that builds it; the
 result travels to the engine core and workers inside the config.
@@ -12,11 +15,12 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from qwen_vllm.ntk import LongContextFlags, LongContextPlan
+from qwen_vllm.quantization import check_vllm_config
 
 logger = init_logger(f"vllm.{__name__}")  # vLLM's log handler and format
 
 
-class QwenLongContextConfig(VerifyAndUpdateConfig):
+class QWenEngineConfig(VerifyAndUpdateConfig):
     """vLLM's config hook for ``QWenLMHeadModel`` (``MODELS_CONFIG_MAP``)."""
 
     @staticmethod
@@ -40,6 +44,7 @@ class QwenLongContextConfig(VerifyAndUpdateConfig):
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
+        check_vllm_config(vllm_config)
         model_config = vllm_config.model_config
         plan = LongContextPlan.of(model_config.hf_config, model_config.max_model_len)
         cache_config = vllm_config.cache_config

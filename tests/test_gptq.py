@@ -1,0 +1,459 @@
+"""GPTQ checkpoints (issue 9): the auto-gptq packer, the CPU Int4 fallback
+kernel, the hardware errors, and real engines on a GPTQ Int4 fixture compared
+with transformers on the exact float weights the fixture encodes.
+
+Engines: one at TP=1 (through vLLMWrapper, no ``quantization=``), one at TP=2,
+one after the other. Then, without engines: the worker's and the stack's
+flags turned into vLLM's engine config as its API server does, and the
+errors vLLM's own entry point (vllm.LLM) gets from the plugin's config hook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from greedy_reference import PROMPTS, transformers_greedy, vllm_greedy
+from qwen_vllm.errors import QwenQuantizationError
+
+GROUP = 32  # hidden 128 / MLP 256: 4 and 8 groups per row; 2 and 4 per TP=2 rank
+NEW_TOKENS = 24
+# Prompt log-probs, float16 GPTQ engine vs the float32 reference. float16 keeps
+# 11 significant bits in every activation: transformers itself, on the same
+# reference weights in float16 vs float32, differs by up to 1.0e-2 on these
+# prompts, and the GPTQ engine measured 1.0e-2 (TP=2 vs TP=1: 1.0e-2). A
+# layout mistake is far larger: the reference with each word's nibbles
+# reversed differs by 12. 0.05 sits 5x above the noise, 240x below the error.
+LOGPROB_TOL = 0.05
+
+
+# -- fixture checkpoints (no engine) ------------------------------------------------
+@pytest.fixture(scope="module")
+def gptq_dirs(fixtures_root):
+    """(int4 dir, its float32 reference dir, int8 dir)."""
+    from qwen_vllm.fixtures import make_model
+
+    int4 = fixtures_root / "gptq-int4"
+    ref = fixtures_root / "gptq-int4-reference"
+    if not int4.exists():
+        make_model(int4, "random", gptq_bits=4, gptq_group_size=GROUP, gptq_reference=ref)
+    int8 = fixtures_root / "gptq-int8"
+    if not int8.exists():
+        make_model(int8, "random", gptq_bits=8, gptq_group_size=GROUP)
+    return int4, ref, int8
+
+
+def test_packer_matches_vllm_layout_and_rounds_to_nearest() -> None:
+    from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
+    from vllm.scalar_type import scalar_types
+
+    from qwen_vllm.gptq_pack import dequantize, quantize_rtn, unpack_int32
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 128)
+    for bits, wtype in ((4, scalar_types.uint4b8), (8, scalar_types.uint8b128)):
+        t = quantize_rtn(w, bits, GROUP)
+        q = unpack_int32(t.qweight, bits, dim=0)
+        # vLLM's own packer (the order its GPTQ loaders and kernels read) agrees.
+        assert torch.equal(pack_quantized_values_into_int32(q, wtype, packed_dim=0), t.qweight)
+        assert t.qweight.shape == (128 * bits // 32, 96) and t.qweight.dtype == torch.int32
+        assert t.scales.shape == (128 // GROUP, 96) and t.scales.dtype == torch.float16
+        assert t.qzeros.shape == (128 // GROUP, 96 * bits // 32)
+        assert torch.equal(t.g_idx, torch.arange(128, dtype=torch.int32) // GROUP)
+        # auto-gptq v1 zeros: 2**(bits-1) stored minus one -> 0x77777777 for 4 bits.
+        assert torch.all(unpack_int32(t.qzeros, bits, dim=1) == 2 ** (bits - 1) - 1)
+        err = (dequantize(t, bits) - w).abs()
+        half_step = t.scales.float().repeat_interleave(GROUP, 0).t() / 2
+        # Half a step, plus the fp16 rounding of the scale (relative 2**-11) where
+        # +max clips to the top level.
+        assert torch.all(err <= half_step + w.abs() * 2**-10)
+    assert bits == 8 and err.max() < 0.02  # 8 bits are finer than 4
+
+
+def _cpuwna16_layer(t, k: int, n: int, group: int, dtype: torch.dtype, zeros=None):
+    """A layer processed by vLLM's own CPUWNA16LinearKernel (the kernel vLLM
+    picks for GPTQ on CPU), whose apply calls torch.ops._C.cpu_gemm_wna16."""
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig
+    from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+    from vllm.scalar_type import scalar_types
+
+    cfg = MPLinearLayerConfig(
+        full_weight_shape=(k, n),
+        partition_weight_shape=(k, n),
+        weight_type=scalar_types.uint4b8 if zeros is None else scalar_types.uint4,
+        act_type=dtype,
+        group_size=group,
+        zero_points=zeros is not None,
+    )
+    kernel = CPUWNA16LinearKernel(cfg, "qweight", "scales", "qzeros")
+    layer = torch.nn.Module()
+    for name, data, attrs in (
+        ("qweight", t.qweight, {"input_dim": 0, "output_dim": 1, "packed_dim": 0}),
+        ("scales", t.scales.to(dtype), {"input_dim": 0, "output_dim": 1}),
+        ("qzeros", t.qzeros if zeros is None else zeros, {"input_dim": 0, "output_dim": 1, "packed_dim": 1}),
+    ):
+        param = torch.nn.Parameter(data.clone(), requires_grad=False)
+        for key, value in attrs.items():
+            setattr(param, key, value)
+        layer.register_parameter(name, param)
+    kernel.process_weights_after_loading(layer)
+    return kernel, layer
+
+
+@pytest.mark.parametrize(("group", "dtype", "m"), [(32, torch.float16, 1), (64, torch.bfloat16, 7), (-1, torch.float16, 33)])
+def test_fallback_kernel_equals_dequantized_matmul(group, dtype, m) -> None:
+    """vLLM's CPU GPTQ kernel path, running our op, computes x @ W for the
+    exact dequantized W (float32 inside, one rounding to the output dtype)."""
+    from qwen_vllm import cpu_gptq
+    from qwen_vllm.gptq_pack import quantize_rtn, unpack_int32
+
+    cpu_gptq.install()
+    torch.manual_seed(1)
+    k, n = 256, 384
+    t = quantize_rtn(torch.randn(n, k) / 16, 4, group)
+    kernel, layer = _cpuwna16_layer(t, k, n, group, dtype)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    got = kernel.apply_weights(layer, x, bias)
+    # vLLM keeps the scales in the activation dtype (bfloat16 rounds fp16 scales).
+    rows = k // t.scales.shape[0]
+    q = unpack_int32(t.qweight, 4, dim=0)
+    w = ((q - 8).float() * t.scales.to(dtype).float().repeat_interleave(rows, 0)).t()
+    want = x.float() @ w.t() + bias.float()
+    assert got.dtype == dtype and got.shape == (m, n)
+    ulp = torch.finfo(dtype).eps * want.abs().clamp(min=1.0)
+    assert torch.all((got.float() - want).abs() <= ulp), (got.float() - want).abs().max()
+
+
+def test_fallback_kernel_zero_points() -> None:
+    """The asymmetric variant (``zeros`` given, vLLM's uint4 + zero points)."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
+    from vllm.scalar_type import scalar_types
+
+    from qwen_vllm import cpu_gptq
+    from qwen_vllm.gptq_pack import GPTQTensors, pack_int32
+
+    cpu_gptq.install()
+    torch.manual_seed(2)
+    k, n, group = 128, 64, 32
+    q = torch.randint(0, 16, (k, n), dtype=torch.int32)
+    z = torch.randint(0, 16, (k // group, n), dtype=torch.int32)
+    s = (torch.rand(k // group, n) / 10 + 0.01).half()
+    t = GPTQTensors(pack_int32(q, 4, 0), torch.empty(0), s, torch.empty(0))
+    zeros = pack_quantized_values_into_int32(z, scalar_types.uint4, packed_dim=1)
+    kernel, layer = _cpuwna16_layer(t, k, n, group, torch.float16, zeros=zeros)
+    x = torch.randn(3, k).half()
+    got = kernel.apply_weights(layer, x)
+    w = (q - z.repeat_interleave(group, 0)).float() * s.float().repeat_interleave(group, 0)
+    want = x.float() @ w
+    assert torch.allclose(got.float(), want, rtol=2e-3, atol=2e-3)
+
+
+def test_fallback_is_installed_only_without_the_native_kernel() -> None:
+    from qwen_vllm import cpu_gptq
+
+    if torch.cpu._is_avx512_supported():
+        pytest.skip("this CPU runs vLLM's AVX-512 build, which has the native kernel")
+    assert cpu_gptq.install() is True and cpu_gptq.install() is True  # idempotent
+    assert cpu_gptq.native_kernel_available()  # torch.ops._C.cpu_gemm_wna16 resolves now
+    assert torch.ops._C.cpu_gemm_wna16.default._schema.arguments[2].alias_info.is_write
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_make_model_cli_writes_qwen_gptq_layout(tmp_path, bits) -> None:
+    """``qwen-vllm make-model --gptq 4|8``: Qwen-7B-Chat-Int4/Int8's files and
+    tensors, and a float32 reference holding exactly what they encode."""
+    from safetensors import safe_open
+
+    from qwen_vllm.cli import main
+    from qwen_vllm.gptq_pack import GPTQTensors, dequantize
+
+    out, ref = tmp_path / f"int{bits}", tmp_path / "ref"
+    args = ["make-model", str(out), "--gptq", str(bits), "--group-size", "64", "--gptq-reference", str(ref), "--layers", "1"]
+    assert main(args) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"] == {**json.loads((out / "quantize_config.json").read_text()), "quant_method": "gptq"}
+    assert cfg["quantization_config"]["bits"] == bits and cfg["quantization_config"]["group_size"] == 64
+    assert cfg["quantization_config"]["sym"] is True and cfg["quantization_config"]["desc_act"] is False
+    assert cfg["torch_dtype"] == "float16" and "quantization_config" not in json.loads((ref / "config.json").read_text())
+    tensors, ref_tensors = {}, {}
+    for d, into in ((out, tensors), (ref, ref_tensors)):
+        for path in d.glob("*.safetensors"):
+            with safe_open(str(path), framework="pt") as f:
+                into.update({k: f.get_tensor(k) for k in f.keys()})
+    quantized = {n.rsplit(".", 1)[0] for n in tensors if n.endswith(".qweight")}
+    assert quantized == {f"transformer.h.0.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")}
+    assert not any(n.endswith(".weight") and n.rsplit(".", 1)[0] in quantized for n in tensors)
+    assert tensors["transformer.h.0.attn.c_attn.bias"].dtype == torch.float16  # c_attn keeps its bias
+    assert tensors["lm_head.weight"].dtype == torch.float16  # wte / lm_head are not quantized
+    c_attn = GPTQTensors(*(tensors[f"transformer.h.0.attn.c_attn.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")))
+    assert c_attn.qweight.shape == (128 * bits // 32, 3 * 128) and c_attn.scales.shape == (2, 384)
+    assert torch.equal(dequantize(c_attn, bits), ref_tensors["transformer.h.0.attn.c_attn.weight"])
+    assert torch.equal(ref_tensors["lm_head.weight"], tensors["lm_head.weight"].float())
+
+
+# -- clear errors (no engine) ----------------------------------------------------------
+def test_int8_gptq_on_cpu_names_the_hardware(gptq_dirs) -> None:
+    from qwen_vllm.quantization import check_engine_settings
+    from qwen_vllm.wrapper import vLLMWrapper
+
+    _, _, int8 = gptq_dirs
+    with pytest.raises(QwenQuantizationError, match=r"Int8.*NVIDIA GPU with compute capability 7\.5.*only 4-bit"):
+        check_engine_settings(int8)
+    with pytest.raises(QwenQuantizationError, match="compute capability 7.5"):
+        vLLMWrapper(str(int8), dtype="float16")
+
+
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_fp8_kv_cache_on_avx2_names_the_hardware(random_model, kv) -> None:
+    from qwen_vllm.quantization import check_engine_settings
+
+    if torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported():
+        pytest.skip("this CPU can hold an FP8 KV cache")
+    with pytest.raises(QwenQuantizationError, match=rf"kv_cache_dtype='{kv}'.*AVX-512 or AMX.*AVX2 only"):
+        check_engine_settings(random_model, kv_cache_dtype=kv)
+
+
+def test_kv_cache_dtype_the_cpu_backend_lacks(random_model) -> None:
+    from qwen_vllm.quantization import check_engine_settings
+    from qwen_vllm.wrapper import vLLMWrapper
+
+    with pytest.raises(QwenQuantizationError, match=r"'bfloat16' is not supported by vLLM's CPU.*'auto', 'fp8'"):
+        check_engine_settings(random_model, kv_cache_dtype="bfloat16")
+    check_engine_settings(random_model, kv_cache_dtype="auto")
+    with pytest.raises(QwenQuantizationError, match="kv_cache_dtype='fp8'"):
+        vLLMWrapper(str(random_model), kv_cache_dtype="fp8")
+
+
+def test_tensor_parallel_split_must_keep_whole_groups() -> None:
+    """Qwen-1.8B-Chat-Int4 (MLP 5504, group 128) at TP=2: 2752 inputs per rank
+    is 21.5 groups -- the "input size is not aligned" failure Qwen's CI hit."""
+    from qwen_vllm.fixtures import gptq_quantize_config, qwen_config
+    from qwen_vllm.quantization import check_gptq
+
+    qwen_1_8b = qwen_config(2048, 24, 16, 5504)
+    qwen_7b = qwen_config(4096, 32, 32, 11008)
+    q = gptq_quantize_config(4, 128)
+    with pytest.raises(QwenQuantizationError, match=r"mlp\.c_proj: tensor_parallel_size=2 gives each rank 2752 inputs"):
+        check_gptq(q, qwen_1_8b, tensor_parallel_size=2, on_cpu=True, where="Qwen-1.8B-Chat-Int4")
+    check_gptq(q, qwen_1_8b, tensor_parallel_size=1, on_cpu=True, where="Qwen-1.8B-Chat-Int4")
+    check_gptq(q, qwen_7b, tensor_parallel_size=2, on_cpu=True, where="Qwen-7B-Chat-Int4")
+    with pytest.raises(QwenQuantizationError, match="group_size=16"):
+        check_gptq(gptq_quantize_config(4, 16), qwen_7b, tensor_parallel_size=1, on_cpu=True, where="x")
+    check_gptq(gptq_quantize_config(8, 128), qwen_7b, tensor_parallel_size=2, on_cpu=False, where="GPU")
+
+
+@pytest.fixture(scope="module")
+def legacy_int4(gptq_dirs, fixtures_root):
+    """The Int4 fixture with GPTQ declared only in quantize_config.json (as
+    auto-gptq's own saves are)."""
+    import shutil
+
+    int4, _, _ = gptq_dirs
+    legacy = fixtures_root / "gptq-int4-legacy"
+    if not legacy.exists():
+        shutil.copytree(int4, legacy)
+        cfg = json.loads((legacy / "config.json").read_text())
+        del cfg["quantization_config"]
+        (legacy / "config.json").write_text(json.dumps(cfg))
+    return legacy
+
+
+def test_quantize_config_json_alone_selects_gptq(gptq_dirs, legacy_int4) -> None:
+    """auto-gptq's own saves carry only quantize_config.json, which vLLM reads
+    only when told quantization="gptq": the wrapper and the worker tell it."""
+    from qwen_vllm.quantization import engine_quantization
+
+    int4, _, _ = gptq_dirs
+    legacy = legacy_int4
+    assert engine_quantization(int4, None) is None  # config.json declares it: vLLM auto-detects
+    assert engine_quantization(legacy, None) == "gptq"
+    assert engine_quantization(legacy, "gptq_marlin") == "gptq_marlin"
+
+
+def test_module_names_reach_vllms_quantization_config() -> None:
+    """vLLM's GPTQ config, given the checkpoint's module list through our
+    mapper, quantizes exactly the fused layers built from Qwen's linears."""
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
+    from vllm.model_executor.layers.quantization.utils.gptq_utils import is_layer_gptq_quantized
+
+    from qwen_vllm.model import QWenLMHeadModel
+
+    cfg = AutoGPTQConfig.from_config({"bits": 4, "group_size": 128, "desc_act": False, "sym": True})
+    cfg.modules_in_block_to_quantize = [f"transformer.h.0.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2")]
+    cfg.apply_vllm_mapper(QWenLMHeadModel.hf_to_vllm_mapper.get_rename_mapper())
+    fused = QWenLMHeadModel.packed_modules_mapping
+    quantized = lambda prefix: is_layer_gptq_quantized(prefix, cfg.modules_in_block_to_quantize, fused)  # noqa: E731
+    assert quantized("model.layers.0.self_attn.qkv_proj") and quantized("model.layers.0.self_attn.o_proj")
+    assert quantized("model.layers.0.mlp.gate_up_proj")
+    assert not quantized("model.layers.0.mlp.down_proj")  # left out of the list above
+    assert not quantized("model.layers.1.self_attn.qkv_proj") and not quantized("lm_head")
+
+
+# -- real engines --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prompt_ids(qwen_tokenizer) -> list[list[int]]:
+    return [qwen_tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(gptq_dirs, fixtures_root, prompt_ids):
+    """transformers' Qwen2 in float32 on the exact weights the Int4 fixture
+    encodes: prompt log-probs and greedy continuations."""
+    from qwen_vllm.convert import convert_to_qwen2
+
+    _, ref, _ = gptq_dirs
+    qwen2 = convert_to_qwen2(ref, fixtures_root / "gptq-int4-reference-qwen2")
+    return transformers_greedy(qwen2, prompt_ids, NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def int4_tp1(gptq_dirs, prompt_ids):
+    """The wrapper on the Int4 fixture, no quantization= (auto-detected):
+    ((quantization, dtype, KV-cache dtype), outputs on the prompts, a chat reply). The engine
+    is shut down before the TP=2 one starts."""
+    from qwen_vllm.wrapper import vLLMWrapper
+
+    int4, _, _ = gptq_dirs
+    wrapper = vLLMWrapper(str(int4), dtype="float16", kv_cache_dtype="auto", enforce_eager=True, max_model_len=1024)
+    try:
+        config = wrapper.llm.llm_engine.vllm_config
+        settings = (config.model_config.quantization, config.model_config.dtype, config.cache_config.cache_dtype)
+        return settings, vllm_greedy(wrapper.llm, prompt_ids, NEW_TOKENS), wrapper.chat("Hi", max_new_tokens=8)[0]
+    finally:
+        wrapper.llm.llm_engine.engine_core.shutdown()
+
+
+# Engine start-up on the shared 2-core machine has taken 13 minutes under load.
+@pytest.mark.timeout(1800)
+def test_int4_auto_detected_and_equals_dequantized_reference(int4_tp1, reference) -> None:
+    settings, got, reply = int4_tp1
+    assert settings == ("auto_gptq", torch.float16, "auto")
+    worst = 0.0
+    for (ref_lp, ref_gen), (lp, gen) in zip(reference, got):
+        assert gen == ref_gen
+        worst = max(worst, max(abs(a - b) for a, b in zip(ref_lp, lp)))
+    assert worst <= LOGPROB_TOL, f"max |logprob diff| {worst}"
+    assert min(min(lp) for lp, _ in reference) < -5  # the model is far from uniform
+    assert isinstance(reply, str) and reply  # chat() works on the quantized engine
+
+
+@pytest.mark.timeout(1800)
+def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1) -> None:
+    from vllm import LLM
+
+    int4, _, _ = gptq_dirs
+    _, tp1, _ = int4_tp1
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        llm = LLM(str(int4), tensor_parallel_size=2, dtype="float16", enforce_eager=True, max_model_len=1024)
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+    try:
+        tp2 = vllm_greedy(llm, prompt_ids, NEW_TOKENS)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    for (lp1, gen1), (lp2, gen2) in zip(tp1, tp2):
+        assert gen2 == gen1
+        assert max(abs(a - b) for a, b in zip(lp1, lp2)) <= LOGPROB_TOL
+
+
+# -- flags reach vLLM from the worker and the stack; vLLM's own entry point -------------
+# After the engines: vLLM's model inspection is cached by then, so building an
+# engine config (no engine) takes a fraction of a second.
+def _worker_engine_config(argv: list[str]):
+    """What ``qwen-vllm worker ARGV`` hands vLLM: its parsed and checked args
+    and the engine config vLLM's API server builds from them (run_server:
+    AsyncEngineArgs.from_cli_args(args).create_engine_config())."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from qwen_vllm import worker_launch
+
+    args = worker_launch.resolve_args(worker_launch.build_parser().parse_args(argv))
+    return args, AsyncEngineArgs.from_cli_args(args).create_engine_config()
+
+
+def _stack(argv: list[str]):
+    import argparse
+
+    from qwen_vllm import stack
+
+    parser = argparse.ArgumentParser()
+    stack.add_arguments(parser)
+    return stack, parser.parse_args(argv)
+
+
+def test_stack_engine_flags_reach_each_workers_vllm_config(gptq_dirs, tmp_path) -> None:
+    """``qwen-vllm stack --model INT4 -- --dtype float16 ...``: the worker's
+    command line, parsed by the worker, gives vLLM an engine config with GPTQ
+    auto-detected (no --quantization), float16 and the KV-cache dtype."""
+    int4, _, _ = gptq_dirs
+    stack, args = _stack(["--model", str(int4), "--log-dir", str(tmp_path), "--",
+                          "--dtype", "float16", "--kv-cache-dtype", "auto", "--max-model-len", "512"])  # fmt: skip
+    st = stack.Stack(args)
+    try:
+        st.check_worker_args()
+        (worker,) = st.workers
+        wargs, cfg = _worker_engine_config(worker.cmd[3:])
+    finally:
+        st.client.close()
+    assert wargs.model == str(int4) and wargs.quantization is None
+    assert cfg.model_config.quantization == "auto_gptq" and cfg.model_config.dtype == torch.float16
+    assert cfg.cache_config.cache_dtype == "auto" and cfg.model_config.max_model_len == 512
+
+
+def test_worker_selects_gptq_for_quantize_config_json_alone(legacy_int4) -> None:
+    args, cfg = _worker_engine_config(["--model-path", str(legacy_int4), "--dtype", "float16", "--max-model-len", "512"])
+    assert args.quantization == "gptq" and cfg.model_config.quantization == "gptq"
+    assert cfg.model_config.dtype == torch.float16
+    # An explicit choice is kept (and vLLM's GPTQ override picks its CPU-capable method).
+    _, cfg = _worker_engine_config(["--model-path", str(legacy_int4), "--quantization", "gptq_marlin",
+                                    "--dtype", "bfloat16", "--max-model-len", "512"])  # fmt: skip
+    assert cfg.model_config.quantization in ("gptq_marlin", "auto_gptq") and cfg.model_config.dtype == torch.bfloat16
+
+
+def test_worker_and_stack_refuse_int8_and_fp8_kv_before_starting(gptq_dirs, random_model, tmp_path, capsys) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from qwen_vllm import worker_launch
+
+    _, _, int8 = gptq_dirs
+    parse = worker_launch.build_parser().parse_args
+    assert worker_launch.run(parse(["--model-path", str(int8), "--dtype", "float16"])) == 2
+    assert re.search(r"qwen-vllm worker: error: .*GPTQ Int8 checkpoints need an NVIDIA GPU", capsys.readouterr().err)
+    # The flag itself reaches vLLM's engine args ...
+    kv_args = parse(["--model", str(random_model), "--kv-cache-dtype", "fp8"])
+    assert AsyncEngineArgs.from_cli_args(kv_args).kv_cache_dtype == "fp8"
+    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        # ... and this CPU cannot hold it: the worker says so instead of starting.
+        assert worker_launch.run(kv_args) == 2
+        assert "kv_cache_dtype='fp8' (FP8 KV cache) needs an x86 CPU with AVX-512 or AMX" in capsys.readouterr().err
+    stack, args = _stack(["--model", str(int8), "--log-dir", str(tmp_path), "--", "--dtype", "float16"])
+    assert stack.run(args) == 2
+    out = capsys.readouterr()
+    assert "qwen-vllm stack: error:" in out.err and "compute capability 7.5" in out.err
+    assert "controller" not in out.out and not list(tmp_path.iterdir())  # nothing was started
+
+
+def test_vllm_own_entry_point_gets_the_same_errors(gptq_dirs, legacy_int4, random_model) -> None:
+    """vllm.LLM directly (as vLLM's API server would build it): the plugin's
+    config hook raises while vLLM builds its config, before any engine process
+    starts (pydantic reports it as a ValueError of VllmConfig)."""
+    from vllm import LLM
+
+    _, _, int8 = gptq_dirs
+    with pytest.raises(ValueError, match=r"declares GPTQ only in quantize_config.json.*pass --quantization gptq"):
+        LLM(str(legacy_int4), dtype="float16", enforce_eager=True, max_model_len=512)
+    with pytest.raises(ValueError, match=r"VllmConfig\n.*GPTQ Int8 checkpoints need an NVIDIA GPU with compute capability 7\.5"):
+        LLM(str(int8), dtype="float16", enforce_eager=True, max_model_len=512)
+    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        with pytest.raises(ValueError, match="FP8 KV cache.*AVX-512 or AMX"):
+            LLM(str(random_model), kv_cache_dtype="fp8", enforce_eager=True, max_model_len=512)
