@@ -159,8 +159,10 @@ class Stack:
         worker_args = [a for a in args.worker_args if a != "--"]
         self.keys = keys = [k for k in (args.api_keys or "").split(",") if k]
         if keys and host not in ("127.0.0.1", "::1", "localhost"):
-            # Workers reachable from other machines: guard their /v1 too.
+            # Workers reachable from other machines: guard their routes too.
             worker_args += ["--api-key", keys[0]]
+        key = worker_args[worker_args.index("--api-key") + 1] if "--api-key" in worker_args else None
+        self.worker_headers = {"Authorization": f"Bearer {key}"} if key else {}
         count = len(args.model) * args.workers
         self.workers: list[Child] = []
         for m, model in enumerate(args.model):
@@ -187,8 +189,8 @@ class Stack:
                      "--controller-address", self.controller_url]  # fmt: skip
         if keys:
             front_cmd += ["--api-keys", args.api_keys]
-        if "--api-key" in worker_args:
-            front_cmd += ["--worker-api-key", worker_args[worker_args.index("--api-key") + 1]]
+        if key:
+            front_cmd += ["--worker-api-key", key]
         self.front = Child("openai-api", front_cmd, self.log_dir / "openai-api.log", self.api_url)
         self.web: Child | None = None
         if args.web:
@@ -238,7 +240,7 @@ class Stack:
 
     def _workers_healthy(self) -> bool:
         for w in self.workers:
-            if not w.ready and self._answers("GET", f"{w.url}/health"):
+            if not w.ready and self._answers("GET", f"{w.url}/health", headers=self.worker_headers):
                 w.ready = True
                 say(f"{w.name} engine ready after {time.monotonic() - w.started:.0f} s")
         return all(w.ready for w in self.workers)

@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fc.add_argument("--no-register", action="store_true", help="do not register with a controller")
     fc.add_argument("--num-gpus", type=int, default=1, help="tensor-parallel size (fschat's name for it)")
     fc.add_argument("--conv-template", help="FastChat conversation template (default qwen-7b-chat for chat models)")
+    fc.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
     make_arg_parser(parser)
     from qwen_vllm.function_call import PARSER_NAME
     from qwen_vllm.tool_parser import LEGACY_MIDDLEWARE
