@@ -18,7 +18,6 @@ on GPUs, CUDA_VISIBLE_DEVICES is split likewise.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import os
 import signal
@@ -32,15 +31,11 @@ from pathlib import Path
 
 import httpx
 
-PR_SET_PDEATHSIG = 1
+from qwen_vllm.process_tree import die_with_parent
+
 PROGRESS_EVERY_S = 10.0
 STOP_GRACE_S = 30.0
 CONTROLLER_RESTART_S = 2.0  # at most one controller restart per this many seconds
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the stack process dies."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def say(message: str) -> None:
@@ -72,7 +67,7 @@ class Child:
                 env={**os.environ, **self.env},
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,  # SIGTERM this child when the stack dies
             )
         self.started = time.monotonic()
         say(f"{self.name:<22} pid {self.proc.pid:<7} {self.url}")

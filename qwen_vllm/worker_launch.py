@@ -20,6 +20,7 @@ import sys
 from importlib.metadata import entry_points
 
 from qwen_vllm.errors import QwenVLLMError
+from qwen_vllm.process_tree import DIE_WITH_PARENT_ENV
 
 PLUGIN_GROUPS = (
     "vllm.general_plugins",
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"qwen-vllm worker: error: {exc}", file=sys.stderr)
         return 2
     os.environ["VLLM_PLUGINS"] = plugin_allowlist(os.environ.get("VLLM_PLUGINS"))
+    os.environ[DIE_WITH_PARENT_ENV] = "1"  # engine processes exit if this server is killed
     apply_cpu_defaults(args.tensor_parallel_size)
     cli_env_setup()
     configure_logging_from_args(args)

@@ -79,10 +79,10 @@ def test_every_server_listens_on_loopback_only(topology):
 def test_every_command_defaults_to_loopback():
     import argparse
 
-    from qwen_vllm import openai_front, stack, web_ui, worker_launch
+    from qwen_vllm import openai_front, stack, web_ui
     from qwen_vllm.serve import with_loopback_default
 
-    for module, argv in ((openai_front, []), (stack, ["--model", "m"]), (web_ui, ["--api-url", "u"]), (worker_launch, [])):
+    for module, argv in ((openai_front, []), (stack, ["--model", "m"]), (web_ui, ["--api-url", "u"])):
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
         assert parser.parse_args(argv).host == "127.0.0.1", module.__name__
