@@ -108,22 +108,28 @@ class Topology:
         root = psutil.Process(self.procs[name].pid)
         return [root, *root.children(recursive=True)]
 
+    def _signal(self, name: str, sig: int) -> None:
+        """``sig`` to the process group of a worker or the front (each leads its
+        own session), to the controller itself (it shares pytest's group)."""
+        proc = self.procs[name]
+        try:
+            if name == "controller":
+                if proc.poll() is None:
+                    proc.send_signal(sig)
+            else:
+                os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs.values():
+        for name in self.procs:
+            self._signal(name, signal.SIGTERM)
+        for name, proc in self.procs.items():
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # stragglers in its group (engine processes)
-            except (ProcessLookupError, PermissionError):
-                pass
+            self._signal(name, signal.SIGKILL)  # stragglers in its group (engine processes)
 
 
 _shared: dict[str, object] = {}
