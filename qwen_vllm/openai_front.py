@@ -117,12 +117,11 @@ class Dispatcher:
         return address
 
     def _candidates(self, model: str, exclude: set[str]) -> list[str]:
+        """Known workers not yet tried; those marked down only when no other is left
+        (a worker that merely timed out under load is better than a 503)."""
         now = time.monotonic()
-        return [
-            address
-            for address, named in self._pool.get(model, {}).items()
-            if now - named < SEEN_S and address not in exclude and self._down.get(address, 0.0) <= now
-        ]
+        known = [a for a, named in self._pool.get(model, {}).items() if now - named < SEEN_S and a not in exclude]
+        return [a for a in known if self._down.get(a, 0.0) <= now] or known
 
     async def _discover(self, model: str) -> None:
         """Ask the controller about ``model`` (twice when its first answer is
