@@ -43,6 +43,9 @@ def register() -> None:
     if _registered:
         return
     _leave_terminal_process_group()
+    from qwen_vllm.process_tree import engine_process_dies_with_parent
+
+    engine_process_dies_with_parent()
     from transformers import AutoConfig
     from transformers.models.auto import tokenization_auto
     from vllm import ModelRegistry

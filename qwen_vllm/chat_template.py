@@ -72,18 +72,24 @@ def render_messages(
         raise QwenRequestError("messages must not be empty")
     if add_generation_prompt and continue_final_message:
         raise QwenRequestError("add_generation_prompt and continue_final_message exclude each other")
+    if not all(isinstance(m, Mapping) for m in messages):
+        raise QwenRequestError("messages must be objects with 'role' and 'content'")
     turns = [dict(m) for m in messages]
-    if turns[0].get("role") != "system":
+    inserted = int(turns[0].get("role") != "system")
+    if inserted:
         turns.insert(0, {"role": "system", "content": default_system})
     ids: list[int] = []
     for i, msg in enumerate(turns):
         role, content = msg.get("role"), msg.get("content")
-        if not isinstance(role, str) or not role:
-            raise QwenRequestError(f"messages[{i}]: 'role' must be a non-empty string")
+        if role not in ROLES:
+            raise QwenRequestError(
+                f"messages[{i - inserted}]: role {role!r} is not supported; use {', '.join(ROLES)} "
+                "(tool and function results go with tools)"
+            )
         if content is None:
             content = ""
         if not isinstance(content, str):
-            raise QwenRequestError(f"messages[{i}]: 'content' must be a string, got {type(content).__name__}")
+            raise QwenRequestError(f"messages[{i - inserted}]: 'content' must be a string, got {type(content).__name__}")
         if i:
             ids.append(NL_ID)
         last = i == len(turns) - 1

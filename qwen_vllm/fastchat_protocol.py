@@ -187,12 +187,13 @@ def sampling_params(
     chat_format: str,
     prompt_len: int,
     max_model_len: int,
+    max_n: int | None = None,
 ) -> SamplingParams:
     """SamplingParams for FastChat gen params.
 
     ``defaults`` are the checkpoint's generation settings (HF names, e.g. from
     vLLM's ``get_diff_sampling_param``); fields the request sets win.
-    FastChat's conventions kept: temperature <= 1e-5 means greedy, top_p is
+    FastChat's conventions kept: temperature in [0, 1e-5] means greedy (below 0 is an error), top_p is
     floored at 1e-5, and max_new_tokens is clamped to what the context has left.
     """
     if params.get("images"):
@@ -204,12 +205,16 @@ def sampling_params(
         )
     n = _checked(params, "n")
     n = 1 if n is None else n
+    if max_n is not None and n > max_n:
+        raise WorkerRequestError(f"n={n} is more than the {max_n} sequences this worker runs at once (--max-num-seqs)")
     best_of = _checked(params, "best_of")
     if best_of is not None and best_of != n:
         raise WorkerRequestError(f"best_of={best_of} is not supported: vLLM's V1 engine has no best_of (only best_of == n)")
     overrides = {k: _checked(params, k) for k in _SAMPLING_KEYS}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     temperature = overrides.get("temperature")
+    if temperature is not None and temperature < 0:
+        raise WorkerRequestError(f"temperature must be non-negative, got {temperature}")
     if temperature is not None and temperature <= 1e-5:
         overrides["do_sample"] = False
     elif temperature is not None:

@@ -10,15 +10,16 @@ background at most once a second per model); the front sends each request to
 the one with the fewest requests in flight (see Dispatcher). One hop per
 request in steady state: to the worker.
 
-Failure handling: a worker that refuses the connection is marked down for
-a few seconds, another is asked for, and the controller is told to re-poll
+Failure handling: a worker that refuses the connection (or breaks a stream,
+which then ends with an error event) is marked down for a few seconds, another is asked for, and the controller is told to re-poll
 its workers (``/refresh_all_workers``) so it drops the dead one; when none
 is left the client gets a 503 naming the model within the connect timeout.
 While the controller is unreachable or restarting (it forgets every worker
 until their next heartbeat), the workers it named keep serving. The model
 list is cached for 2 s. A client that disconnects
 closes the upstream request, so vLLM aborts it. ``--api-keys`` guards every
-route.
+route; bodies over ``--max-body-mb`` get a 413; on SIGTERM in-flight responses
+get STOP_GRACE_S to finish.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import Headers
 
-from qwen_vllm.http_utils import openai_error, until_disconnect
+from qwen_vllm.http_utils import DEFAULT_MAX_BODY_MB, ApiKeys, BodyLimit, json_body, openai_error, until_disconnect
 
 logger = logging.getLogger("qwen_vllm.openai_front")
 
@@ -53,6 +53,7 @@ ASK_S = 1.0  # the controller is asked about a model in the background at most t
 SEEN_S = 180.0  # how long a worker the controller named stays in the pool (2 heartbeat expiries)
 MAX_PICKS = 4  # controller answers tried per attempt before giving up on a model
 MAX_ATTEMPTS = 3  # workers tried per request
+STOP_GRACE_S = 10  # on SIGTERM, in-flight responses get this long to finish, then are closed
 RELAYED_PATHS = ("/v1/chat/completions", "/v1/completions")
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "host", "authorization"}
 
@@ -116,12 +117,11 @@ class Dispatcher:
         return address
 
     def _candidates(self, model: str, exclude: set[str]) -> list[str]:
+        """Known workers not yet tried; those marked down only when no other is left
+        (a worker that merely timed out under load is better than a 503)."""
         now = time.monotonic()
-        return [
-            address
-            for address, named in self._pool.get(model, {}).items()
-            if now - named < SEEN_S and address not in exclude and self._down.get(address, 0.0) <= now
-        ]
+        known = [a for a, named in self._pool.get(model, {}).items() if now - named < SEEN_S and a not in exclude]
+        return [a for a in known if self._down.get(a, 0.0) <= now] or known
 
     async def _discover(self, model: str) -> None:
         """Ask the controller about ``model`` (twice when its first answer is
@@ -193,22 +193,15 @@ class Dispatcher:
         self._models_at = -math.inf
 
 
-class ApiKeys:
-    """Pure ASGI middleware: every route needs ``Authorization: Bearer <key>``."""
-
-    def __init__(self, app: Any, keys: set[str]) -> None:
-        self.app = app
-        self.keys = keys
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.keys:
-            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or token not in self.keys:
-                body = openai_error(
-                    "invalid API key: send 'Authorization: Bearer <key>'", 401, "invalid_request_error", "invalid_api_key"
-                )
-                return await JSONResponse(body, status_code=401)(scope, receive, send)
-        await self.app(scope, receive, send)
+def model_of(body: bytes) -> str:
+    """The request's ``model``; ValueError naming what is wrong with the body."""
+    data = json_body(body)
+    if not isinstance(data, dict):
+        raise ValueError(f"the request body must be a JSON object, got {type(data).__name__}")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"the request body needs a string 'model', got {model!r}")
+    return model
 
 
 def _error(message: str, status: int) -> JSONResponse:
@@ -216,12 +209,13 @@ def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse(openai_error(message, status, kinds.get(status, "InternalServerError")), status_code=status)
 
 
-async def _relay_body(upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay_body(upstream: httpx.Response, on_broken: Callable[[], None]) -> AsyncIterator[bytes]:
     try:
         async for piece in upstream.aiter_raw():
             yield piece
     except httpx.HTTPError as exc:  # the worker went away mid-response
         logger.warning("worker stream broke: %s", exc)
+        on_broken()
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
             body = openai_error(f"the worker stopped mid-stream ({type(exc).__name__})", 502, "BadGatewayError")
             yield f"data: {json.dumps(body)}\n\n".encode()
@@ -231,9 +225,9 @@ class RelayedResponse(StreamingResponse):
     """A worker's response, relayed; the upstream is closed however sending ends
     (finished, client gone, cancelled), so the worker aborts what it still runs."""
 
-    def __init__(self, upstream: httpx.Response, on_close: Callable[[], None]) -> None:
+    def __init__(self, upstream: httpx.Response, on_close: Callable[[], None], on_broken: Callable[[], None]) -> None:
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-        super().__init__(_relay_body(upstream), status_code=upstream.status_code, headers=headers)
+        super().__init__(_relay_body(upstream, on_broken), status_code=upstream.status_code, headers=headers)
         self.upstream = upstream
         self.on_close = on_close
 
@@ -246,7 +240,12 @@ class RelayedResponse(StreamingResponse):
             self.on_close()
 
 
-def create_app(controller_address: str, api_keys: list[str] | None = None, worker_api_key: str | None = None) -> FastAPI:
+def create_app(
+    controller_address: str,
+    api_keys: list[str] | None = None,
+    worker_api_key: str | None = None,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
+) -> FastAPI:
     """The front's ASGI app (no server started)."""
     client = httpx.AsyncClient(
         trust_env=False,
@@ -264,7 +263,8 @@ def create_app(controller_address: str, api_keys: list[str] | None = None, worke
     app = FastAPI(title="qwen-vllm OpenAI API (FastChat controller front)", lifespan=lifespan)
     app.state.dispatcher = dispatcher
 
-    app.add_middleware(ApiKeys, keys=set(api_keys or ()))
+    app.add_middleware(BodyLimit, limit=int(max_body_mb * 2**20))
+    app.add_middleware(ApiKeys, keys=api_keys or ())  # outermost: no key, nothing read
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -292,11 +292,9 @@ def create_app(controller_address: str, api_keys: list[str] | None = None, worke
     async def relay(request: Request) -> Response:
         body = await request.body()
         try:
-            model = json.loads(body)["model"]
-            if not isinstance(model, str):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            return _error("the request body must be a JSON object with a string 'model'", 400)
+            model = model_of(body)
+        except ValueError as exc:
+            return _error(str(exc), 400)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         if worker_api_key:
             headers["authorization"] = f"Bearer {worker_api_key}"
@@ -317,7 +315,9 @@ def create_app(controller_address: str, api_keys: list[str] | None = None, worke
                 if upstream is None:  # the client left while the worker was working
                     return Response(status_code=499)
                 relayed = True
-                return RelayedResponse(upstream, lambda a=address: dispatcher.finished(a))
+                return RelayedResponse(
+                    upstream, lambda a=address: dispatcher.finished(a), lambda a=address: dispatcher.mark_down(a)
+                )
             except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
                 return _error(f"worker {address} did not answer in time ({type(exc).__name__})", 504)
             except httpx.TransportError as exc:
@@ -347,6 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated keys; every route then requires 'Authorization: Bearer <key>'",
     )
     parser.add_argument("--worker-api-key", help="key sent to workers started with --api-key")
+    parser.add_argument(
+        "--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, help="largest request body accepted (413 beyond)"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -354,8 +357,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(args.controller_address, args.api_keys, args.worker_api_key)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(args.controller_address, args.api_keys, args.worker_api_key, args.max_body_mb)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=STOP_GRACE_S)
     return 0
 
 

@@ -31,6 +31,24 @@ GENERATION_KEYS = (
 )
 
 
+INT_KEYS = frozenset({"max_new_tokens", "min_new_tokens", "top_k", "seed", "max_window_size"})
+
+
+def _check_type(key: str, value: Any) -> None:
+    """Numbers must be numbers (ints where counted): a string or a list would
+    otherwise fail deep in vLLM or in context arithmetic with a bare TypeError."""
+    if value is None:
+        return
+    if key == "do_sample":
+        if not isinstance(value, bool):
+            raise QwenRequestError(f"do_sample must be true or false, got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise QwenRequestError(f"{key} must be a number, got {value!r}")
+    if key in INT_KEYS and not float(value).is_integer():
+        raise QwenRequestError(f"{key} must be an integer, got {value!r}")
+
+
 def merge_generation(
     defaults: Mapping[str, Any],
     generation_config: Any = None,
@@ -39,7 +57,14 @@ def merge_generation(
     """defaults < generation_config (dict or transformers GenerationConfig) < overrides."""
     merged = {k: v for k, v in defaults.items() if k in GENERATION_KEYS}
     if generation_config is not None:
-        gc = generation_config if isinstance(generation_config, Mapping) else generation_config.to_dict()
+        if isinstance(generation_config, Mapping):
+            gc = generation_config
+        elif callable(getattr(generation_config, "to_dict", None)):
+            gc = generation_config.to_dict()
+        else:
+            raise QwenRequestError(
+                f"generation_config must be a dict or a transformers GenerationConfig, got {type(generation_config).__name__}"
+            )
         merged.update({k: v for k, v in gc.items() if k in GENERATION_KEYS and v is not None})
     for key, value in (overrides or {}).items():
         if key not in GENERATION_KEYS:
@@ -47,6 +72,8 @@ def merge_generation(
                 f"unknown generation argument {key!r}; supported: {', '.join(GENERATION_KEYS)} and stop_words_ids"
             )
         merged[key] = value
+    for key, value in merged.items():
+        _check_type(key, value)
     return merged
 
 

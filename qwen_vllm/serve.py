@@ -2,7 +2,8 @@
 server with Qwen tool calling on.
 
 Same as ``python -m vllm.entrypoints.openai.api_server ARGS`` plus the flags
-tool calling needs (tool_parser.SERVER_ARGS) unless ARGS already set them.
+tool calling needs (tool_parser.SERVER_ARGS) unless ARGS already set them, and
+``--host 127.0.0.1`` unless ARGS give a host (vLLM binds all interfaces).
 Chat, the ChatML template and the default ChatML stops need no flags at all;
 only vLLM's tool-parser selection does.
 """
@@ -29,11 +30,19 @@ def run(args: Any) -> int:
     return main(getattr(args, "extra_args", []))
 
 
+def with_loopback_default(argv: list[str]) -> list[str]:
+    """``--host 127.0.0.1`` unless ``argv`` names a host: vLLM's own default
+    binds every interface, ours binds this machine only."""
+    if any(a == "--host" or a.startswith("--host=") for a in argv):
+        return argv
+    return [*argv, "--host", "127.0.0.1"]
+
+
 def main(argv: list[str] | None = None) -> int:
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
 
     argv = sys.argv[1:] if argv is None else argv
-    sys.argv = [sys.argv[0], *with_server_args(argv)]
+    sys.argv = [sys.argv[0], *with_loopback_default(with_server_args(argv))]
     vllm_main()
     return 0
 

@@ -20,7 +20,6 @@ on GPUs, CUDA_VISIBLE_DEVICES is split likewise.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import os
 import signal
@@ -36,16 +35,11 @@ from pathlib import Path
 import httpx
 
 from qwen_vllm.errors import QwenVLLMError
+from qwen_vllm.process_tree import die_with_parent
 
-PR_SET_PDEATHSIG = 1
 PROGRESS_EVERY_S = 10.0
 STOP_GRACE_S = 30.0
 CONTROLLER_RESTART_S = 2.0  # at most one controller restart per this many seconds
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the stack process dies."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def say(message: str) -> None:
@@ -77,7 +71,7 @@ class Child:
                 env={**os.environ, **self.env},
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,  # SIGTERM this child when the stack dies
             )
         self.started = time.monotonic()
         say(f"{self.name:<22} pid {self.proc.pid:<7} {self.url}")
@@ -172,8 +166,10 @@ class Stack:
             worker_args = ["--max-model-len", str(args.max_model_len), *worker_args]
         self.keys = keys = [k for k in (args.api_keys or "").split(",") if k]
         if keys and host not in ("127.0.0.1", "::1", "localhost"):
-            # Workers reachable from other machines: guard their /v1 too.
+            # Workers reachable from other machines: guard their routes too.
             worker_args += ["--api-key", keys[0]]
+        key = worker_args[worker_args.index("--api-key") + 1] if "--api-key" in worker_args else None
+        self.worker_headers = {"Authorization": f"Bearer {key}"} if key else {}
         count = len(args.model) * args.workers
         self.workers: list[Child] = []
         for m, model in enumerate(args.model):
@@ -200,8 +196,8 @@ class Stack:
                      "--controller-address", self.controller_url]  # fmt: skip
         if keys:
             front_cmd += ["--api-keys", args.api_keys]
-        if "--api-key" in worker_args:
-            front_cmd += ["--worker-api-key", worker_args[worker_args.index("--api-key") + 1]]
+        if key:
+            front_cmd += ["--worker-api-key", key]
         self.front = Child("openai-api", front_cmd, self.log_dir / "openai-api.log", self.api_url)
         self.web: Child | None = None
         if args.web:
@@ -260,7 +256,7 @@ class Stack:
 
     def _workers_healthy(self) -> bool:
         for w in self.workers:
-            if not w.ready and self._answers("GET", f"{w.url}/health"):
+            if not w.ready and self._answers("GET", f"{w.url}/health", headers=self.worker_headers):
                 w.ready = True
                 say(f"{w.name} engine ready after {time.monotonic() - w.started:.0f} s")
         return all(w.ready for w in self.workers)

@@ -11,6 +11,11 @@ fastchat_protocol.py; controller registration: worker_registration.py.
 
 A client that disconnects cancels the handler, which cancels
 ``engine_client.generate()``, which aborts the vLLM request.
+
+Guards added to vLLM's server: with ``--api-key`` every route needs the key
+(vLLM checks only /v1-style prefixes) except ``/worker_get_status``, which the
+controller polls; bodies over ``--max-body-mb`` get a 413; request_checks.py
+rejects bodies that are not UTF-8 JSON and ``n`` beyond ``--max-num-seqs``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from fastchat.constants import SERVER_ERROR_MSG
 from vllm.exceptions import VLLMClientError
 
 from qwen_vllm.errors import QwenRequestError
-from qwen_vllm.http_utils import until_disconnect
+from qwen_vllm.http_utils import DEFAULT_MAX_BODY_MB, ApiKeys, BodyLimit, json_body, until_disconnect
 from qwen_vllm.fastchat_protocol import (
     INTERNAL_ERROR,
     PARAM_OUT_OF_RANGE,
@@ -43,10 +48,21 @@ from qwen_vllm.fastchat_protocol import (
     prompt_token_ids,
     sampling_params,
 )
+from qwen_vllm.request_checks import RequestChecks
 from qwen_vllm.worker_registration import ControllerLink
 
 PLUGIN_NAME = "qwen_vllm_fastchat"
 DEFAULT_CONCURRENCY = 1024  # fschat vllm_worker's --limit-worker-concurrency
+# Open even with --api-key: the FastChat controller polls it and can send no
+# key (it tells only model names and queue length).
+CONTROLLER_PATHS = ("/worker_get_status",)
+
+
+def api_keys(args: Namespace) -> list[str]:
+    """The worker's keys: --api-key, else VLLM_API_KEY (vLLM's own precedence)."""
+    from vllm import envs
+
+    return [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,7 @@ class WorkerSettings:
     limit_worker_concurrency: int
     conv_template: str | None
     local_health_url: str
+    api_key: str | None = None  # sent to the worker's own /health
 
     @classmethod
     def from_args(cls, args: Namespace) -> WorkerSettings:
@@ -77,6 +94,7 @@ class WorkerSettings:
             limit_worker_concurrency=getattr(args, "limit_worker_concurrency", DEFAULT_CONCURRENCY),
             conv_template=getattr(args, "conv_template", None),
             local_health_url=f"http://{host}:{args.port}/health",
+            api_key=next(iter(api_keys(args)), None),
         )
 
 
@@ -102,6 +120,7 @@ class FastChatWorker:
         self.tokenizer = engine_client.renderer.get_tokenizer()
         self.conv = conv_template(settings.conv_template or default_conv_template(self.chat_format))
         self.semaphore = asyncio.Semaphore(settings.limit_worker_concurrency)
+        self.max_n = engine_client.vllm_config.scheduler_config.max_num_seqs
 
     def queue_length(self) -> int:
         """Requests running or waiting here: FastChat routes (fschat's semaphore
@@ -130,6 +149,7 @@ class FastChatWorker:
                     chat_format=self.chat_format,
                     prompt_len=len(ids),
                     max_model_len=self.max_model_len,
+                    max_n=self.max_n,
                 )
                 (engine_input,) = await self.engine.renderer.render_cmpl_async([{"prompt_token_ids": ids}])
             except (QwenRequestError, VLLMClientError) as exc:
@@ -173,9 +193,9 @@ def _worker(request: Request) -> FastChatWorker:
 
 async def _params(request: Request) -> dict[str, Any]:
     try:
-        params = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WorkerRequestError(f"request body is not JSON: {exc}", VALIDATION_TYPE_ERROR) from exc
+        params = json_body(await request.body())
+    except ValueError as exc:
+        raise WorkerRequestError(str(exc), VALIDATION_TYPE_ERROR) from exc
     if not isinstance(params, dict):
         raise WorkerRequestError("request body must be a JSON object of gen params", VALIDATION_TYPE_ERROR)
     return params
@@ -243,9 +263,17 @@ class FastChatWorkerPlugin:
 
     def __init__(self) -> None:
         self.link: ControllerLink | None = None
+        self.limits: dict[str, int] = {}  # RequestChecks' bounds, known once the engine is up
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        # vLLM's --api-key guards only /v1-style prefixes; with a key, guard
+        # every route (FastChat's, /health, /metrics, /tokenize, /invocations, ...).
+        args = app.state.args
+        app.add_middleware(RequestChecks, limits=self.limits)
+        app.add_middleware(BodyLimit, limit=int(getattr(args, "max_body_mb", DEFAULT_MAX_BODY_MB) * 2**20))
+        if keys := api_keys(args):
+            app.add_middleware(ApiKeys, keys=keys, open_paths=CONTROLLER_PATHS)
         # vLLM gives plugins no shutdown hook: stop the controller link when
         # the server's lifespan ends.
         serve = app.router.lifespan_context
@@ -264,6 +292,7 @@ class FastChatWorkerPlugin:
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         settings = WorkerSettings.from_args(args)
         worker = FastChatWorker(engine_client, settings, state)
+        self.limits["max_n"] = worker.max_n
         state.fastchat_worker = worker
         if settings.controller_address:
             self.link = ControllerLink(
@@ -271,5 +300,6 @@ class FastChatWorkerPlugin:
                 settings.worker_address,
                 worker.status,
                 settings.local_health_url,
+                local_api_key=settings.api_key,
             )
             self.link.start()

@@ -20,6 +20,7 @@ import sys
 from importlib.metadata import entry_points
 
 from qwen_vllm.errors import QwenVLLMError
+from qwen_vllm.process_tree import DIE_WITH_PARENT_ENV
 
 PLUGIN_GROUPS = (
     "vllm.general_plugins",
@@ -58,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fc.add_argument("--no-register", action="store_true", help="do not register with a controller")
     fc.add_argument("--num-gpus", type=int, default=1, help="tensor-parallel size (fschat's name for it)")
     fc.add_argument("--conv-template", help="FastChat conversation template (default qwen-7b-chat for chat models)")
+    fc.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
     make_arg_parser(parser)
     from qwen_vllm.function_call import PARSER_NAME
     from qwen_vllm.tool_parser import LEGACY_MIDDLEWARE
@@ -142,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"qwen-vllm worker: error: {exc}", file=sys.stderr)
         return 2
     os.environ["VLLM_PLUGINS"] = plugin_allowlist(os.environ.get("VLLM_PLUGINS"))
+    os.environ[DIE_WITH_PARENT_ENV] = "1"  # engine processes exit if this server is killed
     apply_cpu_defaults(args.tensor_parallel_size)
     cli_env_setup()
     configure_logging_from_args(args)

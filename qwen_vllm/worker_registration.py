@@ -41,11 +41,13 @@ class ControllerLink:
         status: Callable[[], dict[str, Any]],
         local_health_url: str,
         interval: float | None = None,
+        local_api_key: str | None = None,
     ) -> None:
         self.controller = controller_address.rstrip("/")
         self.worker_address = worker_address
         self.status = status
         self.local_health_url = local_health_url
+        self.local_headers = {"Authorization": f"Bearer {local_api_key}"} if local_api_key else {}
         self.interval = heartbeat_interval() if interval is None else interval
         self._task: asyncio.Task | None = None
         self._client: httpx.AsyncClient | None = None
@@ -85,7 +87,7 @@ class ControllerLink:
             delay = min(delay * 2, MAX_BACKOFF_S, max(self.interval, 0.25))
 
     async def _serving(self) -> None:
-        r = await self._client.get(self.local_health_url)
+        r = await self._client.get(self.local_health_url, headers=self.local_headers)
         r.raise_for_status()
 
     async def _register(self) -> None:

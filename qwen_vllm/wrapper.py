@@ -61,6 +61,16 @@ def _no_main_reimport() -> Iterator[None]:
             setattr(main, key, value)
 
 
+def _check_text(name: str, value: Any) -> None:
+    """A str that can be encoded (no lone surrogates, which tiktoken cannot take)."""
+    if not isinstance(value, str):
+        raise QwenRequestError(f"{name} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise QwenRequestError(f"{name} is not valid UTF-8 text ({exc.reason} at index {exc.start})") from None
+
+
 def _check_engine_kwargs(kwargs: Mapping[str, Any]) -> None:
     from vllm.engine.arg_utils import EngineArgs
 
@@ -186,13 +196,17 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
                 f"chat() needs a chat model; this checkpoint's chat_format is {self.chat_format!r} "
                 "(a base model): use generate()"
             )
-        if not isinstance(query, str):
-            raise QwenRequestError(f"query must be a string, got {type(query).__name__}")
+        _check_text("query", query)
+        _check_text("system", system)
         history = list(history or [])
         for i, turn in enumerate(history):
             if not (isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
                 raise QwenRequestError(f"history[{i}] must be a (query, response) pair of strings")
+            for text in turn:
+                _check_text(f"history[{i}]", text)
         gen = merge_generation(self.generation_config, generation_config, gen_kwargs)
+        if gen.get("max_new_tokens", 1) < 1:
+            raise QwenRequestError(f"max_new_tokens must be at least 1, got {gen['max_new_tokens']}")
         context, _ = make_context(
             self.tokenizer,
             query,
@@ -345,6 +359,8 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         """Plain completion (base models, or raw prompts on chat models) with
         the same sampling controls; stops on ``<|endoftext|>`` and stop words."""
         single = isinstance(prompts, str)
+        if not single and not isinstance(prompts, Sequence):
+            raise QwenRequestError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
         texts = [prompts] if single else list(prompts)
         gen = merge_generation(self.generation_config, generation_config, gen_kwargs)
         params = self._params(gen, stop_words_ids, "raw")
@@ -352,6 +368,7 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         for text in texts:
             if not isinstance(text, str):
                 raise QwenRequestError(f"prompts must be strings, got {type(text).__name__}")
+            _check_text("prompt", text)
             requests.append((self.tokenizer.encode_text(text), params))
         outs = [o.outputs[0].text for o in self._loop.run(requests)]
         return outs[0] if single else outs
