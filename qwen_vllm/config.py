@@ -100,7 +100,7 @@ class QWenConfig(Qwen2Config):
             if key in v1:
                 setattr(self, key, v1[key])
         # The longest max_model_len vLLM may accept (32768 with dynamic NTK /
-        # LogN). vLLM's config hook (qwen_vllm.long_context_config) keeps the default
+        # LogN). vLLM's config hook (qwen_vllm.engine_config) keeps the default
         # at seq_length; users opt in with max_model_len.
         self.model_max_length = LongContextFlags.of(v1).max_context
         super().__post_init__(**kwargs)

@@ -209,7 +209,7 @@ class CapturedWarnings(logging.Handler):
 @pytest.fixture(scope="module")
 def long_tp1(model_dir: Path) -> dict:
     """TP=1, max_model_len 512, chunked prefill forced, prefix caching asked for."""
-    hook_log = logging.getLogger("vllm.qwen_vllm.long_context_config")
+    hook_log = logging.getLogger("vllm.qwen_vllm.engine_config")
     captured = CapturedWarnings()
     hook_log.addHandler(captured)
     try:
