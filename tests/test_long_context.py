@@ -197,13 +197,18 @@ def run(llm, prompts: list[list[int]], max_tokens: int = NEW_TOKENS) -> list[dic
     return results
 
 
-class CapturedWarnings(logging.Handler):
+class CapturedWarnings(logging.Filter):
+    """A filter, not a handler: vLLM's logging set-up (dictConfig, run again
+    when an engine is built) clears the handlers of every ``vllm.*`` logger."""
+
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__()
         self.messages: list[str] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            self.messages.append(record.getMessage())
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +216,7 @@ def long_tp1(model_dir: Path) -> dict:
     """TP=1, max_model_len 512, chunked prefill forced, prefix caching asked for."""
     hook_log = logging.getLogger("vllm.qwen_vllm.engine_config")
     captured = CapturedWarnings()
-    hook_log.addHandler(captured)
+    hook_log.addFilter(captured)
     try:
         with engine(
             model_dir,
@@ -232,7 +237,7 @@ def long_tp1(model_dir: Path) -> dict:
                 "short": run(llm, [SHORT], max_tokens=SEQ_LENGTH - len(SHORT)),
             }
     finally:
-        hook_log.removeHandler(captured)
+        hook_log.removeFilter(captured)
 
 
 @pytest.fixture(scope="module")
