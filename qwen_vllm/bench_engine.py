@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 RESULT_PREFIX = "BENCH_RESULT "
+PAD_ID = 151643  # <|endoftext|>, Qwen's pad id
 
 
 def say(message: str) -> None:
@@ -209,6 +210,26 @@ def transformers_model(model_dir: str, load_format: str, dtype: Any) -> Any:
         return Qwen2ForCausalLM.from_pretrained(str(qwen2), dtype=dtype)
 
 
+def transformers_generate(model: Any, contexts: list[list[int]], new_tokens: int) -> None:
+    """The README's transformers path as a static batch: left-padded with
+    Qwen's pad id, greedy, exactly ``new_tokens`` new tokens per row."""
+    import torch
+
+    width = max(len(c) for c in contexts)
+    input_ids = torch.tensor([[PAD_ID] * (width - len(c)) + c for c in contexts])
+    mask = (input_ids != PAD_ID).long()  # ChatML contexts never contain <|endoftext|>
+    with torch.no_grad():
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            repetition_penalty=1.0,
+            pad_token_id=PAD_ID,
+        )
+
+
 def transformers_job(spec: dict) -> dict:
     import torch
 
@@ -216,7 +237,6 @@ def transformers_job(spec: dict) -> dict:
     from qwen_vllm.tokenizer import VOCAB_FILE, QWenTokenizer
 
     n = spec["new_tokens"]
-    pad = 151643  # <|endoftext|>, Qwen's pad id
     say(f"loading transformers Qwen2ForCausalLM ({spec['model']}, load_format={spec['load_format']}) ...")
     start = time.perf_counter()
     model = transformers_model(spec["model"], spec["load_format"], getattr(torch, spec["dtype"])).eval()
@@ -226,20 +246,7 @@ def transformers_job(spec: dict) -> dict:
     contexts = [make_context(tok, q, [])[0] for q in queries(max(spec["batches"]), spec.get("prompt_tokens", 0))]
 
     def generate(batch: int) -> None:
-        ctx = contexts[:batch]
-        width = max(len(c) for c in ctx)
-        input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctx])
-        mask = (input_ids != pad).long()
-        with torch.no_grad():
-            model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                repetition_penalty=1.0,
-                pad_token_id=pad,
-            )
+        transformers_generate(model, contexts[:batch], n)
 
     return {
         "rows": measure({"transformers": generate}, spec),

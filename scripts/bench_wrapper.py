@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from qwen_vllm.bench_engine import transformers_generate
     from qwen_vllm.chat_template import make_context
     from qwen_vllm.convert import convert_to_qwen2
     from qwen_vllm.fixtures import make_model
@@ -77,21 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     qwen2 = convert_to_qwen2(model_dir, work / "qwen2")
     hf = Qwen2ForCausalLM.from_pretrained(str(qwen2), dtype=torch.float32).eval()
     contexts = [make_context(tok, q, [])[0] for q in queries]
-    width = max(len(c) for c in contexts)
-    input_ids = torch.tensor([[151643] * (width - len(c)) + c for c in contexts])
-    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(c) for c in contexts])[:, None]).long()
 
     def hf_batch() -> None:
-        with torch.no_grad():
-            hf.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                repetition_penalty=1.0,
-                pad_token_id=151643,
-            )
+        transformers_generate(hf, contexts, n)
 
     c_hf, c_wrap = [], []
     for _ in range(max(1, args.runs // 2)):

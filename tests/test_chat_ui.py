@@ -15,7 +15,6 @@ import http.server
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastchat_helpers import free_port
 
 from qwen_vllm.chat_template import DEFAULT_SYSTEM, render_messages
 from qwen_vllm.fixtures import CHAT_REPLY
@@ -48,12 +48,6 @@ SYSTEM_2 = "You are a terse pirate. Answer in one line."
 
 
 # -- helpers -----------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(check: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

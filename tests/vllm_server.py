@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from fastchat_helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = {"temperature": 0, "max_tokens": 200}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def start_server(artifacts_dir: Path) -> Iterator:
     procs: list[subprocess.Popen] = []
 
     def start(model: Path, name: str, *flags: str) -> str:
-        port = _free_port()
+        port = free_port()
         log_path = artifacts_dir / f"openai-server-{name}.log"
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
