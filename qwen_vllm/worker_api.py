@@ -56,6 +56,7 @@ DEFAULT_CONCURRENCY = 1024  # fschat vllm_worker's --limit-worker-concurrency
 # Open even with --api-key: the FastChat controller polls it and can send no
 # key (it tells only model names and queue length).
 CONTROLLER_PATHS = ("/worker_get_status",)
+ENGINE_STOPPED_GRACE_S = 2  # on SIGTERM, once the engine has stopped, open responses get this long to flush
 
 
 def api_keys(args: Namespace) -> list[str]:
@@ -255,6 +256,16 @@ async def model_details(request: Request) -> dict[str, Any]:
     return {"context_length": _worker(request).max_model_len}
 
 
+def close_open_responses_on_stop(app: FastAPI) -> None:
+    """On SIGTERM vLLM stops the engine (draining with --shutdown-timeout, else
+    aborting) and only then the HTTP server, which by default waits forever for
+    open responses: a stream whose engine is gone would never end. Give them
+    ENGINE_STOPPED_GRACE_S to flush, then close them."""
+    server = getattr(app.state, "server", None)  # vLLM's uvicorn server, set before start-up
+    if server is not None and server.config.timeout_graceful_shutdown is None:
+        server.config.timeout_graceful_shutdown = ENGINE_STOPPED_GRACE_S
+
+
 class FastChatWorkerPlugin:
     """vLLM endpoint plugin: FastChat worker routes + controller registration."""
 
@@ -280,6 +291,7 @@ class FastChatWorkerPlugin:
 
         @asynccontextmanager
         async def lifespan(app_: FastAPI) -> AsyncIterator[Any]:
+            close_open_responses_on_stop(app_)
             async with serve(app_) as state:
                 try:
                     yield state
