@@ -35,8 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qwen_vllm.bench_engine import RESULT_PREFIX, model_gib, say, wait_for_memory
+from qwen_vllm.bench_engine import RESULT_PREFIX, model_gib, say, wait_for_memory, write_json
 from qwen_vllm.bench_serving import stop_group
+from qwen_vllm.ports import free_ports
 
 # The public config.json shapes of Qwen (v1) chat models: hidden, layers, heads,
 # config "intermediate_size" (twice the real MLP width), vocab, seq_length, rope base.
@@ -142,7 +143,7 @@ def versus(args: argparse.Namespace, model: Path) -> dict:
             "concurrency": args.concurrency,
             "input_len": args.input_len,
             "prompts_per_client": args.prompts_per_client,
-            "base_port": args.base_port,
+            "base_port": args.base_port or free_ports(4),
         }
         with tempfile.TemporaryDirectory(prefix="bench-serving-") as work:
             out["serving"] = serving_rows(model, spec, Path(work))
@@ -317,7 +318,7 @@ def write_results(result: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = result["mode"]
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    write_json(paths["json"], result)
     paths["md"].write_text(markdown(result))
     plot(result, paths["png"])
     return paths
@@ -349,7 +350,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
             p.add_argument("--input-len", type=int, default=64, help="serving prompt length (random tokens)")
             p.add_argument("--prompts-per-client", type=int, default=2, help="serving requests per concurrent client")
-            p.add_argument("--base-port", type=int, default=18100, help="ports base..base+3 on 127.0.0.1")
+            p.add_argument("--base-port", type=int, help="ports base..base+3 on 127.0.0.1 (default: free ones)")
         if mode == "cpu-defaults":
             p.add_argument("--max-batched-tokens", type=int, nargs="*", default=[],
                            help="also measure ours with these max_num_batched_tokens")  # fmt: skip

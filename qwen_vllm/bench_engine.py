@@ -36,6 +36,12 @@ def say(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Write a benchmark's results (creating its folder), indented for diffs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 class PeakMemory:
     """Samples the resident memory of this process and its children (vLLM's
     engine core is a child process) while the job runs."""

@@ -51,31 +51,35 @@ from qwen_vllm.errors import QwenRequestError
 from qwen_vllm.function_call import OBSERVATION_STOP, PARSER_NAME, ReactParser, ToolSpec, tool_specs
 
 LEGACY_MIDDLEWARE = "qwen_vllm.legacy_functions.LegacyFunctionsMiddleware"
-SERVER_ARGS = (
-    "--enable-auto-tool-choice",
-    "--tool-call-parser",
-    PARSER_NAME,
-    "--exclude-tools-when-tool-choice-none",
-    "--middleware",
-    LEGACY_MIDDLEWARE,
-)
+# vLLM server options (argparse dests) tool calling needs: `qwen-vllm serve`
+# adds them as flags (with_server_args), the worker's parser as defaults.
+SERVER_DEFAULTS: dict[str, Any] = {
+    "enable_auto_tool_choice": True,
+    "tool_call_parser": PARSER_NAME,
+    "exclude_tools_when_tool_choice_none": True,
+    "middleware": [LEGACY_MIDDLEWARE],
+}
 
 
 def with_server_args(argv: Sequence[str]) -> list[str]:
-    """``argv`` plus whichever of SERVER_ARGS it does not already set (a
-    user's own --tool-call-parser wins)."""
+    """``argv`` plus the flags of SERVER_DEFAULTS it does not already set (a
+    user's own --tool-call-parser or --no-exclude-... wins; our middleware is
+    added beside theirs)."""
     argv = list(argv)
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     extra: list[str] = []
-    if "--enable-auto-tool-choice" not in given:
-        extra.append("--enable-auto-tool-choice")
-    if "--tool-call-parser" not in given:
-        extra += ["--tool-call-parser", PARSER_NAME]
-    if not given & {"--exclude-tools-when-tool-choice-none", "--no-exclude-tools-when-tool-choice-none"}:
-        extra.append("--exclude-tools-when-tool-choice-none")
-    if LEGACY_MIDDLEWARE not in argv and f"--middleware={LEGACY_MIDDLEWARE}" not in argv:
-        extra += ["--middleware", LEGACY_MIDDLEWARE]
+    for dest, value in SERVER_DEFAULTS.items():
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(value, list):
+            for item in value:
+                if item not in argv and f"{flag}={item}" not in argv:
+                    extra += [flag, item]
+        elif not given & {flag, "--no-" + flag[2:]}:
+            extra += [flag] if value is True else [flag, value]
     return argv + extra
+
+
+SERVER_ARGS = tuple(with_server_args([]))
 
 
 def _continuation(request: Any) -> bool:

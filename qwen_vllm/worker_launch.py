@@ -61,20 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fc.add_argument("--conv-template", help="FastChat conversation template (default qwen-7b-chat for chat models)")
     fc.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
     make_arg_parser(parser)
-    from qwen_vllm.function_call import PARSER_NAME
-    from qwen_vllm.tool_parser import LEGACY_MIDDLEWARE
+    from qwen_vllm.tool_parser import SERVER_DEFAULTS
 
-    # Qwen tool calling on by default, as with `qwen-vllm serve` (tool_parser.SERVER_ARGS).
-    parser.set_defaults(
-        host="127.0.0.1",
-        port=21002,
-        model=None,
-        enable_server_load_tracking=True,
-        enable_auto_tool_choice=True,
-        tool_call_parser=PARSER_NAME,
-        exclude_tools_when_tool_choice_none=True,
-        middleware=[LEGACY_MIDDLEWARE],
-    )
+    # Qwen tool calling on by default, as with `qwen-vllm serve`.
+    parser.set_defaults(host="127.0.0.1", port=21002, model=None, enable_server_load_tracking=True, **SERVER_DEFAULTS)
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from qwen_vllm.bench_engine import write_json
+
 # One engine, one configuration: prints a JSON line "RESULT {...}".
 ENGINE_SNIPPET = r"""
 import json, os, sys, time
@@ -201,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     print_table(result)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"\nwrote {out}")
     return 0
 

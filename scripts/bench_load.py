@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import signal
@@ -31,35 +30,18 @@ from pathlib import Path
 import openai
 import psutil
 
+from qwen_vllm.ports import free_ports
+from qwen_vllm.bench_engine import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "Hello"}]
-
-
-def free_port_base(n: int) -> int:
-    import socket
-
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        try:
-            socks = [socket.socket() for _ in range(n)]
-            for i, s in enumerate(socks):
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 class Stack:
     """``qwen-vllm stack`` as a subprocess; its printed pids and URLs parsed."""
 
     def __init__(self, model: Path, workers: int, log_dir: Path) -> None:
-        self.base = free_port_base(2 + workers)
+        self.base = free_ports(2 + workers)
         cmd = [sys.executable, "-m", "qwen_vllm.cli", "stack", "--model", str(model), "--workers", str(workers),
                "--port", str(self.base), "--controller-port", str(self.base + 1),
                "--worker-port", str(self.base + 2), "--log-dir", str(log_dir),
@@ -224,8 +206,7 @@ def main() -> int:
         }
     finally:
         stack.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     front, direct = results["front"], results["direct"]
     print(f"\n{args.clients} clients x {args.requests} streamed greedy requests, {args.workers} workers")
     print(f"{'':24}{'front (ours)':>14}{'direct (anchor)':>17}{'ratio':>8}")

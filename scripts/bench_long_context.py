@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from qwen_vllm.bench_engine import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE_1_8B = {"hidden_size": 2048, "num_layers": 24, "num_heads": 16, "mlp_width": 5504}
 VOCAB = 151936
@@ -254,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if "long_context_tables_mib" in report:
         print(f"long-context rotary + LogN tables at max_model_len {args.long_len}: {report['long_context_tables_mib']:.1f} MiB")
     report["table"] = [{"measure": n, "anchor": a, "long_context": o, "ratio": o / a} for n, a, o in rows]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

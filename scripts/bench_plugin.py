@@ -13,7 +13,6 @@ Prints a ratio table and writes results/bench_plugin.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from qwen_vllm.bench_engine import write_json
 
 STARTUP_SNIPPET = """
 import sys, time
@@ -128,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         s = result["startup"]
         print(f"| engine start-up s (median) | {s['plugin_qwen_v1_s']:.1f} | {s['stock_qwen2_s']:.1f} (Qwen2 copy) | {s['ratio']:.3f} |")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"\nwrote {out}")
     return 0
 

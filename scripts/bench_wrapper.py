@@ -14,12 +14,13 @@ Medians over --runs, interleaved. Prints a table, writes results/bench_wrapper.j
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from qwen_vllm.bench_engine import write_json
 
 
 def timed(fn) -> float:
@@ -111,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| (b) batch_chat({args.batch}) vs sequential chat(), tok/s | {b['batch_chat_tok_s']:.0f} | {b['sequential_chat_tok_s']:.0f} | {b['ratio']:.2f}x (goal >= 8) |")
     print(f"| (c) batch_chat vs transformers generate, tok/s | {c['wrapper_batch_tok_s']:.0f} | {c['transformers_generate_tok_s']:.0f} | {c['ratio']:.2f}x |")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"\nwrote {out}")
     return 0
 

@@ -22,7 +22,8 @@ import httpx
 import psutil
 import pytest
 
-from fastchat_helpers import free_ports, start_controller
+from fastchat_helpers import start_controller
+from qwen_vllm.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "scripted"

@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 4
 COMMON = ["--new-tokens", str(NEW_TOKENS), "--rounds", "1"]
 RUNS = {
-    "versus": ["--batches", "1", "8", "--concurrency", "1", "8", "--prompts-per-client", "1", "--input-len", "16",
-               "--base-port", "18640"],
+    "versus": ["--batches", "1", "8", "--concurrency", "1", "8", "--prompts-per-client", "1", "--input-len", "16"],
     "profile": ["--batch", "4"],
     "cpu-defaults": ["--batches", "1", "4"],
 }  # fmt: skip

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastchat_helpers import free_port
+from qwen_vllm.ports import free_port
 
 from qwen_vllm.chat_template import DEFAULT_SYSTEM, render_messages
 from qwen_vllm.fixtures import CHAT_REPLY

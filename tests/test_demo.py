@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from qwen_vllm.fixtures import CHAT_REPLY
-from fastchat_helpers import free_ports
+from qwen_vllm.ports import free_ports
 
 
 def test_demo_brings_up_the_stack_and_answers(tmp_path: Path) -> None:

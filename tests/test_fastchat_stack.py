@@ -25,7 +25,7 @@ import openai
 import psutil
 import pytest
 
-from fastchat_helpers import free_ports
+from qwen_vllm.ports import free_ports
 from qwen_vllm.fixtures import CHAT_REPLY
 
 ROOT = Path(__file__).resolve().parent.parent

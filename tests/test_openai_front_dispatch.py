@@ -10,7 +10,8 @@ import asyncio
 import httpx
 import pytest
 
-from fastchat_helpers import free_port, start_controller
+from fastchat_helpers import start_controller
+from qwen_vllm.ports import free_port
 from qwen_vllm import openai_front
 from qwen_vllm.openai_front import Dispatcher, NoWorker
 

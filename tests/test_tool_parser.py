@@ -10,7 +10,13 @@ import pytest
 
 import qwen_vllm
 from qwen_vllm import chatml_eos
-from qwen_vllm.tool_parser import LEGACY_MIDDLEWARE, SERVER_ARGS, QwenReactToolParser, with_server_args
+from qwen_vllm.tool_parser import (
+    LEGACY_MIDDLEWARE,
+    SERVER_ARGS,
+    SERVER_DEFAULTS,
+    QwenReactToolParser,
+    with_server_args,
+)
 from react_cases import ARGS, THOUGHT, TIME, WEATHER
 
 qwen_vllm.register()
@@ -69,6 +75,11 @@ def test_server_args() -> None:
     assert (args.enable_auto_tool_choice, args.tool_call_parser, args.exclude_tools_when_tool_choice_none) == (
         True, "qwen_react", True)
     assert args.middleware == [LEGACY_MIDDLEWARE]
+    # The worker's parser has the same settings as defaults.
+    from qwen_vllm.worker_launch import build_parser
+
+    worker = build_parser().parse_args(["--model-path", "m"])
+    assert {k: getattr(worker, k) for k in SERVER_DEFAULTS} == {k: getattr(args, k) for k in SERVER_DEFAULTS}
 
 
 def _request(**kw):

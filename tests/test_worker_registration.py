@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from fastchat_helpers import free_port, start_controller
+from fastchat_helpers import start_controller
+from qwen_vllm.ports import free_port
 from qwen_vllm.worker_registration import ControllerLink
 
 INTERVAL = 1.0

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from fastchat_helpers import free_port
+from qwen_vllm.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = {"temperature": 0, "max_tokens": 200}
