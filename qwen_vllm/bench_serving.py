@@ -8,9 +8,11 @@ Load: vLLM's own benchmark client (``vllm.benchmarks.serve``, called directly:
 the ``vllm bench`` CLI needs the "vllm" distribution name), random prompts,
 fixed output length (ignore_eos), streaming /v1/completions, at each
 concurrency. One engine at a time (a full-size model twice may not fit in
-memory): the native server first, then the stack, whose worker serves both
-``worker`` and ``front`` (interleaved round by round). Both engines get the
-same CPU binding and KV-cache size, so only the serving path differs.
+memory): the native server for half the rounds, then the stack, whose worker
+serves both ``worker`` and ``front`` (interleaved round by round), then a new
+native server for the other half, so the machine's drift and one engine's
+luck weigh on both sides. Every engine gets the same CPU binding and KV-cache
+size, so only the serving path differs.
 """
 
 from __future__ import annotations
@@ -164,12 +166,24 @@ def serving_rows(model: Path, spec: dict, work: Path) -> list[dict]:
                    "--max-model-len", str(spec["max_model_len"])]  # fmt: skip
     need = model_gib(str(model), spec["dtype"]) * 1.1 + float(env["VLLM_CPU_KVCACHE_SPACE"]) + 2.0
     runs: dict[tuple[str, int], list[dict]] = {}
-    wait_for_memory(need, "native vLLM server")
-    with native_server(model, name, spec["base_port"] + 3, engine_args, env, work / "native.log") as bases:
-        runs.update(measure(bases, model, name, spec))
-    wait_for_memory(need, "qwen-vllm stack")
-    with stack(model, spec["base_port"], engine_args, env, work / "stack") as bases:
-        runs.update(measure(bases, model, name, spec))
+
+    def add(measured: dict[tuple[str, int], list[dict]]) -> None:
+        for key, rs in measured.items():
+            runs.setdefault(key, []).extend(rs)
+
+    # Native, stack, native again (rounds split): one engine at a time, and
+    # drift of a shared machine over the run weighs on both sides alike.
+    first = (spec["rounds"] + 1) // 2
+    for part, rounds in enumerate((first, spec["rounds"] - first)):
+        if rounds:
+            wait_for_memory(need, "native vLLM server")
+            log = work / f"native-{part + 1}.log"
+            with native_server(model, name, spec["base_port"] + 3, engine_args, env, log) as bases:
+                add(measure(bases, model, name, {**spec, "rounds": rounds}))
+        if part == 0:
+            wait_for_memory(need, "qwen-vllm stack")
+            with stack(model, spec["base_port"], engine_args, env, work / "stack") as bases:
+                add(measure(bases, model, name, spec))
     med = statistics.median
     return [
         {

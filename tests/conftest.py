@@ -9,6 +9,7 @@ session. vLLM's model-inspection cache lives in a fresh directory per session
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Fixture checkpoints and caches go with the session (hundreds of MB each run)."""
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
