@@ -171,19 +171,21 @@ def serving_rows(model: Path, spec: dict, work: Path) -> list[dict]:
         for key, rs in measured.items():
             runs.setdefault(key, []).extend(rs)
 
+    def native(part: int, rounds: int) -> None:
+        wait_for_memory(need, "native vLLM server")
+        log = work / f"native-{part}.log"
+        with native_server(model, name, spec["base_port"] + 3, engine_args, env, log) as bases:
+            add(measure(bases, model, name, {**spec, "rounds": rounds}))
+
     # Native, stack, native again (rounds split): one engine at a time, and
     # drift of a shared machine over the run weighs on both sides alike.
     first = (spec["rounds"] + 1) // 2
-    for part, rounds in enumerate((first, spec["rounds"] - first)):
-        if rounds:
-            wait_for_memory(need, "native vLLM server")
-            log = work / f"native-{part + 1}.log"
-            with native_server(model, name, spec["base_port"] + 3, engine_args, env, log) as bases:
-                add(measure(bases, model, name, {**spec, "rounds": rounds}))
-        if part == 0:
-            wait_for_memory(need, "qwen-vllm stack")
-            with stack(model, spec["base_port"], engine_args, env, work / "stack") as bases:
-                add(measure(bases, model, name, spec))
+    native(1, first)
+    wait_for_memory(need, "qwen-vllm stack")
+    with stack(model, spec["base_port"], engine_args, env, work / "stack") as bases:
+        add(measure(bases, model, name, spec))
+    if spec["rounds"] > first:
+        native(2, spec["rounds"] - first)
     med = statistics.median
     return [
         {

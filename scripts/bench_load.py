@@ -30,8 +30,8 @@ from pathlib import Path
 import openai
 import psutil
 
-from qwen_vllm.ports import free_ports
 from qwen_vllm.bench_engine import write_json
+from qwen_vllm.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "Hello"}]

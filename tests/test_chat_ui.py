@@ -25,10 +25,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from qwen_vllm.ports import free_port
 
 from qwen_vllm.chat_template import DEFAULT_SYSTEM, render_messages
 from qwen_vllm.fixtures import CHAT_REPLY
+from qwen_vllm.ports import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
 from qwen_vllm.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
