@@ -12,4 +12,4 @@ test: setup
 	$(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m qwen_vllm.demo
+	$(PY) -m qwen_vllm.cli demo

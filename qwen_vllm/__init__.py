@@ -8,31 +8,15 @@ registered as a lazy "module:Class" string.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 __all__ = ["register", "vLLMWrapper", "__version__"]
 
 if TYPE_CHECKING:
-    from qwen_vllm.wrapper import vLLMWrapper
+    from qwen_vllm.wrapper.chat import vLLMWrapper
 
 _registered = False
-
-# Set by interactive front ends that run an engine in their own process
-# (``qwen-vllm chat --model``). Ctrl-C in a terminal signals the whole
-# foreground process group, and vLLM's engine core and workers shut down on
-# SIGINT; with this set, each process vLLM spawns moves to a process group of
-# its own when it loads this plugin, so Ctrl-C reaches only the front end.
-# (A blocked or ignored SIGINT does not survive: spawn resets the mask and
-# vLLM installs its own handler.)
-OWN_PROCESS_GROUP_ENV = "QWEN_VLLM_ENGINE_OWN_PROCESS_GROUP"
-
-
-def _leave_terminal_process_group() -> None:
-    if os.environ.get(OWN_PROCESS_GROUP_ENV) == "1" and multiprocessing.parent_process() is not None:
-        os.setpgid(0, 0)
 
 
 def register() -> None:
@@ -42,20 +26,20 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    _leave_terminal_process_group()
-    from qwen_vllm.process_tree import engine_process_dies_with_parent
+    # First: under fork, the children of this process inherit ``_registered``.
+    from qwen_vllm.runtime.processes import install_process_hooks
 
-    engine_process_dies_with_parent()
+    install_process_hooks()
     from transformers import AutoConfig
     from transformers.models.auto import tokenization_auto
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils import config as vllm_config
 
-    from qwen_vllm import cpu_gptq
-    from qwen_vllm.config import QWenConfig
-    from qwen_vllm.engine_config import QWenEngineConfig
-    from qwen_vllm.tokenizer import QWenTokenizer
+    from qwen_vllm.plugin import cpu_gptq
+    from qwen_vllm.plugin.config import QWenConfig
+    from qwen_vllm.plugin.engine_config import QWenEngineConfig
+    from qwen_vllm.plugin.tokenizer import QWenTokenizer
 
     vllm_config._CONFIG_REGISTRY[QWenConfig.model_type] = QWenConfig
     AutoConfig.register(QWenConfig.model_type, QWenConfig, exist_ok=True)
@@ -63,7 +47,7 @@ def register() -> None:
     # tokenization_qwen.py win when trust_remote_code=True.
     tokenization_auto.REGISTERED_TOKENIZER_CLASSES["QWenTokenizer"] = QWenTokenizer
     if "QWenLMHeadModel" not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model("QWenLMHeadModel", "qwen_vllm.model:QWenLMHeadModel")
+        ModelRegistry.register_model("QWenLMHeadModel", "qwen_vllm.plugin.model:QWenLMHeadModel")
     # vLLM's per-architecture config hook: long-context set-up (max_model_len
     # default, M-RoPE positions, prefix caching) and GPTQ/KV-cache checks.
     MODELS_CONFIG_MAP["QWenLMHeadModel"] = QWenEngineConfig
@@ -78,16 +62,16 @@ def _register_serving() -> None:
     when a server selects it) and every ChatML stop id as a default stop."""
     from vllm.tool_parsers import ToolParserManager
 
-    from qwen_vllm import chatml_eos
-    from qwen_vllm.function_call import PARSER_NAME
+    from qwen_vllm.plugin import chatml_eos
+    from qwen_vllm.tools.react import PARSER_NAME
 
-    ToolParserManager.register_lazy_module(PARSER_NAME, "qwen_vllm.tool_parser", "QwenReactToolParser")
+    ToolParserManager.register_lazy_module(PARSER_NAME, "qwen_vllm.tools.vllm_parser", "QwenReactToolParser")
     chatml_eos.install()
 
 
 def __getattr__(name: str):
     if name == "vLLMWrapper":
-        from qwen_vllm.wrapper import vLLMWrapper
+        from qwen_vllm.wrapper.chat import vLLMWrapper
 
         return vLLMWrapper
     raise AttributeError(name)

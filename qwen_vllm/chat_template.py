@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from qwen_vllm.errors import QwenContextError, QwenRequestError
 
 if TYPE_CHECKING:
-    from qwen_vllm.tokenizer import QWenTokenizer
+    from qwen_vllm.plugin.tokenizer import QWenTokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 NL_ID = 198
@@ -184,7 +184,7 @@ def apply_chat_template(
     to Qwen's ReAct prompt (function_call.py). ``tokenize=False`` returns a
     RenderedChat (a str carrying the ids).
     """
-    from qwen_vllm.function_call import has_tool_history, react_messages
+    from qwen_vllm.tools.react import has_tool_history, react_messages
 
     messages = list(conversation)
     if tools or has_tool_history(messages):

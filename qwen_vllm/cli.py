@@ -1,28 +1,42 @@
 """The ``qwen-vllm`` command. Each subcommand lives in the module that does the
-work (``add_arguments(parser)`` + ``run(args)``); this file only dispatches,
-importing a subcommand's module when it is chosen so ``--help`` stays fast."""
+work (a :class:`Subcommand`: ``add_arguments(parser)`` + ``run(args)``); this
+file only dispatches, importing a subcommand's module when it is chosen so
+``--help`` stays fast. ``python -m MODULE`` of such a module is the same
+command (:func:`run_as_module`)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from typing import NoReturn, Protocol
+
+
+class Subcommand(Protocol):
+    """What a subcommand module provides (cf. vLLM's ``CLISubcommand``). A
+    module with ``PASS_THROUGH_ARGS = True`` gets the arguments it does not
+    know as ``args.extra_args`` (for another program's parser)."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "make-model": ("qwen_vllm.fixtures", "write a fixture checkpoint in the exact Qwen v1 layout"),
-    "convert-to-qwen2": ("qwen_vllm.convert", "rewrite a Qwen v1 checkpoint as Qwen2ForCausalLM"),
-    "chat": ("qwen_vllm.chat_cli", "chat in the terminal: in-process (--model DIR) or with a server (--api URL)"),
-    "web": ("qwen_vllm.web_ui", "web chat UI for an OpenAI-compatible server (--api-url URL)"),
-    "serve": ("qwen_vllm.serve", "vLLM's OpenAI API server with Qwen tool calling enabled"),
+    "make-model": ("qwen_vllm.checkpoints.fixtures", "write a fixture checkpoint in the exact Qwen v1 layout"),
+    "convert-to-qwen2": ("qwen_vllm.checkpoints.convert", "rewrite a Qwen v1 checkpoint as Qwen2ForCausalLM"),
+    "chat": ("qwen_vllm.ui.chat", "chat in the terminal: in-process (--model DIR) or with a server (--api URL)"),
+    "web": ("qwen_vllm.ui.web", "web chat UI for an OpenAI-compatible server (--api-url URL)"),
+    "serve": ("qwen_vllm.serving.serve", "vLLM's OpenAI API server with Qwen tool calling enabled"),
     "worker": ("qwen_vllm.worker_launch", "FastChat model worker on vLLM's OpenAI server (FastChat + vLLM flags)"),
-    "openai-api": ("qwen_vllm.openai_front", "OpenAI API in front of FastChat-controller workers"),
-    "stack": ("qwen_vllm.stack", "controller + workers + OpenAI API (+ web UI) in one command"),
-    "bench": ("qwen_vllm.bench", "performance report: profile, versus (transformers, native vLLM), cpu-defaults"),
+    "openai-api": ("qwen_vllm.serving.front", "OpenAI API in front of FastChat-controller workers"),
+    "stack": ("qwen_vllm.serving.stack", "controller + workers + OpenAI API (+ web UI) in one command"),
+    "bench": ("qwen_vllm.bench.report", "performance report: profile, versus (transformers, native vLLM), cpu-defaults"),
+    "demo": ("qwen_vllm.serving.demo", "the whole stack and web UI on a scripted fixture model (make demo)"),
 }
 
 
-def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Subcommand | None]:
     parser = argparse.ArgumentParser(prog="qwen-vllm", description="Serve Qwen (v1) chat models on current vLLM.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
@@ -48,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.extra_args = extra
     return int(module.run(args) or 0)
+
+
+def run_as_module(command: str) -> NoReturn:
+    """``python -m <a subcommand's module> ARGS`` = ``qwen-vllm <command> ARGS``."""
+    sys.exit(main([command, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from qwen_vllm.errors import QwenRequestError
-from qwen_vllm.tokenizer import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
+from qwen_vllm.plugin.tokenizer import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
 
 if TYPE_CHECKING:
-    from qwen_vllm.tokenizer import QWenTokenizer
+    from qwen_vllm.plugin.tokenizer import QWenTokenizer
 
 CHATML_STOP_IDS = (IM_END_ID, IM_START_ID, ENDOFTEXT_ID)
 RAW_STOP_IDS = (ENDOFTEXT_ID,)

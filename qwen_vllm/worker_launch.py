@@ -20,7 +20,7 @@ import sys
 from importlib.metadata import entry_points
 
 from qwen_vllm.errors import QwenVLLMError
-from qwen_vllm.process_tree import DIE_WITH_PARENT_ENV
+from qwen_vllm.runtime.processes import DIE_WITH_PARENT_ENV
 
 PLUGIN_GROUPS = (
     "vllm.general_plugins",
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fc.add_argument("--conv-template", help="FastChat conversation template (default qwen-7b-chat for chat models)")
     fc.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
     make_arg_parser(parser)
-    from qwen_vllm.tool_parser import SERVER_DEFAULTS
+    from qwen_vllm.tools.vllm_parser import SERVER_DEFAULTS
 
     # Qwen tool calling on by default, as with `qwen-vllm serve`.
     parser.set_defaults(host="127.0.0.1", port=21002, model=None, enable_server_load_tracking=True, **SERVER_DEFAULTS)
@@ -69,10 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Map fschat's flags onto vLLM's and check them before any engine starts."""
-    from qwen_vllm.checkpoint import is_qwen_v1, validate_checkpoint
-    from qwen_vllm.fastchat_protocol import conv_template
-    from qwen_vllm.ntk import check_max_model_len
-    from qwen_vllm.quantization import check_engine_settings, engine_quantization
+    from qwen_vllm.plugin.checkpoint import is_qwen_v1, validate_checkpoint
+    from qwen_vllm.plugin.ntk import check_max_model_len
+    from qwen_vllm.plugin.quantization import check_engine_settings, engine_quantization
+    from qwen_vllm.worker.protocol import conv_template
 
     model = args.model_path or args.model_tag or args.model
     if not model:
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
-    from qwen_vllm.cpu_defaults import apply_cpu_defaults
+    from qwen_vllm.runtime.cpu import apply_cpu_defaults
 
     try:
         resolve_args(args)
@@ -154,9 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from qwen_vllm.cli import run_as_module
+
+    run_as_module("worker")

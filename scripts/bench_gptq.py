@@ -1,5 +1,5 @@
 """GPTQ Int4 benchmark (issue 9): memory and speed of the Int4 fixture on the
-CPU fallback kernel (qwen_vllm.cpu_gptq) vs the same model in float.
+CPU fallback kernel (qwen_vllm.plugin.cpu_gptq) vs the same model in float.
 
 1. Kernel: one linear at a Qwen-1.8B MLP shape, fallback op vs torch's float
    matmul, median of N calls per batch size M.
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwen_vllm.bench_engine import write_json
+from qwen_vllm.bench.engine import write_json
 
 # One engine, one configuration: prints a JSON line "RESULT {...}".
 ENGINE_SNIPPET = r"""
@@ -87,15 +87,17 @@ def bench_kernel(runs: int, k: int = 2048, n: int = 5504, group: int = 128) -> d
     """Fallback op vs torch matmul for one [k -> n] linear (Qwen-1.8B's MLP up)."""
     import torch
 
-    from qwen_vllm import cpu_gptq
-    from qwen_vllm.gptq_pack import quantize_rtn, unpack_int32
+    from qwen_vllm.checkpoints.gptq_pack import quantize_rtn, unpack_int32
+    from qwen_vllm.plugin import cpu_gptq
 
     cpu_gptq.install()
     torch.manual_seed(0)
     t = quantize_rtn(torch.randn(n, k) / 45, 4, group)
     q = unpack_int32(t.qweight, 4, dim=0)  # [k, n]
     # The CPUWNA16 layout the op receives: blocks of 16 output channels.
-    from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
+    from vllm.model_executor.layers.quantization.utils.quant_utils import (
+        pack_quantized_values_into_int32,
+    )
     from vllm.scalar_type import scalar_types
 
     packed = pack_quantized_values_into_int32(q, scalar_types.uint4b8, 1)
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict = {"kernel": bench_kernel(max(args.runs, 5))}
     if not args.skip_engine:
-        from qwen_vllm.fixtures import make_model
+        from qwen_vllm.checkpoints.fixtures import make_model
 
         work = Path(args.fixtures) if args.fixtures else Path(tempfile.mkdtemp(prefix="bench-gptq-"))
         shape = dict(hidden_size=2048, num_layers=args.layers, num_heads=16, mlp_width=5504, seq_length=2048)

@@ -30,8 +30,8 @@ from pathlib import Path
 import openai
 import psutil
 
-from qwen_vllm.bench_engine import write_json
-from qwen_vllm.ports import free_ports
+from qwen_vllm.bench.engine import write_json
+from qwen_vllm.runtime.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -62,7 +62,7 @@ class Stack:
                 return
             if time.monotonic() > deadline:
                 break
-        raise SystemExit(f"the stack did not become ready:\n" + "\n".join(self.lines[-30:]))
+        raise SystemExit("the stack did not become ready:\n" + "\n".join(self.lines[-30:]))
 
     def roles(self) -> dict[str, int]:
         found = {}
@@ -177,7 +177,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "load.json")
     args = parser.parse_args()
 
-    from qwen_vllm.fixtures import CHAT_REPLY, make_model
+    from qwen_vllm.checkpoints.fixtures import CHAT_REPLY, make_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-load-"))
     model = args.model or make_model(tmp / "scripted", "scripted", script="chat")

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwen_vllm.bench_engine import write_json
+from qwen_vllm.bench.engine import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE_1_8B = {"hidden_size": 2048, "num_layers": 24, "num_heads": 16, "mlp_width": 5504}
@@ -71,7 +71,7 @@ def kv_bytes_per_token(layers: int, dtype: str) -> int:
 
 def write_model(root: Path, seq_length: int, layers: int) -> Path:
     """Config and tokenizer of a Qwen-1.8B-shaped checkpoint (weights: vLLM's dummy loader)."""
-    from qwen_vllm.fixtures import qwen_config, write_checkpoint
+    from qwen_vllm.checkpoints.fixtures import qwen_config, write_checkpoint
 
     out = root / f"qwen-1.8b-shape-s{seq_length}-l{layers}"
     if not (out / "config.json").is_file():
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine:
         print("RESULT " + json.dumps(run_engine(json.loads(args.engine))), flush=True)
         return 0
-    from qwen_vllm.ntk import LongContextPlan
+    from qwen_vllm.plugin.ntk import LongContextPlan
 
     common = {"dtype": args.dtype, "compile": args.compile, "repeats": args.repeats, "new_tokens": args.new_tokens}
     rows: list[tuple[str, float, float]] = []

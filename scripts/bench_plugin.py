@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwen_vllm.bench_engine import write_json
+from qwen_vllm.bench.engine import write_json
 
 STARTUP_SNIPPET = """
 import sys, time
@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/bench_plugin.json")
     args = parser.parse_args(argv)
 
-    from qwen_vllm.convert import convert_to_qwen2
-    from qwen_vllm.fixtures import make_model
-    from qwen_vllm.tokenizer import QWenTokenizer
+    from qwen_vllm.checkpoints.convert import convert_to_qwen2
+    from qwen_vllm.checkpoints.fixtures import make_model
+    from qwen_vllm.plugin.tokenizer import QWenTokenizer
 
     work = Path(tempfile.mkdtemp(prefix="bench-plugin-"))
     qwen = make_model(work / "qwen-v1", "random")

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwen_vllm.bench_engine import write_json
+from qwen_vllm.bench.engine import write_json
 
 
 def timed(fn) -> float:
@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from qwen_vllm.bench_engine import transformers_generate
+    from qwen_vllm.bench.engine import transformers_generate
     from qwen_vllm.chat_template import make_context
-    from qwen_vllm.convert import convert_to_qwen2
-    from qwen_vllm.fixtures import make_model
+    from qwen_vllm.checkpoints.convert import convert_to_qwen2
+    from qwen_vllm.checkpoints.fixtures import make_model
     from qwen_vllm.stop_words import CHATML_STOP_IDS
-    from qwen_vllm.wrapper import vLLMWrapper
+    from qwen_vllm.wrapper.chat import vLLMWrapper
 
     work = Path(tempfile.mkdtemp(prefix="bench-wrapper-"))
     model_dir = Path(args.model) if args.model else make_model(work / "random", "random")

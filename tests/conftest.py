@@ -23,6 +23,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ENGINE_LOG = _SESSION_TMP / "engine-starts"
+os.environ["QWEN_VLLM_ENGINE_LOG"] = str(ENGINE_LOG)  # qwen_vllm.runtime.processes.ENGINE_LOG_ENV
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from qwen_vllm.runtime.cpu import cpu_caps
+
+    return cpu_caps().describe()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Engine starts are what make the suite slow: keep them counted."""
+    starts = len(ENGINE_LOG.read_text().split()) if ENGINE_LOG.exists() else 0
+    terminalreporter.write_line(f"vLLM engine starts in this session: {starts}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -49,7 +63,7 @@ def fixtures_root() -> Path:
 @pytest.fixture(scope="session")
 def scripted_model(fixtures_root: Path) -> Path:
     """Greedy reply to any ChatML prompt is fixtures.CHAT_REPLY, then <|im_end|>."""
-    from qwen_vllm.fixtures import make_model
+    from qwen_vllm.checkpoints.fixtures import make_model
 
     return make_model(fixtures_root / "scripted-chat", "scripted", script="chat")
 
@@ -58,7 +72,7 @@ def scripted_model(fixtures_root: Path) -> Path:
 def react_model(fixtures_root: Path) -> Path:
     """Greedy reply is a ReAct action (fixtures.REACT_ACTION); after
     "\\nThought:" it gives the final answer (fixtures.REACT_ANSWER)."""
-    from qwen_vllm.fixtures import make_model
+    from qwen_vllm.checkpoints.fixtures import make_model
 
     return make_model(fixtures_root / "scripted-react", "scripted", script="react")
 
@@ -66,7 +80,7 @@ def react_model(fixtures_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def random_model(fixtures_root: Path) -> Path:
     """Seeded random weights (hidden 128, 2 layers, 2 heads of 64)."""
-    from qwen_vllm.fixtures import make_model
+    from qwen_vllm.checkpoints.fixtures import make_model
 
     return make_model(fixtures_root / "random", "random")
 
@@ -74,20 +88,20 @@ def random_model(fixtures_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def random_qwen2(random_model: Path, fixtures_root: Path) -> Path:
     """The random fixture converted to Qwen2ForCausalLM (the independent reference)."""
-    from qwen_vllm.convert import convert_to_qwen2
+    from qwen_vllm.checkpoints.convert import convert_to_qwen2
 
     return convert_to_qwen2(random_model, fixtures_root / "random-qwen2")
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer(scripted_model: Path):
-    from qwen_vllm.tokenizer import QWenTokenizer
+    from qwen_vllm.plugin.tokenizer import QWenTokenizer
 
     return QWenTokenizer(str(scripted_model / "qwen.tiktoken"))
 
 
 def _wrapper(model_dir: Path, **kwargs):
-    from qwen_vllm.wrapper import vLLMWrapper
+    from qwen_vllm.wrapper.chat import vLLMWrapper
 
     opts = dict(dtype="float32", enforce_eager=True, max_model_len=2048)
     opts.update(kwargs)

@@ -21,9 +21,9 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from fastchat_helpers import start_controller
-from qwen_vllm.ports import free_ports
+
+from qwen_vllm.runtime.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "scripted"
@@ -65,7 +65,7 @@ class Topology:
             )
 
     def start_worker(self, name: str) -> None:
-        from qwen_vllm.stack import device_env
+        from qwen_vllm.serving.stack import device_env
 
         port = self.base + 2 + "ab".index(name)
         cmd = [sys.executable, "-m", "qwen_vllm.worker_launch", "--model-path", str(self.model_dir),
@@ -76,7 +76,7 @@ class Topology:
         self._spawn(f"worker-{name}", cmd, device_env("ab".index(name), 2, 1))
 
     def start_front(self) -> None:
-        cmd = [sys.executable, "-m", "qwen_vllm.openai_front", "--port", str(self.base + 1),
+        cmd = [sys.executable, "-m", "qwen_vllm.serving.front", "--port", str(self.base + 1),
                "--controller-address", self.controller_url, "--worker-api-key", WORKER_KEY]  # fmt: skip
         self._spawn("front", cmd)
 

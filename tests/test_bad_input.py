@@ -15,10 +15,10 @@ import re
 
 import httpx
 import pytest
-
-from qwen_vllm.errors import QwenContextError, QwenRequestError
-from qwen_vllm.fixtures import CHAT_REPLY
 from reliability_stack import MAX_MODEL_LEN, MODEL, topology  # noqa: F401 (topology is a fixture)
+
+from qwen_vllm.checkpoints.fixtures import CHAT_REPLY
+from qwen_vllm.errors import QwenContextError, QwenRequestError
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 CHATML_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

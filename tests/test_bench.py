@@ -46,7 +46,7 @@ def bench_runs(random_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     codes: dict[str, int] = {}
 
     def chain(modes: list[str]) -> None:
-        from qwen_vllm.bench_serving import stop_group
+        from qwen_vllm.bench.serving import stop_group
 
         for mode in modes:
             out, log = outs[mode]
@@ -130,10 +130,10 @@ def test_cpu_defaults(bench_runs: dict) -> None:
 # -- no engine ------------------------------------------------------------------
 @pytest.mark.parametrize("size", ["1.8B", "7B", "14B", "72B"])
 def test_shape_model_has_the_real_config(size: str, tmp_path: Path) -> None:
-    from qwen_vllm.bench import SIZES, write_shape_model
-    from qwen_vllm.checkpoint import read_config, validate_checkpoint
-    from qwen_vllm.config import QWenConfig
+    from qwen_vllm.bench.report import SIZES, write_shape_model
     from qwen_vllm.errors import QwenCheckpointError
+    from qwen_vllm.plugin.checkpoint import read_config, validate_checkpoint
+    from qwen_vllm.plugin.config import QWenConfig
 
     model = write_shape_model(size, tmp_path / size)
     cfg, want = read_config(model), SIZES[size]
@@ -158,7 +158,7 @@ def test_shape_model_has_the_real_config(size: str, tmp_path: Path) -> None:
     ],
 )
 def test_bad_arguments_fail_before_any_engine(argv: list[str], message: str, capsys) -> None:
-    from qwen_vllm.bench import main
+    from qwen_vllm.cli import main
 
-    assert main(argv) == 2
+    assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err

@@ -27,8 +27,8 @@ import httpx
 import pytest
 
 from qwen_vllm.chat_template import DEFAULT_SYSTEM, render_messages
-from qwen_vllm.fixtures import CHAT_REPLY
-from qwen_vllm.ports import free_port
+from qwen_vllm.checkpoints.fixtures import CHAT_REPLY
+from qwen_vllm.runtime.ports import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -143,9 +143,9 @@ def metrics(api_server: str) -> Metrics:
 
 @pytest.fixture(scope="module")
 def web_ui(api_server: str, logs_dir: Path) -> Iterator[str]:
-    """``python -m qwen_vllm.web_ui`` pointed at the server (base URL without /v1)."""
+    """``python -m qwen_vllm.ui.web`` pointed at the server (base URL without /v1)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "qwen_vllm.web_ui", "--api-url", api_server, "--port", str(port)]
+    cmd = [sys.executable, "-m", "qwen_vllm.ui.web", "--api-url", api_server, "--port", str(port)]
     url = f"http://127.0.0.1:{port}/"
     proc = start_process(cmd, logs_dir / "web-ui.log", url, timeout=180)
     yield url
@@ -359,7 +359,7 @@ def unserved_apis() -> Iterator[dict[str, str]]:
     [("down", "Cannot reach the API at {url}"), ("no-model", "No model is served at {url} yet")],
 )
 def test_web_ui_without_a_model(browser, unserved_apis, case, expected):
-    from qwen_vllm.web_ui import build_ui
+    from qwen_vllm.ui.web import build_ui
 
     url = unserved_apis[case]
     expected = expected.format(url=url)

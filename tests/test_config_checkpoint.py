@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_vllm.checkpoint import read_generation_config, validate_checkpoint
-from qwen_vllm.config import QWenConfig
+from qwen_vllm.checkpoints.fixtures import qwen_config, random_weights, write_checkpoint
 from qwen_vllm.errors import QwenCheckpointError
-from qwen_vllm.fixtures import qwen_config, random_weights, write_checkpoint
+from qwen_vllm.plugin.checkpoint import read_generation_config, validate_checkpoint
+from qwen_vllm.plugin.config import QWenConfig
 
 QWEN_7B_CHAT = qwen_config(4096, 32, 32, 11008)
 
@@ -121,13 +121,13 @@ def test_unknown_chat_format(tiny_checkpoint: Path) -> None:
 
 def test_private_hooks_still_exist() -> None:
     """The plugin relies on private vLLM/transformers hooks: fail loudly if they move."""
-    import qwen_vllm
     from transformers.models.auto import tokenization_auto
     from vllm import ModelRegistry
     from vllm.model_executor.models import registry
     from vllm.transformers_utils import config as vllm_config
 
-    from qwen_vllm.tokenizer import QWenTokenizer
+    import qwen_vllm
+    from qwen_vllm.plugin.tokenizer import QWenTokenizer
 
     qwen_vllm.register()
     qwen_vllm.register()  # idempotent

@@ -1,4 +1,4 @@
-"""The README's first command: `make demo` runs `python -m qwen_vllm.demo`.
+"""The README's first command: `make demo` runs `python -m qwen_vllm.serving.demo`.
 
 Its --smoke mode is the same code path (fixture build, the whole stack with the
 web UI, one streamed reply through the OpenAI SDK) stopped after the reply, so
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import psutil
 
-from qwen_vllm.fixtures import CHAT_REPLY
-from qwen_vllm.ports import free_ports
+from qwen_vllm.checkpoints.fixtures import CHAT_REPLY
+from qwen_vllm.runtime.ports import free_ports
 
 
 def test_demo_brings_up_the_stack_and_answers(tmp_path: Path) -> None:
     base = free_ports(4)
     cmd = [
-        sys.executable, "-m", "qwen_vllm.demo", "--smoke", "--model-dir", str(tmp_path / "demo-model"),
+        sys.executable, "-m", "qwen_vllm.serving.demo", "--smoke", "--model-dir", str(tmp_path / "demo-model"),
         "--controller-port", str(base), "--worker-port", str(base + 1),
         "--port", str(base + 2), "--web-port", str(base + 3), "--log-dir", str(tmp_path / "logs"),
     ]  # fmt: skip

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_vllm.fixtures import CHAT_REPLY
+from qwen_vllm.checkpoints.fixtures import CHAT_REPLY
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBNET = "10.231.77"
@@ -147,7 +147,7 @@ def test_replicas_on_separate_hosts(network, scripted_model, tmp_path):
         cores = core if len(os.sched_getaffinity(0)) > 1 else "0"
         workers.append(network.run(host, cmd, tmp_path / f"{host}.log", {**heartbeat, "VLLM_CPU_OMP_THREADS_BIND": cores}))
     front = network.run(
-        "ctl", [py, "-m", "qwen_vllm.openai_front", "--host", f"{SUBNET}.1", "--port", "8000",
+        "ctl", [py, "-m", "qwen_vllm.serving.front", "--host", f"{SUBNET}.1", "--port", "8000",
                 "--controller-address", CONTROLLER], tmp_path / "front.log",
     )  # fmt: skip
     procs = [controller, *workers, front]

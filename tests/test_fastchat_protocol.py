@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from qwen_vllm.chat_template import render_messages
-from qwen_vllm.fastchat_protocol import (
+from qwen_vllm.stop_words import CHATML_STOP_IDS
+from qwen_vllm.worker.protocol import (
     CONTEXT_OVERFLOW,
     PARAM_OUT_OF_RANGE,
     VALIDATION_TYPE_ERROR,
@@ -17,7 +18,6 @@ from qwen_vllm.fastchat_protocol import (
     prompt_token_ids,
     sampling_params,
 )
-from qwen_vllm.stop_words import CHATML_STOP_IDS
 
 QWEN_DEFAULTS = {"top_p": 0.8, "top_k": 0, "repetition_penalty": 1.1, "max_new_tokens": 512}
 

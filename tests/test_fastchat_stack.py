@@ -25,8 +25,8 @@ import openai
 import psutil
 import pytest
 
-from qwen_vllm.ports import free_ports
-from qwen_vllm.fixtures import CHAT_REPLY
+from qwen_vllm.checkpoints.fixtures import CHAT_REPLY
+from qwen_vllm.runtime.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-fastchat"

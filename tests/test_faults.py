@@ -22,10 +22,9 @@ import httpx
 import openai
 import psutil
 import pytest
-
-from fastchat_helpers import start_controller
-from qwen_vllm.fixtures import CHAT_REPLY, REMOTE_CODE_FILES
 from reliability_stack import HEARTBEAT_S, MODEL, WORKER_KEY, topology  # noqa: F401 (topology is a fixture)
+
+from qwen_vllm.checkpoints.fixtures import CHAT_REPLY, REMOTE_CODE_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 B_HEADERS = {"Authorization": f"Bearer {WORKER_KEY}"}
@@ -79,10 +78,11 @@ def test_every_server_listens_on_loopback_only(topology):
 def test_every_command_defaults_to_loopback():
     import argparse
 
-    from qwen_vllm import openai_front, stack, web_ui
-    from qwen_vllm.serve import with_loopback_default
+    from qwen_vllm.serving import front, stack
+    from qwen_vllm.serving.serve import with_loopback_default
+    from qwen_vllm.ui import web
 
-    for module, argv in ((openai_front, []), (stack, ["--model", "m"]), (web_ui, ["--api-url", "u"])):
+    for module, argv in ((front, []), (stack, ["--model", "m"]), (web, ["--api-url", "u"])):
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
         assert parser.parse_args(argv).host == "127.0.0.1", module.__name__
@@ -117,7 +117,7 @@ def test_worker_api_key_guards_every_route(topology):
 def test_front_api_keys_guard_every_route():
     """In process (no worker needed): every route of the front's app, including
     FastAPI's own docs and unknown paths, answers 401 without the key."""
-    from qwen_vllm.openai_front import create_app
+    from qwen_vllm.serving.front import create_app
 
     app = create_app("http://127.0.0.1:9", api_keys=["k1", "k2"])
     paths = {(m, r.path) for r in app.routes for m in getattr(r, "methods", ()) or ("GET",) if m != "HEAD"}

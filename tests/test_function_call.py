@@ -12,18 +12,18 @@ import json
 import pickle
 
 import pytest
+from react_cases import ARGS, WEATHER, WEATHER_INSTRUCTION
 
-from qwen_vllm import fixtures
 from qwen_vllm.chat_template import RenderedChat, render_messages
+from qwen_vllm.checkpoints import fixtures
 from qwen_vllm.errors import QwenRequestError
-from qwen_vllm.function_call import (
+from qwen_vllm.tools.react import (
     ReactParser,
     parse_react,
     react_messages,
     tool_choice_name,
     tool_specs,
 )
-from react_cases import ARGS, WEATHER, WEATHER_INSTRUCTION
 
 
 def test_instruction_is_qwens_verbatim() -> None:

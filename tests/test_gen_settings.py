@@ -6,8 +6,13 @@ from __future__ import annotations
 import pytest
 
 from qwen_vllm.errors import QwenRequestError
-from qwen_vllm.gen_settings import SETTINGS, check_settings, openai_params, parse_assignments
-from qwen_vllm.openai_client import api_base_url
+from qwen_vllm.settings import (
+    SETTINGS,
+    check_settings,
+    openai_params,
+    parse_assignments,
+)
+from qwen_vllm.ui.client import api_base_url
 
 
 def test_every_setting_is_a_generation_key_the_wrapper_takes():

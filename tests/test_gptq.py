@@ -16,8 +16,8 @@ import re
 
 import pytest
 import torch
-
 from greedy_reference import PROMPTS, transformers_greedy, vllm_greedy
+
 from qwen_vllm.errors import QwenQuantizationError
 
 GROUP = 32  # hidden 128 / MLP 256: 4 and 8 groups per row; 2 and 4 per TP=2 rank
@@ -35,7 +35,7 @@ LOGPROB_TOL = 0.05
 @pytest.fixture(scope="module")
 def gptq_dirs(fixtures_root):
     """(int4 dir, its float32 reference dir, int8 dir)."""
-    from qwen_vllm.fixtures import make_model
+    from qwen_vllm.checkpoints.fixtures import make_model
 
     int4 = fixtures_root / "gptq-int4"
     ref = fixtures_root / "gptq-int4-reference"
@@ -48,10 +48,12 @@ def gptq_dirs(fixtures_root):
 
 
 def test_packer_matches_vllm_layout_and_rounds_to_nearest() -> None:
-    from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
+    from vllm.model_executor.layers.quantization.utils.quant_utils import (
+        pack_quantized_values_into_int32,
+    )
     from vllm.scalar_type import scalar_types
 
-    from qwen_vllm.gptq_pack import dequantize, quantize_rtn, unpack_int32
+    from qwen_vllm.checkpoints.gptq_pack import dequantize, quantize_rtn, unpack_int32
 
     torch.manual_seed(0)
     w = torch.randn(96, 128)
@@ -74,11 +76,15 @@ def test_packer_matches_vllm_layout_and_rounds_to_nearest() -> None:
     assert bits == 8 and err.max() < 0.02  # 8 bits are finer than 4
 
 
-def _cpuwna16_layer(t, k: int, n: int, group: int, dtype: torch.dtype, zeros=None):
-    """A layer processed by vLLM's own CPUWNA16LinearKernel (the kernel vLLM
-    picks for GPTQ on CPU), whose apply calls torch.ops._C.cpu_gemm_wna16."""
+def _cpuwna16_layer(t, k: int, n: int, group: int, dtype: torch.dtype, zeros=None, bias=None, *, native: bool):
+    """A GPTQ layer in vLLM's CPUWNA16LinearKernel (the kernel vLLM picks for
+    GPTQ on CPU). ``native``: prepared as vLLM prepares it on this CPU (W4A8
+    for bfloat16 on AMX, else W4A16 for ``cpu_gemm_wna16``); otherwise in the
+    W4A16 layout our fallback op reads, whatever this CPU is."""
     from vllm.model_executor.kernels.linear import MPLinearLayerConfig
-    from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+    from vllm.model_executor.kernels.linear.mixed_precision.cpu import (
+        CPUWNA16LinearKernel,
+    )
     from vllm.scalar_type import scalar_types
 
     cfg = MPLinearLayerConfig(
@@ -91,6 +97,8 @@ def _cpuwna16_layer(t, k: int, n: int, group: int, dtype: torch.dtype, zeros=Non
     )
     kernel = CPUWNA16LinearKernel(cfg, "qweight", "scales", "qzeros")
     layer = torch.nn.Module()
+    # The kernel prepares the layer's own bias (W4A8 keeps it in float32).
+    layer.bias = None if bias is None else torch.nn.Parameter(bias.clone(), requires_grad=False)
     for name, data, attrs in (
         ("qweight", t.qweight, {"input_dim": 0, "output_dim": 1, "packed_dim": 0}),
         ("scales", t.scales.to(dtype), {"input_dim": 0, "output_dim": 1}),
@@ -100,30 +108,47 @@ def _cpuwna16_layer(t, k: int, n: int, group: int, dtype: torch.dtype, zeros=Non
         for key, value in attrs.items():
             setattr(param, key, value)
         layer.register_parameter(name, param)
-    kernel.process_weights_after_loading(layer)
+    if native:
+        kernel.process_weights_after_loading(layer)
+    else:
+        kernel._process_gptq_weights_w4a16(layer)
     return kernel, layer
+
+
+def _fallback(layer, x: torch.Tensor, n: int, bias=None, zeros=None) -> torch.Tensor:
+    """Our op, called directly (on every CPU kind, whichever op vLLM has)."""
+    from qwen_vllm.plugin.cpu_gptq import gemm_wna16
+
+    out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    gemm_wna16(x, layer.qweight, out, layer.scales, zeros, bias, 8, layer.isa_hint)
+    return out
+
+
+def _dequantized_product(t, x: torch.Tensor, bias=None) -> torch.Tensor:
+    """x @ W (+ bias) in float32 for the exact dequantized W; vLLM keeps the
+    scales in the activation dtype (bfloat16 rounds fp16 scales)."""
+    from qwen_vllm.checkpoints.gptq_pack import unpack_int32
+
+    rows = t.qweight.shape[0] * 8 // t.scales.shape[0]
+    q = unpack_int32(t.qweight, 4, dim=0)
+    w = (q - 8).float() * t.scales.to(x.dtype).float().repeat_interleave(rows, 0)
+    return x.float() @ w + (0 if bias is None else bias.float())
 
 
 @pytest.mark.parametrize(("group", "dtype", "m"), [(32, torch.float16, 1), (64, torch.bfloat16, 7), (-1, torch.float16, 33)])
 def test_fallback_kernel_equals_dequantized_matmul(group, dtype, m) -> None:
-    """vLLM's CPU GPTQ kernel path, running our op, computes x @ W for the
-    exact dequantized W (float32 inside, one rounding to the output dtype)."""
-    from qwen_vllm import cpu_gptq
-    from qwen_vllm.gptq_pack import quantize_rtn, unpack_int32
+    """Our op computes x @ W for the exact dequantized W (float32 inside, one
+    rounding to the output dtype): within one ulp of the output."""
+    from qwen_vllm.checkpoints.gptq_pack import quantize_rtn
 
-    cpu_gptq.install()
     torch.manual_seed(1)
     k, n = 256, 384
     t = quantize_rtn(torch.randn(n, k) / 16, 4, group)
-    kernel, layer = _cpuwna16_layer(t, k, n, group, dtype)
+    _, layer = _cpuwna16_layer(t, k, n, group, dtype, native=False)
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n).to(dtype)
-    got = kernel.apply_weights(layer, x, bias)
-    # vLLM keeps the scales in the activation dtype (bfloat16 rounds fp16 scales).
-    rows = k // t.scales.shape[0]
-    q = unpack_int32(t.qweight, 4, dim=0)
-    w = ((q - 8).float() * t.scales.to(dtype).float().repeat_interleave(rows, 0)).t()
-    want = x.float() @ w.t() + bias.float()
+    got = _fallback(layer, x, n, bias)
+    want = _dequantized_product(t, x, bias)
     assert got.dtype == dtype and got.shape == (m, n)
     ulp = torch.finfo(dtype).eps * want.abs().clamp(min=1.0)
     assert torch.all((got.float() - want).abs() <= ulp), (got.float() - want).abs().max()
@@ -131,13 +156,13 @@ def test_fallback_kernel_equals_dequantized_matmul(group, dtype, m) -> None:
 
 def test_fallback_kernel_zero_points() -> None:
     """The asymmetric variant (``zeros`` given, vLLM's uint4 + zero points)."""
-    from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
+    from vllm.model_executor.layers.quantization.utils.quant_utils import (
+        pack_quantized_values_into_int32,
+    )
     from vllm.scalar_type import scalar_types
 
-    from qwen_vllm import cpu_gptq
-    from qwen_vllm.gptq_pack import GPTQTensors, pack_int32
+    from qwen_vllm.checkpoints.gptq_pack import GPTQTensors, pack_int32
 
-    cpu_gptq.install()
     torch.manual_seed(2)
     k, n, group = 128, 64, 32
     q = torch.randint(0, 16, (k, n), dtype=torch.int32)
@@ -145,19 +170,60 @@ def test_fallback_kernel_zero_points() -> None:
     s = (torch.rand(k // group, n) / 10 + 0.01).half()
     t = GPTQTensors(pack_int32(q, 4, 0), torch.empty(0), s, torch.empty(0))
     zeros = pack_quantized_values_into_int32(z, scalar_types.uint4, packed_dim=1)
-    kernel, layer = _cpuwna16_layer(t, k, n, group, torch.float16, zeros=zeros)
+    _, layer = _cpuwna16_layer(t, k, n, group, torch.float16, zeros=zeros, native=False)
     x = torch.randn(3, k).half()
-    got = kernel.apply_weights(layer, x)
+    got = _fallback(layer, x, n, zeros=layer.qzeros)
     w = (q - z.repeat_interleave(group, 0)).float() * s.float().repeat_interleave(group, 0)
     want = x.float() @ w
     assert torch.allclose(got.float(), want, rtol=2e-3, atol=2e-3)
 
 
-def test_fallback_is_installed_only_without_the_native_kernel() -> None:
-    from qwen_vllm import cpu_gptq
+# vLLM's native kernel, relative to the largest output: W4A16 rounds the output
+# once to fp16/bf16 (bf16 keeps 8 bits: 2**-8 = 0.004 of the largest value).
+# W4A8 (bf16 on AMX) also quantizes each activation row to int8 (a step of
+# max|x|/127, 0.8% of the row's range), measured at 0.005 relative here.
+NATIVE_TOL = {"W4A16": 0.01, "W4A8": 0.02}
 
-    if torch.cpu._is_avx512_supported():
-        pytest.skip("this CPU runs vLLM's AVX-512 build, which has the native kernel")
+
+@pytest.mark.parametrize(("dtype", "w4a8"), [(torch.float16, "1"), (torch.bfloat16, "1"), (torch.bfloat16, "0")])
+def test_native_kernel_equals_dequantized_matmul(dtype, w4a8, monkeypatch) -> None:
+    """vLLM's own cpu_gemm_wna16 / int4_scaled_mm_cpu, as this CPU runs them
+    (and bfloat16 with vLLM's W4A8 switched off, the W4A16 path AVX-512 runs)."""
+    from qwen_vllm.checkpoints.gptq_pack import quantize_rtn
+    from qwen_vllm.plugin.cpu_gptq import native_kernel_available
+    from qwen_vllm.runtime.cpu import cpu_caps
+
+    monkeypatch.setenv("VLLM_CPU_INT4_W4A8", w4a8)
+    caps = cpu_caps()
+    if not caps.native_int4:
+        pytest.skip(f"{caps.isa}: vLLM's library here has no native Int4 kernel (the fallback tests cover it)")
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    assert native_kernel_available()
+    torch.manual_seed(3)
+    k, n, m, group = 256, 384, 9, 64
+    t = quantize_rtn(torch.randn(n, k) / 16, 4, group)
+    bias = torch.randn(n).to(dtype)
+    kernel, layer = _cpuwna16_layer(t, k, n, group, dtype, bias=bias, native=True)
+    path = "W4A8" if layer.use_w4a8 else "W4A16"
+    assert ("W4A8" in caps.int4_path(str(dtype).removeprefix("torch."))) == layer.use_w4a8
+    x = torch.randn(m, k).to(dtype)
+    got = kernel.apply_weights(layer, x, layer.bias)
+    want = _dequantized_product(t, x, bias)
+    rel = ((got.float() - want).abs().max() / want.abs().max()).item()
+    print(f"{caps.isa}, {dtype}: {path}, max error {rel:.4f} of the largest output")
+    assert got.shape == (m, n) and rel <= NATIVE_TOL[path], (path, rel)
+
+
+def test_fallback_is_installed_only_without_the_native_kernel() -> None:
+    from qwen_vllm.plugin import cpu_gptq
+    from qwen_vllm.runtime.cpu import cpu_caps
+
+    if cpu_caps().native_int4:
+        assert cpu_gptq.install() is False and cpu_gptq._library is None  # vLLM's own op stays
+        assert cpu_gptq.native_kernel_available()
+        return
     assert cpu_gptq.install() is True and cpu_gptq.install() is True  # idempotent
     assert cpu_gptq.native_kernel_available()  # torch.ops._C.cpu_gemm_wna16 resolves now
     assert torch.ops._C.cpu_gemm_wna16.default._schema.arguments[2].alias_info.is_write
@@ -169,8 +235,8 @@ def test_make_model_cli_writes_qwen_gptq_layout(tmp_path, bits) -> None:
     tensors, and a float32 reference holding exactly what they encode."""
     from safetensors import safe_open
 
+    from qwen_vllm.checkpoints.gptq_pack import GPTQTensors, dequantize
     from qwen_vllm.cli import main
-    from qwen_vllm.gptq_pack import GPTQTensors, dequantize
 
     out, ref = tmp_path / f"int{bits}", tmp_path / "ref"
     args = ["make-model", str(out), "--gptq", str(bits), "--group-size", "64", "--gptq-reference", str(ref), "--layers", "1"]
@@ -198,8 +264,8 @@ def test_make_model_cli_writes_qwen_gptq_layout(tmp_path, bits) -> None:
 
 # -- clear errors (no engine) ----------------------------------------------------------
 def test_int8_gptq_on_cpu_names_the_hardware(gptq_dirs) -> None:
-    from qwen_vllm.quantization import check_engine_settings
-    from qwen_vllm.wrapper import vLLMWrapper
+    from qwen_vllm.plugin.quantization import check_engine_settings
+    from qwen_vllm.wrapper.chat import vLLMWrapper
 
     _, _, int8 = gptq_dirs
     with pytest.raises(QwenQuantizationError, match=r"Int8.*NVIDIA GPU with compute capability 7\.5.*only 4-bit"):
@@ -208,32 +274,40 @@ def test_int8_gptq_on_cpu_names_the_hardware(gptq_dirs) -> None:
         vLLMWrapper(str(int8), dtype="float16")
 
 
-@pytest.mark.parametrize("kv", ["fp8", "fp8_e4m3", "fp8_e5m2"])
-def test_fp8_kv_cache_on_avx2_names_the_hardware(random_model, kv) -> None:
-    from qwen_vllm.quantization import check_engine_settings
+@pytest.fixture
+def avx2_only(monkeypatch):
+    """The checks as they run on an AVX2-only CPU, whatever this one is."""
+    from qwen_vllm.plugin import quantization
+    from qwen_vllm.runtime.cpu import CpuCaps
 
-    if torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported():
-        pytest.skip("this CPU can hold an FP8 KV cache")
+    monkeypatch.setattr(quantization, "cpu_caps", lambda: CpuCaps(x86=True, avx512=False, amx=False))
+
+
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_fp8_kv_cache_on_avx2_names_the_hardware(random_model, kv, avx2_only) -> None:
+    from qwen_vllm.plugin.quantization import check_engine_settings
+
     with pytest.raises(QwenQuantizationError, match=rf"kv_cache_dtype='{kv}'.*AVX-512 or AMX.*AVX2 only"):
         check_engine_settings(random_model, kv_cache_dtype=kv)
 
 
-def test_kv_cache_dtype_the_cpu_backend_lacks(random_model) -> None:
-    from qwen_vllm.quantization import check_engine_settings
-    from qwen_vllm.wrapper import vLLMWrapper
+def test_kv_cache_dtype_the_cpu_backend_lacks(random_model, avx2_only) -> None:
+    """(An FP8 KV cache engine on a CPU that holds one: test_wrapper's script test.)"""
+    from qwen_vllm.plugin.quantization import check_engine_settings
+    from qwen_vllm.wrapper.chat import vLLMWrapper
 
     with pytest.raises(QwenQuantizationError, match=r"'bfloat16' is not supported by vLLM's CPU.*'auto', 'fp8'"):
         check_engine_settings(random_model, kv_cache_dtype="bfloat16")
     check_engine_settings(random_model, kv_cache_dtype="auto")
-    with pytest.raises(QwenQuantizationError, match="kv_cache_dtype='fp8'"):
+    with pytest.raises(QwenQuantizationError, match="kv_cache_dtype='fp8'.*this CPU has AVX2 only"):
         vLLMWrapper(str(random_model), kv_cache_dtype="fp8")
 
 
 def test_tensor_parallel_split_must_keep_whole_groups() -> None:
     """Qwen-1.8B-Chat-Int4 (MLP 5504, group 128) at TP=2: 2752 inputs per rank
     is 21.5 groups -- the "input size is not aligned" failure Qwen's CI hit."""
-    from qwen_vllm.fixtures import gptq_quantize_config, qwen_config
-    from qwen_vllm.quantization import check_gptq
+    from qwen_vllm.checkpoints.fixtures import gptq_quantize_config, qwen_config
+    from qwen_vllm.plugin.quantization import check_gptq
 
     qwen_1_8b = qwen_config(2048, 24, 16, 5504)
     qwen_7b = qwen_config(4096, 32, 32, 11008)
@@ -266,7 +340,7 @@ def legacy_int4(gptq_dirs, fixtures_root):
 def test_quantize_config_json_alone_selects_gptq(gptq_dirs, legacy_int4) -> None:
     """auto-gptq's own saves carry only quantize_config.json, which vLLM reads
     only when told quantization="gptq": the wrapper and the worker tell it."""
-    from qwen_vllm.quantization import engine_quantization
+    from qwen_vllm.plugin.quantization import engine_quantization
 
     int4, _, _ = gptq_dirs
     legacy = legacy_int4
@@ -279,9 +353,11 @@ def test_module_names_reach_vllms_quantization_config() -> None:
     """vLLM's GPTQ config, given the checkpoint's module list through our
     mapper, quantizes exactly the fused layers built from Qwen's linears."""
     from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
-    from vllm.model_executor.layers.quantization.utils.gptq_utils import is_layer_gptq_quantized
+    from vllm.model_executor.layers.quantization.utils.gptq_utils import (
+        is_layer_gptq_quantized,
+    )
 
-    from qwen_vllm.model import QWenLMHeadModel
+    from qwen_vllm.plugin.model import QWenLMHeadModel
 
     cfg = AutoGPTQConfig.from_config({"bits": 4, "group_size": 128, "desc_act": False, "sym": True})
     cfg.modules_in_block_to_quantize = [f"transformer.h.0.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2")]
@@ -304,7 +380,7 @@ def prompt_ids(qwen_tokenizer) -> list[list[int]]:
 def reference(gptq_dirs, fixtures_root, prompt_ids):
     """transformers' Qwen2 in float32 on the exact weights the Int4 fixture
     encodes: prompt log-probs and greedy continuations."""
-    from qwen_vllm.convert import convert_to_qwen2
+    from qwen_vllm.checkpoints.convert import convert_to_qwen2
 
     _, ref, _ = gptq_dirs
     qwen2 = convert_to_qwen2(ref, fixtures_root / "gptq-int4-reference-qwen2")
@@ -316,7 +392,7 @@ def int4_tp1(gptq_dirs, prompt_ids):
     """The wrapper on the Int4 fixture, no quantization= (auto-detected):
     ((quantization, dtype, KV-cache dtype), outputs on the prompts, a chat reply). The engine
     is shut down before the TP=2 one starts."""
-    from qwen_vllm.wrapper import vLLMWrapper
+    from qwen_vllm.wrapper.chat import vLLMWrapper
 
     int4, _, _ = gptq_dirs
     wrapper = vLLMWrapper(str(int4), dtype="float16", kv_cache_dtype="auto", enforce_eager=True, max_model_len=1024)
@@ -384,7 +460,7 @@ def _worker_engine_config(argv: list[str]):
 def _stack(argv: list[str]):
     import argparse
 
-    from qwen_vllm import stack
+    from qwen_vllm.serving import stack
 
     parser = argparse.ArgumentParser()
     stack.add_arguments(parser)
@@ -420,7 +496,7 @@ def test_worker_selects_gptq_for_quantize_config_json_alone(legacy_int4) -> None
     assert cfg.model_config.quantization in ("gptq_marlin", "auto_gptq") and cfg.model_config.dtype == torch.bfloat16
 
 
-def test_worker_and_stack_refuse_int8_and_fp8_kv_before_starting(gptq_dirs, random_model, tmp_path, capsys) -> None:
+def test_worker_and_stack_refuse_int8_and_fp8_kv_before_starting(gptq_dirs, random_model, tmp_path, capsys, avx2_only) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     from qwen_vllm import worker_launch
@@ -432,10 +508,9 @@ def test_worker_and_stack_refuse_int8_and_fp8_kv_before_starting(gptq_dirs, rand
     # The flag itself reaches vLLM's engine args ...
     kv_args = parse(["--model", str(random_model), "--kv-cache-dtype", "fp8"])
     assert AsyncEngineArgs.from_cli_args(kv_args).kv_cache_dtype == "fp8"
-    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
-        # ... and this CPU cannot hold it: the worker says so instead of starting.
-        assert worker_launch.run(kv_args) == 2
-        assert "kv_cache_dtype='fp8' (FP8 KV cache) needs an x86 CPU with AVX-512 or AMX" in capsys.readouterr().err
+    # ... and on an AVX2-only CPU the worker says it cannot hold it instead of starting.
+    assert worker_launch.run(kv_args) == 2
+    assert "kv_cache_dtype='fp8' (FP8 KV cache) needs an x86 CPU with AVX-512 or AMX" in capsys.readouterr().err
     stack, args = _stack(["--model", str(int8), "--log-dir", str(tmp_path), "--", "--dtype", "float16"])
     assert stack.run(args) == 2
     out = capsys.readouterr()
@@ -443,7 +518,7 @@ def test_worker_and_stack_refuse_int8_and_fp8_kv_before_starting(gptq_dirs, rand
     assert "controller" not in out.out and not list(tmp_path.iterdir())  # nothing was started
 
 
-def test_vllm_own_entry_point_gets_the_same_errors(gptq_dirs, legacy_int4, random_model) -> None:
+def test_vllm_own_entry_point_gets_the_same_errors(gptq_dirs, legacy_int4, random_model, avx2_only) -> None:
     """vllm.LLM directly (as vLLM's API server would build it): the plugin's
     config hook raises while vLLM builds its config, before any engine process
     starts (pydantic reports it as a ValueError of VllmConfig)."""
@@ -454,6 +529,17 @@ def test_vllm_own_entry_point_gets_the_same_errors(gptq_dirs, legacy_int4, rando
         LLM(str(legacy_int4), dtype="float16", enforce_eager=True, max_model_len=512)
     with pytest.raises(ValueError, match=r"VllmConfig\n.*GPTQ Int8 checkpoints need an NVIDIA GPU with compute capability 7\.5"):
         LLM(str(int8), dtype="float16", enforce_eager=True, max_model_len=512)
-    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
-        with pytest.raises(ValueError, match="FP8 KV cache.*AVX-512 or AMX"):
-            LLM(str(random_model), kv_cache_dtype="fp8", enforce_eager=True, max_model_len=512)
+    with pytest.raises(ValueError, match="FP8 KV cache.*AVX-512 or AMX"):
+        LLM(str(random_model), kv_cache_dtype="fp8", enforce_eager=True, max_model_len=512)
+
+
+def test_docs_tp_table_is_check_gptqs() -> None:
+    from pathlib import Path
+
+    from qwen_vllm.bench.report import SIZES
+    from qwen_vllm.plugin.quantization import gptq_tp_table
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "quantization.md").read_text(encoding="utf-8")
+    table = doc.split("<!-- gptq-tp-table -->\n", 1)[1].split("\n<!-- /gptq-tp-table -->", 1)[0]
+    assert table == gptq_tp_table(SIZES)
+    assert "| 14B | GPU | yes | no |" in table  # 13696 / 2 = 53.5 groups of 128

@@ -132,7 +132,7 @@ def max_delta(a: list[float], b: list[float]) -> float:
 # -- engines -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(fixtures_root: Path) -> Path:
-    from qwen_vllm.fixtures import make_model
+    from qwen_vllm.checkpoints.fixtures import make_model
 
     return make_model(fixtures_root / "longctx-s32", "random", seq_length=SEQ_LENGTH, qk_std=2.0)
 
@@ -214,7 +214,7 @@ class CapturedWarnings(logging.Filter):
 @pytest.fixture(scope="module")
 def long_tp1(model_dir: Path) -> dict:
     """TP=1, max_model_len 512, chunked prefill forced, prefix caching asked for."""
-    hook_log = logging.getLogger("vllm.qwen_vllm.engine_config")
+    hook_log = logging.getLogger("vllm.qwen_vllm.plugin.engine_config")
     captured = CapturedWarnings()
     hook_log.addFilter(captured)
     try:
@@ -265,7 +265,7 @@ def default_engine(model_dir: Path, long_tp2: dict) -> dict:
 # -- pure maths (no engine) ------------------------------------------------------
 @pytest.mark.parametrize("seq_length", [2048, 8192, SEQ_LENGTH])
 def test_alpha_table_equals_qwen_formula_up_to_32768(seq_length: int) -> None:
-    from qwen_vllm.ntk import LongContextPlan, alpha_bucket, ntk_alpha
+    from qwen_vllm.plugin.ntk import LongContextPlan, alpha_bucket, ntk_alpha
 
     def qwen(true_seq_len: int) -> int:  # QWenModel.get_ntk_alpha
         context_value = math.log(true_seq_len / seq_length, 2) + 1
@@ -285,8 +285,8 @@ def test_rotary_cache_and_logn_table_are_qwens() -> None:
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
-    from qwen_vllm.long_context import QwenNTKRotaryEmbedding
-    from qwen_vllm.ntk import LongContextPlan
+    from qwen_vllm.plugin.long_context import QwenNTKRotaryEmbedding
+    from qwen_vllm.plugin.ntk import LongContextPlan
 
     head_dim, stride = 64, 256
     plan = LongContextPlan.of({"seq_length": SEQ_LENGTH}, stride)
@@ -310,7 +310,7 @@ def test_rotary_cache_and_logn_table_are_qwens() -> None:
 
 
 def test_encoded_positions_fix_alpha_at_prefill() -> None:
-    from qwen_vllm.ntk import LongContextPlan
+    from qwen_vllm.plugin.ntk import LongContextPlan
 
     plan = LongContextPlan.of({"seq_length": SEQ_LENGTH}, MAX_MODEL_LEN)
     positions, delta = plan.encoded_positions(60)  # bucket 1 (alpha 3)
@@ -320,6 +320,45 @@ def test_encoded_positions_fix_alpha_at_prefill() -> None:
     assert torch.equal(positions[2], positions[0])
     assert plan.encoded_positions(32)[1] == 0 and plan.encoded_positions(33)[1] == MAX_MODEL_LEN
     assert plan.encoded_positions(MAX_MODEL_LEN)[1] == 4 * MAX_MODEL_LEN
+
+
+def test_model_runner_v2_resume_keeps_prompt_alpha() -> None:
+    """Model Runner V2 (GPU) re-adds a preempted request with prompt + output
+    tokens as its prefill: through vLLM's own DefaultModelState.add_request
+    (wrapped by the plugin), the positions keep the prompt's alpha bucket.
+    (The GPU suite runs the preemption end to end: tests/gpu.)"""
+    from torch import nn
+    from vllm.v1.core.sched.output import NewRequestData
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    from qwen_vllm.plugin.long_context import keep_prompt_alpha_on_resume
+    from qwen_vllm.plugin.model import QWenLMHeadModel
+    from qwen_vllm.plugin.ntk import LongContextPlan
+
+    assert keep_prompt_alpha_on_resume() and keep_prompt_alpha_on_resume()  # idempotent
+    model = QWenLMHeadModel.__new__(QWenLMHeadModel)
+    nn.Module.__init__(model)
+    model.long_context = LongContextPlan.of({"seq_length": SEQ_LENGTH}, MAX_MODEL_LEN)
+    model.prompt_len_for_positions = None
+    seen = []
+
+    class RopeState:  # vLLM's M-RoPE state reduced to the call it makes (it needs CUDA)
+        def init_prefill_positions(self, req_idx, model, prefill_token_ids, mm_features) -> None:
+            seen.append(model.get_mrope_input_positions(prefill_token_ids, mm_features))
+
+    state = DefaultModelState.__new__(DefaultModelState)
+    state.model, state.rope_state, state.prompt_embeds_state = model, RopeState(), None
+    prompt, output = list(range(30)), list(range(12))  # 30 tokens: bucket 0; 42: bucket 1
+
+    def request(prefill: list[int]) -> NewRequestData:
+        return NewRequestData("r", prompt, [], None, None, ([],), 0, None, prefill_token_ids=prefill)
+
+    state.add_request(0, request(prompt))
+    state.add_request(0, request(prompt + output))  # the resume
+    (first, first_delta), (resumed, resumed_delta) = seen
+    assert first_delta == resumed_delta == 0 and torch.equal(resumed[0], torch.arange(42))
+    assert torch.equal(resumed[:, :30], first) and model.prompt_len_for_positions is None
+    assert model.long_context.encoded_positions(42)[1] == MAX_MODEL_LEN  # what it would be without
 
 
 # -- engine configuration (no engine started) --------------------------------------
@@ -355,7 +394,7 @@ def test_max_model_len_defaults_to_seq_length_and_opts_in(model_dir: Path) -> No
 
 def test_max_model_len_beyond_32768_is_a_clear_error(model_dir: Path, monkeypatch) -> None:
     from qwen_vllm.errors import QwenContextError
-    from qwen_vllm.wrapper import vLLMWrapper
+    from qwen_vllm.wrapper.chat import vLLMWrapper
 
     with pytest.raises(ValueError, match="32768"):
         engine_config(model_dir, max_model_len=32769)
@@ -384,7 +423,7 @@ def worker_engine_config(argv: list[str]):
 def test_worker_and_stack_flags_opt_in(model_dir: Path, tmp_path: Path) -> None:
     """``qwen-vllm worker --max-model-len`` (vLLM's flag) and ``qwen-vllm stack
     --max-model-len`` (passed to every worker) reach the engine config."""
-    from qwen_vllm import stack
+    from qwen_vllm.serving import stack
 
     base = ["--model-path", str(model_dir), "--no-register"]
     default = worker_engine_config(base)
@@ -405,13 +444,13 @@ def test_worker_and_stack_flags_opt_in(model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_worker_and_stack_refuse_beyond_32768_before_starting(model_dir: Path, tmp_path: Path, capsys) -> None:
-    from qwen_vllm import stack, worker_launch
+    from qwen_vllm import cli
 
     expected = "max_model_len=40000 is longer than this Qwen checkpoint supports"
-    assert worker_launch.main(["--model-path", str(model_dir), "--no-register", "--max-model-len", "40000"]) == 2
+    assert cli.main(["worker", "--model-path", str(model_dir), "--no-register", "--max-model-len", "40000"]) == 2
     err = capsys.readouterr().err
     assert "qwen-vllm worker: error: " + expected in err and "32768 tokens" in err
-    assert stack.main(["--model", str(model_dir), "--log-dir", str(tmp_path), "--max-model-len", "40000"]) == 2
+    assert cli.main(["stack", "--model", str(model_dir), "--log-dir", str(tmp_path), "--max-model-len", "40000"]) == 2
     err = capsys.readouterr().err
     assert "qwen-vllm stack: error: " + expected in err and "32768 tokens" in err
     assert not any(tmp_path.iterdir())  # nothing was started (no process logs)
@@ -431,7 +470,7 @@ def test_flags_decide_what_is_supported(model_dir: Path, tmp_path: Path) -> None
 
 
 def test_config_round_trips_without_derived_keys(model_dir: Path) -> None:
-    from qwen_vllm.config import QWenConfig
+    from qwen_vllm.plugin.config import QWenConfig
 
     cfg = QWenConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
     assert cfg.model_max_length == 32768

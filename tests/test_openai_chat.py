@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
-from qwen_vllm import fixtures
-from qwen_vllm.tokenizer import IM_END_ID, IM_START_ID, load_encoding
 from react_cases import WEATHER
 from vllm_server import GREEDY, client_for, start_server, stream_chat  # noqa: F401 (start_server is a fixture)
+
+from qwen_vllm.checkpoints import fixtures
+from qwen_vllm.plugin.tokenizer import IM_END_ID, IM_START_ID, load_encoding
 
 STOP_PROMPT = "Count to two:"
 

@@ -9,11 +9,11 @@ import asyncio
 
 import httpx
 import pytest
-
 from fastchat_helpers import start_controller
-from qwen_vllm.ports import free_port
-from qwen_vllm import openai_front
-from qwen_vllm.openai_front import Dispatcher, NoWorker
+
+from qwen_vllm.runtime.ports import free_port
+from qwen_vllm.serving import front
+from qwen_vllm.serving.front import Dispatcher, NoWorker
 
 W1, W2, OTHER = "http://127.0.0.1:9", "http://127.0.0.1:10", "http://127.0.0.1:11"
 
@@ -25,7 +25,7 @@ def register(controller: str, worker: str, model: str) -> None:
 
 
 def test_dispatch_over_replicas(tmp_path, monkeypatch):
-    monkeypatch.setattr(openai_front, "ASK_S", 0.0)  # ask the controller (in the background) on every pick
+    monkeypatch.setattr(front, "ASK_S", 0.0)  # ask the controller (in the background) on every pick
     port = free_port()
     controller = f"http://127.0.0.1:{port}"
     proc = start_controller(port, tmp_path)

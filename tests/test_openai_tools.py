@@ -13,11 +13,11 @@ from pathlib import Path
 
 import openai
 import pytest
-
-from qwen_vllm import fixtures
-from qwen_vllm.tool_parser import SERVER_ARGS
 from react_cases import ARGS, FINAL_ANSWER, THOUGHT, TIME, WEATHER, WEATHER_INSTRUCTION
 from vllm_server import GREEDY, client_for, start_server, stream_chat  # noqa: F401 (start_server is a fixture)
+
+from qwen_vllm.checkpoints import fixtures
+from qwen_vllm.tools.vllm_parser import SERVER_ARGS
 
 QUESTION = "What's the weather like in Paris?"
 TOOL_RESULT = "22 degrees, sunny"
@@ -195,8 +195,8 @@ def test_legacy_functions_api(react_server, qwen_tokenizer) -> None:
 def test_chat_with_tools_on_vllm_wrapper(react_model: Path) -> None:
     """vLLMWrapper + function_call.chat_with_tools: the same call and final
     answer as the server, with no server."""
-    from qwen_vllm.function_call import chat_with_tools
-    from qwen_vllm.wrapper import vLLMWrapper
+    from qwen_vllm.tools.react import chat_with_tools
+    from qwen_vllm.wrapper.chat import vLLMWrapper
 
     model = vLLMWrapper(react_model, dtype="float32", enforce_eager=True, max_model_len=2048)
     messages = [{"role": "user", "content": QUESTION}]

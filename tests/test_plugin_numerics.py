@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
-
 from greedy_reference import PROMPTS, transformers_greedy, vllm_greedy
 
 PROMPTS = [

@@ -9,7 +9,7 @@ import unicodedata
 import pytest
 import tiktoken
 
-from qwen_vllm.tokenizer import QWenTokenizer
+from qwen_vllm.plugin.tokenizer import QWenTokenizer
 
 PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
@@ -108,10 +108,10 @@ def test_incremental_detokenization_of_split_characters(qwen_tokenizer: QWenToke
 
 def test_autotokenizer_uses_ours_even_with_trust_remote_code(scripted_model) -> None:
     """The fixture's tokenization_qwen.py raises on import: it must never run."""
-    import qwen_vllm
     from transformers import AutoConfig, AutoTokenizer
 
-    from qwen_vllm.config import QWenConfig
+    import qwen_vllm
+    from qwen_vllm.plugin.config import QWenConfig
 
     qwen_vllm.register()
     tok = AutoTokenizer.from_pretrained(str(scripted_model), trust_remote_code=True)

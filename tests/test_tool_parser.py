@@ -7,17 +7,17 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from react_cases import ARGS, THOUGHT, TIME, WEATHER
 
 import qwen_vllm
-from qwen_vllm import chatml_eos
-from qwen_vllm.tool_parser import (
+from qwen_vllm.plugin import chatml_eos
+from qwen_vllm.tools.vllm_parser import (
     LEGACY_MIDDLEWARE,
     SERVER_ARGS,
     SERVER_DEFAULTS,
     QwenReactToolParser,
     with_server_args,
 )
-from react_cases import ARGS, THOUGHT, TIME, WEATHER
 
 qwen_vllm.register()
 
@@ -152,7 +152,12 @@ def test_tool_choice_none_is_raw(vllm_parser) -> None:
 
 def test_legacy_functions_conversion() -> None:
     from qwen_vllm.errors import QwenRequestError
-    from qwen_vllm.legacy_functions import _legacy_event, is_legacy, to_legacy_response, to_tools_request
+    from qwen_vllm.tools.legacy import (
+        _legacy_event,
+        is_legacy,
+        to_legacy_response,
+        to_tools_request,
+    )
 
     fn = WEATHER["function"]
     legacy = {

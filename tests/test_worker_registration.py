@@ -11,10 +11,10 @@ import time
 
 import httpx
 import pytest
-
 from fastchat_helpers import start_controller
-from qwen_vllm.ports import free_port
-from qwen_vllm.worker_registration import ControllerLink
+
+from qwen_vllm.runtime.ports import free_port
+from qwen_vllm.worker.registration import ControllerLink
 
 INTERVAL = 1.0
 

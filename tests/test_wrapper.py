@@ -9,9 +9,9 @@ import textwrap
 import pytest
 
 from qwen_vllm.chat_template import make_context
+from qwen_vllm.checkpoints.fixtures import CHAT_REPLY, make_model
 from qwen_vllm.errors import QwenContextError, QwenRequestError
-from qwen_vllm.fixtures import CHAT_REPLY, make_model
-from qwen_vllm.wrapper import QwenChatFormatError, vLLMWrapper
+from qwen_vllm.wrapper.chat import QwenChatFormatError, vLLMWrapper
 
 
 def test_chat_returns_the_scripted_reply(scripted_wrapper) -> None:
@@ -138,14 +138,21 @@ def test_base_model_generate_and_chat_error(base_wrapper) -> None:
 
 def test_unguarded_top_level_script_works(scripted_model, tmp_path) -> None:
     """The Qwen README's snippet builds the model at a script's top level; vLLM's
-    CPU backend spawns processes, which re-import __main__."""
+    CPU backend spawns processes, which re-import __main__. Where this CPU can
+    hold an FP8 KV cache, the script's engine stores one: its greedy reply must
+    equal the ``auto`` cache's, token for token (the scripted reply)."""
+    from qwen_vllm.runtime.cpu import cpu_caps
+
+    kv = "fp8" if cpu_caps().fp8_kv_cache else "auto"
     script = tmp_path / "readme_snippet.py"
     script.write_text(
         textwrap.dedent(
             f"""
             from vllm_wrapper import vLLMWrapper
-            model = vLLMWrapper({str(scripted_model)!r}, dtype="float32", enforce_eager=True, max_model_len=1024)
+            model = vLLMWrapper({str(scripted_model)!r}, dtype="float32", enforce_eager=True, max_model_len=1024,
+                                kv_cache_dtype={kv!r})
             response, history = model.chat(query="Hi", history=None, do_sample=False)
+            print("KV:", model.llm.llm_engine.vllm_config.cache_config.cache_dtype)
             print("REPLY:", response)
             """
         )
@@ -153,3 +160,4 @@ def test_unguarded_top_level_script_works(scripted_model, tmp_path) -> None:
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("REPLY: " + CHAT_REPLY) == 1
+    assert f"KV: {kv}" in proc.stdout

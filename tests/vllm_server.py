@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from qwen_vllm.ports import free_port
+from qwen_vllm.runtime.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = {"temperature": 0, "max_tokens": 200}

@@ -1,0 +1,431 @@
+"""``qwen-vllm bench``: the Qwen README's speed/memory table on this stack, and
+how it compares with what users would otherwise run.
+
+Modes (each writes ``<out>/<mode>.md``, ``<mode>.json`` and ``<mode>.png``):
+
+* ``profile``: the README's method: generate N tokens (default 2048) for batch 1
+  and batch B through vLLMWrapper; tokens/s and peak memory. For a checkpoint
+  (``--model DIR``) or any Qwen size by its real config shape with random
+  weights (``--size 1.8B|7B|14B|72B``: vLLM's ``load_format="dummy"``, a Qwen v1
+  directory without weights, so the plugin path is what is measured).
+* ``versus``: the same work side by side in one run: raw ``vllm.LLM`` vs
+  vLLMWrapper vs transformers ``generate`` on the converted Qwen2 copy (static
+  batches), then serving: native vLLM OpenAI server vs FastChat worker vs OpenAI
+  front, loaded by vLLM's own ``vllm.benchmarks.serve``.
+* ``cpu-defaults``: the settings in ``cpu_defaults.py`` against vLLM's own CPU
+  defaults (thread binding, KV-cache space, max batched tokens).
+
+Every engine runs in its own process (``bench_engine.py``); figures are medians
+over ``--rounds`` with targets interleaved, so a shared machine's noise hits
+them alike; read the ratios, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from qwen_vllm.bench.engine import (
+    RESULT_PREFIX,
+    model_gib,
+    say,
+    wait_for_memory,
+    write_json,
+)
+from qwen_vllm.bench.serving import stop_group
+from qwen_vllm.runtime.ports import free_ports
+
+# The public config.json shapes of Qwen (v1) chat models: hidden, layers, heads,
+# config "intermediate_size" (twice the real MLP width), vocab, seq_length, rope base.
+SIZES: dict[str, dict[str, int]] = {
+    "1.8B": dict(hidden=2048, layers=24, heads=16, intermediate=11008, vocab=151936, seq=8192, rope=10000),
+    "7B": dict(hidden=4096, layers=32, heads=32, intermediate=22016, vocab=151936, seq=8192, rope=10000),
+    "14B": dict(hidden=5120, layers=40, heads=40, intermediate=27392, vocab=152064, seq=2048, rope=10000),
+    "72B": dict(hidden=8192, layers=80, heads=64, intermediate=49152, vocab=152064, seq=32768, rope=1000000),
+}
+# Goals of issue 8 (same machine, Qwen-1.8B shape fp32).
+GOAL_VS_SERIAL = 4.0  # serving at concurrency 8 vs transformers one request at a time
+GOAL_VS_STATIC = 2.0  # vLLMWrapper vs transformers static batching, batch 8-32
+
+
+def write_shape_model(size: str, out_dir: Path) -> Path:
+    """A weightless Qwen v1 chat directory with ``size``'s real config shapes."""
+    from qwen_vllm.checkpoints.fixtures import qwen_config, write_model_files
+
+    s = SIZES[size]
+    cfg = qwen_config(
+        s["hidden"], s["layers"], s["heads"], s["intermediate"] // 2,
+        seq_length=s["seq"], vocab_size=s["vocab"], rotary_emb_base=s["rope"],
+    )  # fmt: skip
+    return write_model_files(out_dir, cfg)
+
+
+# -- running jobs -----------------------------------------------------------------
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the [bench] progress lines readable
+    env.update(extra or {})
+    return env
+
+
+def run_job(spec: dict, env_extra: dict[str, str] | None = None) -> dict:
+    """Run one bench_engine job in a fresh process; its progress goes to our stderr."""
+    kv = 0.0 if spec["kind"] == "transformers" else kv_gib(env_extra)
+    wait_for_memory(model_gib(spec["model"], spec["dtype"]) * 1.1 + kv + 1.5, f"{spec['kind']} job")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_vllm.bench.engine", json.dumps(spec)],
+        env=child_env(env_extra), stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    result = None
+    try:
+        for line in proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                result = json.loads(line[len(RESULT_PREFIX) :])
+            else:
+                print(line, end="", file=sys.stderr)
+        proc.wait(timeout=120)  # the normal end: let the job shut its engine down itself
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        stop_group(proc)  # interrupted or not: the job's engine processes go with it
+    if proc.returncode != 0 or result is None:
+        raise RuntimeError(f"bench job {spec['kind']} failed (exit code {proc.returncode}); see the log above")
+    return result
+
+
+def kv_gib(env: dict[str, str] | None = None) -> float:
+    """The KV-cache space an engine started with ``env`` will allocate (our default if unset)."""
+    from qwen_vllm.runtime.cpu import DEFAULT_KVCACHE_GIB
+
+    return float({**os.environ, **(env or {})}.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_KVCACHE_GIB)
+
+
+# -- modes ------------------------------------------------------------------------
+def base_spec(args: argparse.Namespace, model: Path) -> dict:
+    prompt = 64 + getattr(args, "input_len", 0) + getattr(args, "prompt_tokens", 0)
+    max_len = min(args.seq_length, 256 * math.ceil((prompt + args.new_tokens + 64) / 256))
+    return {
+        "model": str(model),
+        "load_format": args.load_format,
+        "dtype": args.dtype,
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "engine": {"max_model_len": max_len},
+    }
+
+
+def profile(args: argparse.Namespace, model: Path) -> dict:
+    spec = {**base_spec(args, model), "kind": "vllm", "targets": ["wrapper"], "batches": sorted({1, args.batch})}
+    job = run_job(spec)
+    return {"rows": job["rows"], "engine": {k: v for k, v in job.items() if k != "rows"}}
+
+
+def versus(args: argparse.Namespace, model: Path) -> dict:
+    from qwen_vllm.bench.serving import serving_rows
+
+    out: dict[str, Any] = {"offline": [], "serving": [], "ratios": {}, "goals": {}}
+    if args.only in (None, "offline"):
+        spec = {**base_spec(args, model), "batches": args.batches}
+        vllm = run_job({**spec, "kind": "vllm", "targets": ["raw", "wrapper"]})
+        hf = run_job({**spec, "kind": "transformers"})
+        out["offline"] = vllm["rows"] + hf["rows"]
+        out["peak_rss_gib"] = {"vllm": vllm["peak_rss_gib"], "transformers": hf["peak_rss_gib"]}
+    if args.only in (None, "serving"):
+        spec = {
+            **base_spec(args, model),
+            "max_model_len": base_spec(args, model)["engine"]["max_model_len"],
+            "concurrency": args.concurrency,
+            "input_len": args.input_len,
+            "prompts_per_client": args.prompts_per_client,
+            "base_port": args.base_port or free_ports(4),
+        }
+        with tempfile.TemporaryDirectory(prefix="bench-serving-") as work:
+            out["serving"] = serving_rows(model, spec, Path(work))
+    tok = {(r["target"], r.get("batch", r.get("concurrency"))): r["tok_s"] for r in out["offline"] + out["serving"]}
+    for b in args.batches if out["offline"] else []:
+        out["ratios"][f"wrapper/raw batch {b}"] = tok["wrapper", b] / tok["raw", b]
+        out["ratios"][f"wrapper/transformers batch {b}"] = tok["wrapper", b] / tok["transformers", b]
+        if b >= 8:
+            out["goals"][f"vLLMWrapper vs transformers static batch {b} >= {GOAL_VS_STATIC:g}x"] = (
+                tok["wrapper", b] / tok["transformers", b] >= GOAL_VS_STATIC
+            )
+    for c in args.concurrency if out["serving"] else []:
+        for t in ("worker", "front"):
+            out["ratios"][f"{t}/native concurrency {c}"] = tok[t, c] / tok["native", c]
+    if out["offline"] and out["serving"] and ("transformers", 1) in tok:
+        top = max(args.concurrency)
+        for t in ("worker", "front"):
+            ratio = tok[t, top] / tok["transformers", 1]
+            out["ratios"][f"{t} concurrency {top} / serial transformers"] = ratio
+            if top >= 8:
+                out["goals"][f"{t} concurrency {top} vs serial transformers >= {GOAL_VS_SERIAL:g}x"] = (
+                    ratio >= GOAL_VS_SERIAL
+                )
+    return out
+
+
+def cpu_variants(args: argparse.Namespace) -> dict[str, dict]:
+    """name -> (environment, engine kwargs). Both get our KV-cache size so the
+    thread binding is the only difference between the first two."""
+    from qwen_vllm.runtime.cpu import DEFAULT_KVCACHE_GIB, thread_binding
+
+    kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_KVCACHE_GIB))
+    ours = {"VLLM_CPU_OMP_THREADS_BIND": thread_binding(1, sorted(os.sched_getaffinity(0))), "VLLM_CPU_KVCACHE_SPACE": kv}
+    variants = {
+        "ours (bind all cores)": {"env": ours, "engine": {}},
+        "vLLM default (reserve one core)": {"env": {**ours, "VLLM_CPU_OMP_THREADS_BIND": "auto"}, "engine": {}},
+    }
+    for mbt in args.max_batched_tokens:
+        variants[f"ours + max_num_batched_tokens={mbt}"] = {"env": ours, "engine": {"max_num_batched_tokens": mbt}}
+    return variants
+
+
+def cpu_defaults(args: argparse.Namespace, model: Path) -> dict:
+    rows, engines = [], {}
+    for name, variant in cpu_variants(args).items():
+        say(f"variant: {name}")
+        spec = {**base_spec(args, model), "kind": "vllm", "targets": ["wrapper"], "batches": args.batches}
+        spec["engine"] = {**spec["engine"], **variant["engine"]}
+        spec["prompt_tokens"] = args.prompt_tokens
+        job = run_job(spec, variant["env"])
+        engines[name] = {k: v for k, v in job.items() if k != "rows"}
+        rows += [{**r, "target": name} for r in job["rows"]]
+    tok = {(r["target"], r["batch"]): r["tok_s"] for r in rows}
+    base = "vLLM default (reserve one core)"
+    ratios = {f"{v} / {base} batch {b}": tok[v, b] / tok[base, b] for v in engines if v != base for b in args.batches}
+    return {"rows": rows, "engines": engines, "ratios": ratios}
+
+
+MODES = {"profile": profile, "versus": versus, "cpu-defaults": cpu_defaults}
+
+
+# -- reporting --------------------------------------------------------------------
+def table(header: list[str], lines: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell(v) for v in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def markdown(result: dict) -> str:
+    mode, data = result["mode"], result["data"]
+    head = (
+        f"## qwen-vllm bench {mode}: {result['model_label']}, {result['dtype']}, "
+        f"{result['new_tokens']} new tokens, median of {result['rounds']} round(s)\n\n"
+        f"{result['date']} on {result['machine']}.\n"
+    )
+    parts = [head]
+    if mode == "profile":
+        parts.append(
+            table(
+                ["model", "batch", "new tokens", "tokens/s", "peak memory (GiB, RSS)"],
+                [[result["model_label"], r["batch"], r["new_tokens"], r["tok_s"], r["peak_rss_gib"]] for r in data["rows"]],
+            )
+        )
+    elif mode == "versus":
+        tok = {(r["target"], r.get("batch", r.get("concurrency"))): r for r in data["offline"] + data["serving"]}
+        if data["offline"]:
+            batches = sorted({r["batch"] for r in data["offline"]})
+            parts.append("Offline, output tokens/s (static batch of chat prompts):\n")
+            parts.append(
+                table(
+                    ["batch", "raw vllm.LLM", "vLLMWrapper", "transformers", "wrapper/raw", "wrapper/transformers"],
+                    [
+                        [b, tok["raw", b]["tok_s"], tok["wrapper", b]["tok_s"], tok["transformers", b]["tok_s"],
+                         tok["wrapper", b]["tok_s"] / tok["raw", b]["tok_s"],
+                         tok["wrapper", b]["tok_s"] / tok["transformers", b]["tok_s"]]
+                        for b in batches
+                    ],
+                )  # fmt: skip
+            )
+        if data["serving"]:
+            concs = sorted({r["concurrency"] for r in data["serving"]})
+            parts.append("\nServing (`vllm.benchmarks.serve`, streaming /v1/completions), output tokens/s and median TTFT:\n")
+            parts.append(
+                table(
+                    ["concurrency", "native vLLM", "worker", "front", "worker/native", "front/native",
+                     "TTFT ms native / worker / front"],
+                    [
+                        [c, tok["native", c]["tok_s"], tok["worker", c]["tok_s"], tok["front", c]["tok_s"],
+                         tok["worker", c]["tok_s"] / tok["native", c]["tok_s"],
+                         tok["front", c]["tok_s"] / tok["native", c]["tok_s"],
+                         " / ".join(f"{tok[t, c]['median_ttft_ms']:.0f}" for t in ("native", "worker", "front"))]
+                        for c in concs
+                    ],
+                )  # fmt: skip
+            )
+    else:
+        batches = sorted({r["batch"] for r in data["rows"]})
+        tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
+        parts.append(
+            table(
+                ["variant", "OMP threads bind", "max batched tokens", "KV cache (tokens)",
+                 *[f"batch {b} tok/s" for b in batches]],
+                [
+                    [name, e["omp_threads_bind"], e["max_num_batched_tokens"], e["kv_cache_tokens"],
+                     *[tok[name, b] for b in batches]]
+                    for name, e in data["engines"].items()
+                ],
+            )  # fmt: skip
+        )
+    if data.get("ratios"):
+        parts.append("\nRatios (same run):\n")
+        parts.append(table(["ratio", "value"], [[k, v] for k, v in data["ratios"].items()]))
+    if data.get("goals"):
+        parts.append("\nGoals:\n")
+        parts.append(table(["goal", "met"], [[k, "yes" if v else "no"] for k, v in data["goals"].items()]))
+    return "\n".join(parts) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """tokens/s vs batch size (offline) and vs concurrency (serving), one line per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = result["data"]
+    panels = [("batch", data.get("rows", []) + data.get("offline", [])), ("concurrency", data.get("serving", []))]
+    panels = [(x, rows) for x, rows in panels if rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (x, rows) in zip(axes[0], panels):
+        for target in dict.fromkeys(r["target"] for r in rows):
+            pts = sorted((r[x], r["tok_s"]) for r in rows if r["target"] == target)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=target)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r[x] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel(x)
+        ax.set_ylabel("output tokens/s")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"qwen-vllm bench {result['mode']}: {result['model_label']} {result['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(result: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = result["mode"]
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    write_json(paths["json"], result)
+    paths["md"].write_text(markdown(result))
+    plot(result, paths["png"])
+    return paths
+
+
+# -- command line -----------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+    helps = {
+        "profile": "tokens/s and peak memory generating N tokens at batch 1 and batch B (the Qwen README's table)",
+        "versus": "raw vLLM vs vLLMWrapper vs transformers; native vLLM server vs worker vs front",
+        "cpu-defaults": "our CPU defaults (thread binding, KV space, max batched tokens) vs vLLM's",
+    }
+    for mode, text in helps.items():
+        p = modes.add_parser(mode, help=text, description=text)
+        src = p.add_mutually_exclusive_group()
+        src.add_argument("--model", type=Path, help="Qwen v1 checkpoint directory (default: a tiny random fixture)")
+        src.add_argument("--size", choices=list(SIZES), help="a Qwen size by its real config shape, random weights")
+        p.add_argument("--dtype", help="float32 / bfloat16 / float16 (default: float32 on CPU, else bfloat16)")
+        p.add_argument("--new-tokens", type=int, default=2048 if mode == "profile" else 32)
+        p.add_argument("--rounds", type=int, default=1 if mode == "profile" else 3, help="medians over this many")
+        p.add_argument("--out", type=Path, default=Path("results") / "bench", help="results folder")
+        if mode == "profile":
+            p.add_argument("--batch", type=int, default=8, help="the batch size besides 1 (default 8)")
+        else:
+            p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32] if mode == "versus" else [1, 8])
+        if mode == "versus":
+            p.add_argument("--only", choices=["offline", "serving"], help="run one half only")
+            p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+            p.add_argument("--input-len", type=int, default=64, help="serving prompt length (random tokens)")
+            p.add_argument("--prompts-per-client", type=int, default=2, help="serving requests per concurrent client")
+            p.add_argument("--base-port", type=int, help="ports base..base+3 on 127.0.0.1 (default: free ones)")
+        if mode == "cpu-defaults":
+            p.add_argument("--max-batched-tokens", type=int, nargs="*", default=[],
+                           help="also measure ours with these max_num_batched_tokens")  # fmt: skip
+            p.add_argument("--prompt-tokens", type=int, default=0, help="pad prompts to about this many tokens")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    sizes = [args.new_tokens, args.rounds, *getattr(args, "batches", []), getattr(args, "batch", 1)]
+    sizes += getattr(args, "concurrency", [])
+    if min(sizes) < 1:
+        raise ValueError("--new-tokens, --rounds, batch sizes and concurrencies must be at least 1")
+    if args.new_tokens + 64 > args.seq_length:
+        raise ValueError(f"--new-tokens {args.new_tokens} does not fit the model's {args.seq_length}-token context")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qwen_vllm.errors import QwenCheckpointError
+    from qwen_vllm.plugin.checkpoint import read_config, validate_checkpoint
+    from qwen_vllm.runtime.cpu import on_cpu
+
+    args.dtype = args.dtype or ("float32" if on_cpu() else "bfloat16")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-ups: no engine left behind
+    with tempfile.TemporaryDirectory(prefix="qwen-bench-") as tmp:
+        if args.size:
+            model, label, args.load_format = write_shape_model(args.size, Path(tmp) / f"Qwen-{args.size}-shape"), (
+                f"Qwen-{args.size} shape (random weights)"
+            ), "dummy"
+        else:
+            if args.model is None:
+                from qwen_vllm.checkpoints.fixtures import make_model
+
+                args.model = make_model(Path(tmp) / "tiny-random", "random")
+            model, label, args.load_format = args.model.resolve(), args.model.name, "auto"
+            try:
+                validate_checkpoint(model)
+            except QwenCheckpointError as exc:
+                print(f"qwen-vllm bench: error: {exc}", file=sys.stderr)
+                return 2
+        args.seq_length = read_config(model)["seq_length"]
+        try:
+            check_args(args)
+        except ValueError as exc:
+            print(f"qwen-vllm bench: error: {exc}", file=sys.stderr)
+            return 2
+        started = time.time()
+        data = MODES[args.mode](args, model)
+    result = {
+        "mode": args.mode,
+        "model_label": label,
+        "model": str(args.model) if args.model else None,
+        "size": args.size,
+        "dtype": args.dtype,
+        "load_format": args.load_format,
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "wall_s": time.time() - started,
+        "machine": f"{platform.machine()} {len(os.sched_getaffinity(0))} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "command": "qwen-vllm bench " + " ".join(sys.argv[sys.argv.index(args.mode) :] if args.mode in sys.argv else [args.mode]),
+        "data": data,
+    }
+    paths = write_results(result, args.out)
+    print(markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    from qwen_vllm.cli import run_as_module
+
+    run_as_module("bench")

@@ -1,0 +1,200 @@
+"""Serving part of ``qwen-vllm bench versus``: the same traffic against
+
+  ``native``  plain ``python -m vllm.entrypoints.openai.api_server`` (our model plugin only),
+  ``worker``  the FastChat worker's own /v1 (vLLM's server + our endpoint plugin),
+  ``front``   OpenAI front -> FastChat controller -> worker (``qwen-vllm stack``).
+
+Load: vLLM's own benchmark client (``vllm.benchmarks.serve``, called directly:
+the ``vllm bench`` CLI needs the "vllm" distribution name), random prompts,
+fixed output length (ignore_eos), streaming /v1/completions, at each
+concurrency. One engine at a time (a full-size model twice may not fit in
+memory): the native server for half the rounds, then the stack, whose worker
+serves both ``worker`` and ``front`` (interleaved round by round), then a new
+native server for the other half, so the machine's drift and one engine's
+luck weigh on both sides. Every engine gets the same CPU binding and KV-cache
+size, so only the serving path differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+TARGETS = {
+    "native": "plain vLLM api_server",
+    "worker": "worker's own /v1",
+    "front": "front -> controller -> worker",
+}
+KEEP = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "completed", "duration")
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    start = last = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                say(f"{what} ready after {time.monotonic() - start:.0f} s")
+                return
+        if time.monotonic() - last >= 15:
+            last = time.monotonic()
+            say(f"waiting for {what} ({last - start:.0f} s)")
+        time.sleep(1)
+    raise RuntimeError(f"{what} not healthy after {timeout:.0f} s")
+
+
+def run_client(base_url: str, model: Path, name: str, concurrency: int, num_prompts: int, spec: dict) -> dict:
+    """One vllm.benchmarks.serve run; returns its result dict."""
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    bench_args = parser.parse_args(
+        [
+            "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
+            "--model", str(model), "--served-model-name", name,
+            "--dataset-name", "random", "--random-input-len", str(spec["input_len"]),
+            "--random-output-len", str(spec["new_tokens"]), "--ignore-eos",
+            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
+            "--seed", "0", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl",
+        ]
+    )  # fmt: skip
+    with contextlib.redirect_stdout(sys.stderr):  # the client's own report is progress, not output
+        return main(bench_args)
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a process started with ``start_new_session`` and everything in its
+    group (vLLM's engine core and workers outlive a parent that is just killed)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group, if any
+    proc.wait()
+
+
+@contextlib.contextmanager
+def native_server(model: Path, name: str, port: int, engine_args: list[str], env: dict, log: Path) -> Iterator[dict]:
+    say("starting the native vLLM server ...")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+         "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_args],
+        env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 1800, f"native vLLM server (log {log})")
+        yield {"native": f"http://127.0.0.1:{port}"}
+    finally:
+        stop_group(proc)
+
+
+@contextlib.contextmanager
+def stack(model: Path, base_port: int, engine_args: list[str], env: dict, log_dir: Path) -> Iterator[dict]:
+    say("starting qwen-vllm stack (controller, worker, front) ...")
+    front, ctl, worker = base_port, base_port + 1, base_port + 2
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_vllm.serving.stack", "--model", str(model), "--port", str(front),
+         "--controller-port", str(ctl), "--worker-port", str(worker), "--log-dir", str(log_dir),
+         "--", *engine_args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            print(line, end="", file=sys.stderr)
+            if line.startswith("Press Ctrl-C"):
+                break
+        else:
+            raise RuntimeError(f"the stack exited (code {proc.wait()}); logs in {log_dir}")
+        yield {"worker": f"http://127.0.0.1:{worker}", "front": f"http://127.0.0.1:{front}"}
+    finally:
+        stop_group(proc, signal.SIGINT)
+
+
+def measure(bases: dict[str, str], model: Path, name: str, spec: dict) -> dict[tuple[str, int], list[dict]]:
+    for key, base in bases.items():  # warm-up: first requests allocate and compile
+        run_client(base, model, name, 1, 2, spec)
+    runs: dict[tuple[str, int], list[dict]] = {(k, c): [] for k in bases for c in spec["concurrency"]}
+    keys = list(bases)
+    for r in range(spec["rounds"]):
+        order = keys[r % len(keys) :] + keys[: r % len(keys)]
+        for conc in spec["concurrency"]:
+            for key in order:
+                result = run_client(bases[key], model, name, conc, conc * spec["prompts_per_client"], spec)
+                if result["completed"] != conc * spec["prompts_per_client"]:
+                    raise RuntimeError(f"{key}: only {result['completed']} requests completed at concurrency {conc}")
+                runs[key, conc].append({f: result[f] for f in KEEP})
+                say(
+                    f"round {r + 1}/{spec['rounds']} concurrency {conc} {key}: "
+                    f"{result['output_throughput']:.2f} tok/s, median TTFT {result['median_ttft_ms']:.0f} ms"
+                )
+    return runs
+
+
+def serving_rows(model: Path, spec: dict, work: Path) -> list[dict]:
+    """Rows ``{target, concurrency, tok_s, median_ttft_ms, median_tpot_ms, runs}`` (medians over rounds)."""
+    import statistics
+
+    import qwen_vllm
+    from qwen_vllm.bench.engine import model_gib, wait_for_memory
+    from qwen_vllm.runtime.cpu import apply_cpu_defaults
+
+    qwen_vllm.register()  # the benchmark client loads the model's QWenTokenizer
+    name = model.resolve().name
+    env = dict(os.environ)
+    apply_cpu_defaults(1, env)  # the native server gets the worker's binding and KV size
+    env.pop("VLLM_PLUGINS", None)
+    engine_args = ["--enforce-eager", "--dtype", spec["dtype"], "--load-format", spec["load_format"],
+                   "--max-model-len", str(spec["max_model_len"])]  # fmt: skip
+    need = model_gib(str(model), spec["dtype"]) * 1.1 + float(env["VLLM_CPU_KVCACHE_SPACE"]) + 2.0
+    runs: dict[tuple[str, int], list[dict]] = {}
+
+    def add(measured: dict[tuple[str, int], list[dict]]) -> None:
+        for key, rs in measured.items():
+            runs.setdefault(key, []).extend(rs)
+
+    def native(part: int, rounds: int) -> None:
+        wait_for_memory(need, "native vLLM server")
+        log = work / f"native-{part}.log"
+        with native_server(model, name, spec["base_port"] + 3, engine_args, env, log) as bases:
+            add(measure(bases, model, name, {**spec, "rounds": rounds}))
+
+    # Native, stack, native again (rounds split): one engine at a time, and
+    # drift of a shared machine over the run weighs on both sides alike.
+    first = (spec["rounds"] + 1) // 2
+    native(1, first)
+    wait_for_memory(need, "qwen-vllm stack")
+    with stack(model, spec["base_port"], engine_args, env, work / "stack") as bases:
+        add(measure(bases, model, name, spec))
+    if spec["rounds"] > first:
+        native(2, spec["rounds"] - first)
+    med = statistics.median
+    return [
+        {
+            "target": key,
+            "concurrency": conc,
+            "new_tokens": spec["new_tokens"],
+            "tok_s": med(r["output_throughput"] for r in rs),
+            "median_ttft_ms": med(r["median_ttft_ms"] for r in rs),
+            "median_tpot_ms": med(r["median_tpot_ms"] for r in rs),
+            "runs": rs,
+        }
+        for (key, conc), rs in runs.items()
+    ]

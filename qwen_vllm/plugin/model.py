@@ -1,0 +1,81 @@
+"""QWenLMHeadModel for vLLM: Qwen v1 weights on vLLM's own Qwen2 layers.
+
+Qwen v1 is Qwen2 with one K/V head per attention head, a biased fused QKV
+(``c_attn``) and unbiased projections, so the model is vLLM's
+``Qwen2ForCausalLM`` plus a weight-name mapping. ``c_attn`` is loaded as one
+fused tensor: ``QKVParallelLinear``'s loader splits q/k/v (weight and bias)
+before taking each tensor-parallel rank's slice. ``w2`` is the gate and
+``w1`` the up projection (Qwen computes ``w1(x) * silu(w2(x))``).
+
+Beyond ``seq_length`` (only when the engine's max_model_len asks for it) the
+layers get Qwen's dynamic NTK rotary + LogN (``qwen_vllm.plugin.long_context``), fed
+per-request positions through vLLM's M-RoPE hook.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+
+import torch
+from vllm.model_executor.models.interfaces import SupportsMRoPE
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.utils import AutoWeightsLoader
+
+from qwen_vllm.plugin.checkpoint import check_weight_shape
+from qwen_vllm.plugin.long_context import encoded_positions, install_long_context
+from qwen_vllm.plugin.quantization import QWenWeightsMapper
+
+# QWenWeightsMapper: a WeightsMapper that also names GPTQ modules for vLLM's
+# quantization config (c_attn -> q/k/v_proj, ...); see qwen_vllm.plugin.quantization.
+QWEN_V1_TO_VLLM = QWenWeightsMapper(
+    orig_to_new_regex={re.compile(r"^transformer\.h\.(\d+)\."): r"model.layers.\1."},
+    orig_to_new_prefix={
+        "transformer.wte.": "model.embed_tokens.",
+        "transformer.ln_f.": "model.norm.",
+    },
+    orig_to_new_substr={
+        ".ln_1.": ".input_layernorm.",
+        ".ln_2.": ".post_attention_layernorm.",
+        ".attn.c_attn.": ".self_attn.qkv_proj.",
+        ".attn.c_proj.": ".self_attn.o_proj.",
+        ".mlp.c_proj.": ".mlp.down_proj.",
+    },
+    orig_to_new_stacked={
+        ".mlp.w2.": (".mlp.gate_up_proj.", 0),
+        ".mlp.w1.": (".mlp.gate_up_proj.", 1),
+    },
+)
+
+
+def check_shapes(
+    weights: Iterable[tuple[str, torch.Tensor]], config
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass weights through, raising a clear error on a shape that disagrees
+    with config.json (vLLM's own message names only its internal parameter)."""
+    cfg = config.to_dict()
+    for name, tensor in weights:
+        check_weight_shape(name, tuple(tensor.shape), cfg)
+        yield name, tensor
+
+
+class QWenLMHeadModel(Qwen2ForCausalLM, SupportsMRoPE):
+    """Qwen v1 (``QWenLMHeadModel``) served by vLLM's Qwen2 implementation."""
+
+    hf_to_vllm_mapper = QWEN_V1_TO_VLLM
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        # Set by long_context.keep_prompt_alpha_on_resume while Model Runner V2
+        # adds a request (its prefill may include output tokens on resume).
+        self.prompt_len_for_positions: int | None = None
+        self.long_context = install_long_context(self.model, vllm_config)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        """Per-request positions for dynamic NTK (called only when the config
+        hook enabled vLLM's M-RoPE path, i.e. max_model_len > seq_length)."""
+        return encoded_positions(self.long_context, input_tokens, mm_features, self.prompt_len_for_positions)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(check_shapes(weights, self.config), mapper=self.hf_to_vllm_mapper)

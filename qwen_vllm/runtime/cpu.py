@@ -1,0 +1,115 @@
+"""What this CPU can do under vLLM, and vLLM CPU-backend defaults for the
+wrapper, worker and stack.
+
+vLLM loads a different kernel library per x86 CPU kind (``vllm/platforms/
+cpu.py`` ``import_kernels``): ``_C`` (AVX-512 with BF16) or ``_C_AVX512``,
+both with the native Int4 GEMM ``cpu_gemm_wna16``, or ``_C_AVX2`` without it.
+Its CPU attention stores an FP8 KV cache only with AVX-512 or AMX, and its
+GPTQ kernel runs bf16 Int4 layers with int8 activations (W4A8) on AMX.
+:func:`cpu_caps` says which of these hold here, for the checks, the tests
+and the bench reports.
+
+By default vLLM's CPU backend binds its OpenMP threads to all cores but the
+one it reserves for the scheduler process; on a 2-core machine that halves
+compute. ``qwen-vllm bench cpu-defaults`` measures binding every core
+(docs/performance.md). Anything the user already set in the environment wins.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CpuCaps:
+    """The CPU features vLLM's CPU backend branches on."""
+
+    x86: bool
+    avx512: bool
+    amx: bool
+
+    @property
+    def isa(self) -> str:
+        if not self.x86:
+            return f"not x86 ({platform.machine()})"
+        return "AVX-512 + AMX" if self.amx else "AVX-512" if self.avx512 else "AVX2 only"
+
+    @property
+    def native_int4(self) -> bool:
+        """vLLM's loaded library has ``cpu_gemm_wna16`` (else qwen_vllm.plugin.cpu_gptq)."""
+        return self.avx512
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        return self.avx512 or self.amx
+
+    def int4_path(self, dtype: str) -> str:
+        """Which kernel runs a GPTQ Int4 layer with activations in ``dtype``."""
+        if not self.native_int4:
+            return "qwen-vllm's torch fallback (cpu_gptq)"
+        if self.amx and dtype == "bfloat16" and os.environ.get("VLLM_CPU_INT4_W4A8", "1") != "0":
+            return "vLLM W4A8 (int8 activations, AMX)"
+        return "vLLM W4A16 (cpu_gemm_wna16)"
+
+    def describe(self) -> str:
+        """One line for logs, CI and bench reports."""
+        library = "_C_AVX512" if self.avx512 else "_C_AVX2" if self.x86 else "_C"
+        return (
+            f"CPU: {self.isa}; vLLM kernels {library}; Int4 GEMM "
+            f"{'native' if self.native_int4 else 'qwen-vllm fallback'}; FP8 KV cache "
+            f"{'yes' if self.fp8_kv_cache else 'no'}"
+        )
+
+
+@functools.cache
+def cpu_caps() -> CpuCaps:
+    """This machine's :class:`CpuCaps`, as vLLM's CPU backend tests them."""
+    import torch
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
+    return CpuCaps(x86, x86 and torch.cpu._is_avx512_supported(), x86 and torch.cpu._is_amx_tile_supported())
+
+# KV-cache space in GiB when the user sets none. vLLM's own CPU default is
+# 90% of RAM minus what the process holds: on a shared host that starves every
+# other process, and a second engine fails to start. Qwen v1 has no GQA, so a
+# token costs layers x 2 x hidden x dtype bytes: 384 KiB for 1.8B in fp32,
+# 512 KiB for 7B in bf16 (1 MiB in fp32). 4 GiB holds one full 8K context of
+# 1.8B fp32 or 7B bf16 (``qwen-vllm bench cpu-defaults`` prints the capacity).
+DEFAULT_KVCACHE_GIB = 4
+
+
+def on_cpu() -> bool:
+    """True when vLLM will run on its CPU backend (no CUDA device)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def thread_binding(tensor_parallel_size: int, cores: list[int]) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND value giving each TP rank an equal share of ``cores``."""
+    if tensor_parallel_size < 1 or tensor_parallel_size > len(cores):
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} needs at least that many CPU cores "
+            f"(this process may use {len(cores)})"
+        )
+    share = len(cores) // tensor_parallel_size
+    groups = [cores[r * share : (r + 1) * share] for r in range(tensor_parallel_size)]
+    return "|".join(",".join(str(c) for c in group) for group in groups)
+
+
+def apply_cpu_defaults(tensor_parallel_size: int = 1, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set our CPU defaults in ``environ`` (os.environ) where unset; returns what was set."""
+    environ = os.environ if environ is None else environ
+    if not on_cpu():
+        return {}
+    chosen = {}
+    if "VLLM_CPU_OMP_THREADS_BIND" not in environ:
+        chosen["VLLM_CPU_OMP_THREADS_BIND"] = thread_binding(tensor_parallel_size, sorted(os.sched_getaffinity(0)))
+    if "VLLM_CPU_KVCACHE_SPACE" not in environ:
+        chosen["VLLM_CPU_KVCACHE_SPACE"] = str(DEFAULT_KVCACHE_GIB)
+    environ.update(chosen)
+    return chosen

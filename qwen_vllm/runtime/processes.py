@@ -1,0 +1,81 @@
+"""Engine processes that die with their parent and keep out of the terminal.
+
+vLLM's engine core watches nothing above it: ``kill -9`` of an API server
+leaves its engine core (and that one's workers) running, holding memory, cores
+or a GPU. And Ctrl-C in a terminal signals the whole foreground process group,
+so in ``qwen-vllm chat --model`` it would reach the engine, which shuts down
+on SIGINT. Launchers ask for what they need in the environment (inherited by
+every process vLLM starts):
+
+* DIE_WITH_PARENT_ENV: the kernel SIGTERMs the process when its parent dies
+  (vLLM's own handler then shuts it down cleanly);
+* OWN_PROCESS_GROUP_ENV: the process moves to a process group of its own.
+
+The hooks must run in every process vLLM starts, whatever its start method.
+Under ``spawn`` (vLLM's CPU platform) each process imports the plugin afresh
+and ``register()`` runs there. Under ``fork`` (vLLM's default on CUDA) a child
+inherits the parent's "already registered" state and ``register()`` never
+runs again; :func:`install_process_hooks` registers an at-fork handler, which
+forked children inherit and run at birth.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+DIE_WITH_PARENT_ENV = "QWEN_VLLM_DIE_WITH_PARENT"
+OWN_PROCESS_GROUP_ENV = "QWEN_VLLM_ENGINE_OWN_PROCESS_GROUP"
+# A file that gets one line per vLLM engine-core process started (the test
+# suite counts its engine starts with it).
+ENGINE_LOG_ENV = "QWEN_VLLM_ENGINE_LOG"
+
+_installed = False
+_forking_pid: int | None = None  # set in the parent just before each fork
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its parent exits (Linux)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+
+
+def child_process_setup(parent_pid: int) -> None:
+    """In a process started by ``parent_pid``: apply what the environment asks
+    for (see the module doc). Cheap and idempotent."""
+    if os.environ.get(OWN_PROCESS_GROUP_ENV) == "1" and os.getpgid(0) != os.getpid():
+        os.setpgid(0, 0)
+    if os.environ.get(DIE_WITH_PARENT_ENV) == "1":
+        die_with_parent()
+        if os.getppid() != parent_pid:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _before_fork() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    if _forking_pid is not None:
+        child_process_setup(_forking_pid)
+
+
+def install_process_hooks() -> None:
+    """Run the hooks now if this is a spawned child (``register()`` calls this
+    in every process that loads the plugin), and in every child this process
+    forks from now on."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None:
+        child_process_setup(parent.pid)
+        log = os.environ.get(ENGINE_LOG_ENV)
+        if log and multiprocessing.current_process().name.startswith("EngineCore"):
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"{os.getpid()}\n")
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

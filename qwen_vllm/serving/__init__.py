@@ -1,0 +1,3 @@
+"""Serving processes: ``serve`` (vLLM's OpenAI server + Qwen), ``front`` (one
+OpenAI endpoint over FastChat workers), ``stack`` (the whole topology in one
+command), ``demo``, and the HTTP helpers they share."""

@@ -1,0 +1,49 @@
+"""``qwen-vllm serve`` / ``python -m qwen_vllm.serving.serve``: vLLM's own OpenAI API
+server with Qwen tool calling on.
+
+Same as ``python -m vllm.entrypoints.openai.api_server ARGS`` plus the flags
+tool calling needs (tool_parser.SERVER_ARGS) unless ARGS already set them, and
+``--host 127.0.0.1`` unless ARGS give a host (vLLM binds all interfaces).
+Chat, the ChatML template and the default ChatML stops need no flags at all;
+only vLLM's tool-parser selection does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from qwen_vllm.tools.vllm_parser import with_server_args
+
+PASS_THROUGH_ARGS = True  # everything after "serve" goes to vLLM's own parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run vLLM's OpenAI API server (all of its arguments: --model DIR, --port, "
+        "--tensor-parallel-size, ...) with Qwen tool calling enabled."
+    )
+
+
+def run(args: Any) -> int:
+    from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+
+    argv = getattr(args, "extra_args", [])
+    sys.argv = [sys.argv[0], *with_loopback_default(with_server_args(argv))]
+    vllm_main()
+    return 0
+
+
+def with_loopback_default(argv: list[str]) -> list[str]:
+    """``--host 127.0.0.1`` unless ``argv`` names a host: vLLM's own default
+    binds every interface, ours binds this machine only."""
+    if any(a == "--host" or a.startswith("--host=") for a in argv):
+        return argv
+    return [*argv, "--host", "127.0.0.1"]
+
+
+if __name__ == "__main__":
+    from qwen_vllm.cli import run_as_module
+
+    run_as_module("serve")

@@ -1,0 +1,368 @@
+"""``qwen-vllm stack``: the FastChat topology in one command.
+
+Starts the real FastChat controller (``python -m fastchat.serve.controller``),
+K workers per model (worker_launch.py), the OpenAI front (openai_front.py)
+and, with ``--web``, the web UI (``python -m qwen_vllm.ui.web``); shows
+progress while engines load, waits until every worker is healthy and
+registered, prints the URLs, and on Ctrl-C/SIGTERM stops everything.
+
+Every child runs in its own process group (its engine processes included)
+and gets SIGTERM if the stack itself dies (PR_SET_PDEATHSIG), so nothing is
+left behind. A controller that exits is restarted (it holds no state; workers
+re-register within one heartbeat); a worker or front that exits is reported
+and left down. Arguments after ``--`` go to every worker (vLLM engine flags:
+``--dtype float16 --quantization gptq --kv-cache-dtype auto`` ...); each
+worker's command line is parsed and checked before anything starts.
+On a CPU machine the cores are split between workers (VLLM_CPU_OMP_THREADS_BIND);
+on GPUs, CUDA_VISIBLE_DEVICES is split likewise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from qwen_vllm.errors import QwenVLLMError
+from qwen_vllm.runtime.processes import die_with_parent
+
+PROGRESS_EVERY_S = 10.0
+STOP_GRACE_S = 30.0
+CONTROLLER_RESTART_S = 2.0  # at most one controller restart per this many seconds
+
+
+def say(message: str) -> None:
+    print(f"[stack] {message}", flush=True)
+
+
+@dataclass
+class Child:
+    """One supervised process: a role name, its command and where it logs."""
+
+    name: str
+    cmd: list[str]
+    log: Path
+    url: str
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    ready: bool = False
+    reported_exit: bool = False
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env},
+                cwd=self.cwd,
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # SIGTERM this child when the stack dies
+            )
+        self.started = time.monotonic()
+        say(f"{self.name:<22} pid {self.proc.pid:<7} {self.url}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 25) -> str:
+        text = self.log.read_text(errors="replace").splitlines()
+        return "\n".join("    " + line for line in text[-lines:])
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def device_env(index: int, count: int, tp: int) -> dict[str, str]:
+    """Environment giving worker ``index`` of ``count`` its own cores (CPU) or GPUs."""
+    from qwen_vllm.runtime.cpu import on_cpu, thread_binding
+
+    if on_cpu():
+        if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+            return {}
+        cores = sorted(os.sched_getaffinity(0))
+        if count * tp > len(cores):
+            if index == 0:
+                say(f"warning: {count} workers x TP {tp} > {len(cores)} cores; workers share all cores")
+            return {"VLLM_CPU_OMP_THREADS_BIND": thread_binding(tp, cores)}
+        share = len(cores) // count
+        return {"VLLM_CPU_OMP_THREADS_BIND": thread_binding(tp, cores[index * share : (index + 1) * share])}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        import torch
+
+        devices = [str(i) for i in range(torch.cuda.device_count())]
+    else:
+        devices = [d for d in visible.split(",") if d]
+    if count * tp > len(devices):
+        raise SystemExit(f"qwen-vllm stack: {count} workers x TP {tp} need {count * tp} GPUs; {len(devices)} visible")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(devices[index * tp : (index + 1) * tp])}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", required=True, help="checkpoint directory (repeat to serve several)")
+    parser.add_argument("--workers", type=int, default=1, help="worker replicas per model (default 1)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="tensor-parallel size of each worker")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        help="context length of every worker (default: the model's seq_length; up to 32768 opts into "
+        "Qwen's dynamic NTK + LogN long context)",
+    )
+    parser.add_argument("--web", action="store_true", help="also start the web UI (qwen_vllm.ui.web)")
+    parser.add_argument("--host", default="127.0.0.1", help="address every part binds (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="OpenAI API port")
+    parser.add_argument("--controller-port", type=int, default=21001)
+    parser.add_argument("--worker-port", type=int, default=21002, help="first worker port (next ones count up)")
+    parser.add_argument("--web-port", type=int, default=7860)
+    parser.add_argument("--api-keys", help="comma-separated keys the OpenAI API (and web UI) require")
+    parser.add_argument("--log-dir", type=Path, help="where each process logs (default: a new temp directory)")
+    parser.add_argument("--startup-timeout", type=float, default=1800, help="seconds to wait for every worker")
+    parser.add_argument("worker_args", nargs=argparse.REMAINDER, help="-- then vLLM engine flags for every worker")
+
+
+class Stack:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.stop = threading.Event()
+        host = args.host
+        # Parts find each other on the loopback address when binding everywhere.
+        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.base = f"http://[{local}]" if ":" in local else f"http://{local}"
+        self.controller_url = f"{self.base}:{args.controller_port}"
+        self.api_url = f"{self.base}:{args.port}/v1"
+        log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="qwen-vllm-stack-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = log_dir.resolve()
+        py = sys.executable
+        self.controller = Child(
+            "controller",
+            [py, "-m", "fastchat.serve.controller", "--host", host, "--port", str(args.controller_port)],
+            self.log_dir / "controller.out",
+            self.controller_url,
+            cwd=self.log_dir,  # FastChat writes controller.log into its working directory
+        )
+        worker_args = [a for a in args.worker_args if a != "--"]
+        if args.max_model_len is not None:
+            worker_args = ["--max-model-len", str(args.max_model_len), *worker_args]
+        self.keys = keys = [k for k in (args.api_keys or "").split(",") if k]
+        if keys and host not in ("127.0.0.1", "::1", "localhost"):
+            # Workers reachable from other machines: guard their routes too.
+            worker_args += ["--api-key", keys[0]]
+        key = worker_args[worker_args.index("--api-key") + 1] if "--api-key" in worker_args else None
+        self.worker_headers = {"Authorization": f"Bearer {key}"} if key else {}
+        count = len(args.model) * args.workers
+        self.workers: list[Child] = []
+        for m, model in enumerate(args.model):
+            name = Path(model).resolve().name
+            for k in range(args.workers):
+                index = m * args.workers + k
+                port = args.worker_port + index
+                cmd = [
+                    py, "-m", "qwen_vllm.worker_launch", "--model-path", model, "--host", host, "--port", str(port),
+                    "--controller-address", self.controller_url, "--worker-address", f"{self.base}:{port}",
+                    "--tensor-parallel-size", str(args.tensor_parallel_size), *worker_args,
+                ]  # fmt: skip
+                self.workers.append(
+                    Child(
+                        f"worker {name}#{k}",
+                        cmd,
+                        self.log_dir / f"worker-{name}-{k}.log",
+                        f"{self.base}:{port}",
+                        env=device_env(index, count, args.tensor_parallel_size),
+                    )
+                )
+        self.model_names = sorted({Path(m).resolve().name for m in args.model})
+        front_cmd = [py, "-m", "qwen_vllm.serving.front", "--host", host, "--port", str(args.port),
+                     "--controller-address", self.controller_url]  # fmt: skip
+        if keys:
+            front_cmd += ["--api-keys", args.api_keys]
+        if key:
+            front_cmd += ["--worker-api-key", key]
+        self.front = Child("openai-api", front_cmd, self.log_dir / "openai-api.log", self.api_url)
+        self.web: Child | None = None
+        if args.web:
+            web_cmd = [py, "-m", "qwen_vllm.ui.web", "--api-url", self.api_url, "--host", host,
+                       "--port", str(args.web_port)]  # fmt: skip
+            web_env = {"OPENAI_API_KEY": keys[0]} if keys else {}
+            self.web = Child("web-ui", web_cmd, self.log_dir / "web-ui.log", f"{self.base}:{args.web_port}", env=web_env)
+        self.client = httpx.Client(timeout=2.0, trust_env=False)
+
+    def check_worker_args(self) -> None:
+        """Parse and check each worker's command line as the worker will, before
+        anything starts: a bad checkpoint, GPTQ Int8 or an FP8 KV cache on a CPU
+        that cannot run them fails here with the reason, not in a worker log."""
+        from qwen_vllm import worker_launch
+
+        for w in self.workers:
+            worker_launch.resolve_args(worker_launch.build_parser().parse_args(w.cmd[3:]))
+
+    @property
+    def children(self) -> list[Child]:
+        return [c for c in (self.controller, *self.workers, self.front, self.web) if c is not None]
+
+    def _answers(self, method: str, url: str, **kwargs) -> bool:
+        try:
+            return self.client.request(method, url, **kwargs).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _front_models(self) -> list[str]:
+        headers = {"Authorization": f"Bearer {self.keys[0]}"} if self.keys else {}
+        try:
+            return [m["id"] for m in self.client.get(f"{self.api_url}/models", headers=headers).json()["data"]]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return []
+
+    def _wait(self, what: str, ready, children: list[Child]) -> bool:
+        """Poll ``ready()`` until true; False on stop, timeout or a child's death."""
+        start = last = time.monotonic()
+        while not self.stop.is_set():
+            for child in children:
+                if child.proc is not None and not child.alive():
+                    say(f"{child.name} exited with code {child.proc.returncode} while starting; log {child.log}:")
+                    print(child.tail(), flush=True)
+                    return False
+            if ready():
+                return True
+            now = time.monotonic()
+            if now - start > self.args.startup_timeout:
+                say(f"gave up waiting for {what} after {now - start:.0f} s (logs in {self.log_dir})")
+                return False
+            if now - last >= PROGRESS_EVERY_S:
+                last = now
+                say(f"waiting for {what} ({now - start:.0f} s)")
+            self.stop.wait(0.5)
+        return False
+
+    def _workers_healthy(self) -> bool:
+        for w in self.workers:
+            if not w.ready and self._answers("GET", f"{w.url}/health", headers=self.worker_headers):
+                w.ready = True
+                say(f"{w.name} engine ready after {time.monotonic() - w.started:.0f} s")
+        return all(w.ready for w in self.workers)
+
+    def start(self) -> bool:
+        say(f"logs in {self.log_dir}")
+        if self.web is not None and importlib.util.find_spec("qwen_vllm.ui.web") is None:
+            say("--web needs the web UI module qwen_vllm.ui.web, which this installation lacks")
+            return False
+        self.controller.start()
+        if not self._wait("the controller", lambda: self._answers("POST", f"{self.controller_url}/list_models"), [self.controller]):
+            return False
+        for w in self.workers:
+            w.start()
+        self.front.start()
+        engines = f"{len(self.workers)} worker engine{'s' * (len(self.workers) > 1)} to load"
+        if not self._wait(engines, self._workers_healthy, [self.controller, *self.workers, self.front]):
+            return False
+        if not self._wait(
+            "workers to register", lambda: set(self.model_names) <= set(self._front_models()), self.children
+        ):
+            return False
+        if self.web is not None:
+            self.web.start()
+            if not self._wait("the web UI", lambda: self._answers("GET", self.web.url), [self.web]):
+                return False
+        say("ready")
+        print(f"  OpenAI API   {self.api_url}   models: {', '.join(self.model_names)}", flush=True)
+        print(f"  controller   {self.controller_url}", flush=True)
+        for w in self.workers:
+            print(f"  {w.name:<12} {w.url}  (FastChat worker API and its own /v1)", flush=True)
+        if self.web is not None:
+            print(f"  web UI       {self.web.url}", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+        return True
+
+    def supervise(self) -> None:
+        """Until stopped: restart a dead controller, report other deaths."""
+        while not self.stop.wait(0.5):
+            if not self.controller.alive() and time.monotonic() - self.controller.started > CONTROLLER_RESTART_S:
+                say(f"controller exited with code {self.controller.proc.returncode}; restarting it")
+                self.controller.start()
+            for child in self.children:
+                if not child.alive() and not child.reported_exit:
+                    child.reported_exit = True
+                    say(f"{child.name} exited with code {child.proc.returncode}; log {child.log}")
+
+    def shutdown(self) -> None:
+        """SIGTERM every process group (web, front, workers, controller), SIGKILL stragglers."""
+        say("stopping")
+        order = [c for c in (self.web, self.front, *self.workers, self.controller) if c is not None and c.proc]
+        for child in order:
+            child.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in order:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                say(f"{child.name} did not stop in {STOP_GRACE_S:.0f} s; killing it")
+            child.signal_group(signal.SIGKILL)  # engine processes left in its group, if any
+        self.client.close()
+        say("stopped")
+
+
+def run(args: argparse.Namespace, on_ready: Callable[[Stack], bool] | None = None) -> int:
+    """Start the stack and supervise it until Ctrl-C / SIGTERM. ``on_ready``
+    runs once everything answers; returning False stops the stack (the demo's
+    smoke check)."""
+    if args.workers < 1 or args.tensor_parallel_size < 1:
+        print("qwen-vllm stack: error: --workers and --tensor-parallel-size must be at least 1", file=sys.stderr)
+        return 2
+    names = [Path(m).resolve().name for m in args.model]
+    if len(set(names)) != len(names):
+        print(f"qwen-vllm stack: error: models must have distinct directory names, got {names}", file=sys.stderr)
+        return 2
+    from qwen_vllm.plugin.checkpoint import is_qwen_v1
+    from qwen_vllm.plugin.ntk import check_max_model_len
+
+    try:  # before anything starts, not after a worker's engine failed
+        for model in args.model:
+            if is_qwen_v1(model):
+                check_max_model_len(model, args.max_model_len)
+    except QwenVLLMError as exc:
+        print(f"qwen-vllm stack: error: {exc}", file=sys.stderr)
+        return 2
+    stack = Stack(args)
+    try:
+        stack.check_worker_args()
+    except QwenVLLMError as exc:
+        stack.client.close()
+        print(f"qwen-vllm stack: error: {exc}", file=sys.stderr)
+        return 2
+    previous = {sig: signal.signal(sig, lambda *_: stack.stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if stack.start():
+            if on_ready is None or on_ready(stack):
+                stack.supervise()
+            return 0
+        return 0 if stack.stop.is_set() else 1
+    finally:
+        stack.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    from qwen_vllm.cli import run_as_module
+
+    run_as_module("stack")

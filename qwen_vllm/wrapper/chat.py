@@ -1,0 +1,377 @@
+"""vLLMWrapper: the transformers ``model.chat()`` interface on vLLM's engine.
+
+``vLLMWrapper('Qwen/Qwen-7B-Chat').chat(query, history)`` is what the Qwen
+README tells users to run. Data path: query + history -> ChatML ids
+(chat_template.make_context) -> engine (token ids, never a re-tokenized
+string) -> stop handling (stop_words) -> (response, history).
+
+Every request goes through one engine loop, so calls from several threads,
+``batch_chat`` and interleaved ``chat_stream`` generators all share vLLM's
+continuous batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import itertools
+import multiprocessing
+import os
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from qwen_vllm.chat_template import DEFAULT_SYSTEM, History, make_context
+from qwen_vllm.errors import QwenRequestError, QwenVLLMError
+from qwen_vllm.plugin.checkpoint import read_generation_config, validate_checkpoint
+from qwen_vllm.plugin.ntk import check_max_model_len
+from qwen_vllm.runtime.cpu import apply_cpu_defaults
+from qwen_vllm.sampling import merge_generation, to_sampling_params
+from qwen_vllm.stop_words import StopWords, StreamDelta, split_stop_words, stop_ids_for
+
+
+class QwenChatFormatError(QwenVLLMError):
+    """chat() was called on a base model (generation_config chat_format "raw")."""
+
+
+@contextlib.contextmanager
+def _no_main_reimport() -> Iterator[None]:
+    """Stop spawned engine processes from re-running the user's script.
+
+    vLLM's CPU backend starts processes with ``spawn``, which re-imports
+    ``__main__``: a script that builds the model at top level (as the Qwen
+    README's snippets do) would build it again in every child. Hiding the main
+    module's file/spec while the engine starts makes that pattern work.
+    """
+    main = sys.modules.get("__main__")
+    if main is None or multiprocessing.parent_process() is not None:
+        yield
+        return
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if hasattr(main, k)}
+    try:
+        main.__spec__ = None
+        if hasattr(main, "__file__"):
+            del main.__file__
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(main, key, value)
+
+
+def _check_text(name: str, value: Any) -> None:
+    """A str that can be encoded (no lone surrogates, which tiktoken cannot take)."""
+    if not isinstance(value, str):
+        raise QwenRequestError(f"{name} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise QwenRequestError(f"{name} is not valid UTF-8 text ({exc.reason} at index {exc.start})") from None
+
+
+def _check_engine_kwargs(kwargs: Mapping[str, Any]) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise TypeError(f"vLLMWrapper got an unknown engine argument {key!r}{hint}")
+
+
+class _EngineLoop:
+    """Runs vLLM's LLMEngine for many concurrent requests: whoever needs
+    output steps the engine and files every request's output in its queue."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.queues: dict[str, deque] = {}
+        self.ids = itertools.count()
+
+    def submit(self, prompt_ids: list[int], params: Any) -> str:
+        from vllm.exceptions import VLLMClientError
+        from vllm.inputs import TokensPrompt
+
+        with self.lock:
+            request_id = f"qwen-{next(self.ids)}"
+            try:
+                # Outputs carry this (external) id; add_request returns an internal one.
+                self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt_ids), params)
+            except (ValueError, VLLMClientError) as exc:  # vLLM's validation (length, ids, params)
+                raise QwenRequestError(str(exc)) from exc
+            self.queues[request_id] = deque()
+            return request_id
+
+    def outputs(self, request_id: str) -> Iterator[Any]:
+        """Yield the request's outputs until it finishes; aborts if abandoned."""
+        queue = self.queues[request_id]
+        finished = False
+        try:
+            while not finished:
+                with self.lock:
+                    if not queue:
+                        for out in self.engine.step():
+                            if out.request_id in self.queues:
+                                self.queues[out.request_id].append(out)
+                    pending = list(queue)
+                    queue.clear()
+                for out in pending:
+                    finished = out.finished
+                    yield out
+        finally:
+            with self.lock:
+                self.queues.pop(request_id, None)
+                if not finished:
+                    self.engine.abort_request([request_id])
+
+    def run(self, requests: Sequence[tuple[list[int], Any]]) -> list[Any]:
+        """Submit all, then collect each final output (one continuous batch)."""
+        ids = [self.submit(p, sp) for p, sp in requests]
+        return [list(self.outputs(rid))[-1] for rid in ids]
+
+
+class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
+    """Qwen chat on vLLM: ``chat``, ``chat_stream``, ``batch_chat``, ``generate``."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        trust_remote_code: bool = True,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.90,
+        dtype: str = "bfloat16",
+        quantization: str | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        model_dir = os.fspath(model_dir)
+        validate_checkpoint(model_dir, need_weights=engine_kwargs.get("load_format") != "dummy")
+        self.generation_config = read_generation_config(model_dir)
+        self.chat_format = self.generation_config.get("chat_format", "chatml")
+        _check_engine_kwargs(engine_kwargs)
+        from qwen_vllm.plugin.quantization import (
+            check_engine_settings,
+            engine_quantization,
+        )
+
+        quantization = engine_quantization(model_dir, quantization)
+        check_engine_settings(
+            model_dir,
+            quantization=quantization,
+            kv_cache_dtype=engine_kwargs.get("kv_cache_dtype"),
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        # max_model_len defaults to seq_length; up to 32768 opts into Qwen's long context.
+        check_max_model_len(model_dir, engine_kwargs.get("max_model_len"))
+        apply_cpu_defaults(tensor_parallel_size)
+        from vllm import LLM
+
+        with _no_main_reimport():
+            self.llm = LLM(
+                model=model_dir,
+                tokenizer=model_dir,
+                trust_remote_code=trust_remote_code,
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                dtype=dtype,
+                quantization=quantization,
+                **engine_kwargs,
+            )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._loop = _EngineLoop(self.llm.llm_engine)
+
+    # -- request building ----------------------------------------------------
+    def _chat_request(
+        self,
+        query: str,
+        history: History | None,
+        system: str,
+        generation_config: Any,
+        stop_words_ids: StopWords | None,
+        gen_kwargs: Mapping[str, Any],
+    ) -> tuple[list[int], Any]:
+        if self.chat_format != "chatml":
+            raise QwenChatFormatError(
+                f"chat() needs a chat model; this checkpoint's chat_format is {self.chat_format!r} "
+                "(a base model): use generate()"
+            )
+        _check_text("query", query)
+        _check_text("system", system)
+        history = list(history or [])
+        for i, turn in enumerate(history):
+            if not (isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+                raise QwenRequestError(f"history[{i}] must be a (query, response) pair of strings")
+            for text in turn:
+                _check_text(f"history[{i}]", text)
+        gen = merge_generation(self.generation_config, generation_config, gen_kwargs)
+        if gen.get("max_new_tokens", 1) < 1:
+            raise QwenRequestError(f"max_new_tokens must be at least 1, got {gen['max_new_tokens']}")
+        context, _ = make_context(
+            self.tokenizer,
+            query,
+            history,
+            system,
+            max_window_size=gen.get("max_window_size"),
+            max_model_len=self.max_model_len,
+            max_new_tokens=gen.get("max_new_tokens", 512),
+        )
+        return context, self._params(gen, stop_words_ids, "chatml")
+
+    def _params(self, gen: Mapping[str, Any], stop_words_ids: StopWords | None, chat_format: str) -> Any:
+        from vllm.sampling_params import RequestOutputKind
+
+        extra_ids, stop = split_stop_words(stop_words_ids, self.tokenizer)
+        return to_sampling_params(
+            gen,
+            stop_token_ids=stop_ids_for(chat_format) + extra_ids,
+            stop=stop,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    @staticmethod
+    def _chat_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Accept both ``chat(query, history, ...)`` (Qwen's wrapper) and
+        ``chat(tokenizer, query, history, ...)`` (transformers' model.chat)."""
+        kwargs.pop("tokenizer", None)
+        if args and not isinstance(args[0], str) and hasattr(args[0], "encode"):
+            args = args[1:]
+        if "stream" in kwargs:
+            if kwargs.pop("stream"):
+                raise TypeError("chat() does not stream; use chat_stream()")
+        names = ("query", "history", "system")
+        if len(args) > len(names):
+            raise TypeError(f"chat() takes at most {len(names)} positional arguments besides the tokenizer")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"chat() got multiple values for argument {name!r}")
+            kwargs[name] = value
+        if "query" not in kwargs:
+            raise TypeError("chat() missing required argument 'query'")
+        return (), kwargs
+
+    # -- public API ------------------------------------------------------------
+    def chat(self, *args: Any, **kwargs: Any) -> tuple[str, list[tuple[str, str]]]:
+        """``chat(query, history=None, system=..., generation_config=None,
+        stop_words_ids=None, **gen_kwargs) -> (response, history)``.
+
+        Also callable as ``chat(tokenizer, query, history, ...)``. The returned
+        history is a new list ending with ``(query, response)``; the caller's
+        list is never changed.
+        """
+        _, kw = self._chat_args(args, kwargs)
+        return self._chat(**kw)
+
+    def _chat(
+        self,
+        query: str,
+        history: History | None = None,
+        system: str = DEFAULT_SYSTEM,
+        generation_config: Any = None,
+        stop_words_ids: StopWords | None = None,
+        **gen_kwargs: Any,
+    ) -> tuple[str, list[tuple[str, str]]]:
+        prompt, params = self._chat_request(query, history, system, generation_config, stop_words_ids, gen_kwargs)
+        out = self._loop.run([(prompt, params)])[0]
+        response = out.outputs[0].text
+        return response, [*(history or []), (query, response)]
+
+    def chat_stream(self, *args: Any, delta: bool = False, **kwargs: Any) -> Iterator[str]:
+        """Stream a reply token by token, yielding the cumulative text (like
+        transformers' chat_stream) or, with ``delta=True``, only the new text.
+
+        A stop word's first characters and an incomplete UTF-8 character are
+        held back until resolved, so yielded text is never retracted.
+        """
+        _, kw = self._chat_args(args, kwargs)
+        query = kw.pop("query")
+        history = kw.pop("history", None)
+        system = kw.pop("system", DEFAULT_SYSTEM)
+        generation_config = kw.pop("generation_config", None)
+        stop_words_ids = kw.pop("stop_words_ids", None)
+        prompt, params = self._chat_request(query, history, system, generation_config, stop_words_ids, kw)
+        return self._stream(prompt, params, delta)
+
+    def _stream(self, prompt: list[int], params: Any, delta: bool) -> Iterator[str]:
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.CUMULATIVE
+        request_id = self._loop.submit(prompt, params)
+        step = StreamDelta()
+        for out in self._loop.outputs(request_id):
+            new = step(out.outputs[0].text)
+            if new:
+                yield new if delta else step.text
+
+    def chat_ids(
+        self,
+        prompt_ids: Sequence[int],
+        generation_config: Any = None,
+        stop_words_ids: StopWords | None = None,
+        **gen_kwargs: Any,
+    ) -> str:
+        """The reply to a prompt already rendered as ChatML token ids, with
+        ChatML stops plus ``stop_words_ids``. For prompts ``chat()`` cannot
+        express, e.g. a tool conversation continued inside an open assistant
+        turn (qwen_vllm.tools.react.chat_with_tools)."""
+        if self.chat_format != "chatml":
+            raise QwenChatFormatError(
+                f"chat_ids() needs a chat model; this checkpoint's chat_format is {self.chat_format!r}"
+            )
+        ids = list(prompt_ids)
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise QwenRequestError("prompt_ids must be a non-empty list of token ids")
+        gen = merge_generation(self.generation_config, generation_config, gen_kwargs)
+        out = self._loop.run([(ids, self._params(gen, stop_words_ids, "chatml"))])[0]
+        return out.outputs[0].text
+
+    def batch_chat(
+        self,
+        queries: Sequence[str],
+        histories: Sequence[History | None] | None = None,
+        system: str = DEFAULT_SYSTEM,
+        generation_config: Any = None,
+        stop_words_ids: StopWords | None = None,
+        **gen_kwargs: Any,
+    ) -> list[tuple[str, list[tuple[str, str]]]]:
+        """Many conversations in one continuous batch: ``[(response, history)]``."""
+        if isinstance(queries, str):
+            raise QwenRequestError("batch_chat() takes a list of queries; use chat() for one")
+        histories = list(histories) if histories is not None else [None] * len(queries)
+        if len(histories) != len(queries):
+            raise QwenRequestError(f"{len(queries)} queries but {len(histories)} histories")
+        requests = [
+            self._chat_request(q, h, system, generation_config, stop_words_ids, gen_kwargs)
+            for q, h in zip(queries, histories)
+        ]
+        outs = self._loop.run(requests)
+        return [
+            (o.outputs[0].text, [*(h or []), (q, o.outputs[0].text)]) for q, h, o in zip(queries, histories, outs)
+        ]
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        generation_config: Any = None,
+        stop_words_ids: StopWords | None = None,
+        **gen_kwargs: Any,
+    ) -> str | list[str]:
+        """Plain completion (base models, or raw prompts on chat models) with
+        the same sampling controls; stops on ``<|endoftext|>`` and stop words."""
+        single = isinstance(prompts, str)
+        if not single and not isinstance(prompts, Sequence):
+            raise QwenRequestError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+        texts = [prompts] if single else list(prompts)
+        gen = merge_generation(self.generation_config, generation_config, gen_kwargs)
+        params = self._params(gen, stop_words_ids, "raw")
+        requests = []
+        for text in texts:
+            if not isinstance(text, str):
+                raise QwenRequestError(f"prompts must be strings, got {type(text).__name__}")
+            _check_text("prompt", text)
+            requests.append((self.tokenizer.encode_text(text), params))
+        outs = [o.outputs[0].text for o in self._loop.run(requests)]
+        return outs[0] if single else outs

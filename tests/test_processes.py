@@ -1,0 +1,71 @@
+"""Engine-process hooks under both start methods (no engine).
+
+vLLM starts its engine processes with ``spawn`` on CPU and ``fork`` on CUDA.
+A parent process loads the plugin (``register()``) the way vLLM's API server
+does, then starts a child with each start method; the child must leave the
+parent's process group and die when the parent is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qwen_vllm.runtime.processes import DIE_WITH_PARENT_ENV, OWN_PROCESS_GROUP_ENV
+
+# vLLM loads its general plugins (our register()) in the API server and in
+# every process it starts; under fork the child inherits them as loaded.
+PARENT = """
+import multiprocessing, sys, time
+from vllm.plugins import load_general_plugins
+
+def engine_process():
+    load_general_plugins()
+    time.sleep(300)
+
+if __name__ == "__main__":
+    load_general_plugins()
+    child = multiprocessing.get_context(sys.argv[1]).Process(target=engine_process)
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) counts as gone.
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_engine_children_leave_the_group_and_die_with_the_parent(method: str, tmp_path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    env = {**os.environ, DIE_WITH_PARENT_ENV: "1", OWN_PROCESS_GROUP_ENV: "1"}
+    parent = subprocess.Popen([sys.executable, str(script), method], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        deadline = time.monotonic() + 60  # a spawned child imports vLLM first
+        while os.getpgid(child) != child and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert os.getpgid(child) == child != os.getpgid(parent.pid), "child stayed in the parent's process group"
+        time.sleep(0.5)  # the parent-death signal is armed right after
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), f"{method} child {child} outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+        parent.wait()
