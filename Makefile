@@ -3,13 +3,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo
+.PHONY: setup test test-gpu demo
 
 setup:
 	./scripts/setup.sh
 
 test: setup
 	$(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
+
+# The CUDA tests only (docs/gpu.md); they skip, saying why, without a GPU.
+test-gpu: setup
+	$(PY) -m pytest -q -rs -m gpu tests/gpu
 
 demo: setup
 	$(PY) -m qwen_vllm.cli demo

@@ -1,6 +1,6 @@
 """Qwen's ChatML context as token ids, built segment by segment like Qwen's make_context.
 
-Layout (qwen-anchor.md §1)::
+Layout (Qwen's make_context in its qwen_generation_utils.py)::
 
     <|im_start|>system\\n{system}<|im_end|>
     (\\n<|im_start|>{role}\\n{content}<|im_end|>)*
@@ -15,15 +15,20 @@ natively.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qwen_vllm.errors import QwenContextError, QwenRequestError
+from qwen_vllm.tools.react import has_tool_history, react_messages
 
 if TYPE_CHECKING:
     from qwen_vllm.plugin.tokenizer import QWenTokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+FRAME_JOINT = f"{IM_END}\n{IM_START}"
+_CLOSED_TAIL = re.compile(re.escape(IM_END) + r"(\s*)\Z")
 NL_ID = 198
 ROLES = ("system", "user", "assistant")
 
@@ -99,6 +104,34 @@ def render_messages(
     return ids
 
 
+def render_chat(
+    tok: QWenTokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> tuple[list[int], bool]:
+    """(ids, continued) for an OpenAI chat request: THE renderer of vLLM's
+    chat endpoint (through the tokenizer) and of the wrapper's tool turns.
+
+    Tools, or tool calls or results in the history, switch to Qwen's ReAct
+    prompt (``qwen_vllm.tools.react``); ``continued`` is True when that leaves
+    the last assistant turn open for the model to continue.
+    """
+    messages = list(messages)
+    if tools or has_tool_history(messages):
+        messages, continued = react_messages(messages, tools)
+        if continued:
+            add_generation_prompt, continue_final_message = False, True
+    else:
+        continued = continue_final_message
+    ids = render_messages(
+        tok, messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message
+    )
+    return ids, continued
+
+
 def make_context(
     tok: QWenTokenizer,
     query: str,
@@ -143,6 +176,63 @@ def make_context(
     return system_ids + kept + query_ids, turns_kept
 
 
+def chatml_frames(prompt: str) -> tuple[list[tuple[str, bool]], str] | None:
+    """(frames, tail) of a rendered ChatML prompt, or None if it is not one.
+
+    Each frame is (text after ``<|im_start|>``, closed); ``tail`` is text after
+    a final closing ``<|im_end|>`` (e.g. a trailing newline).
+    """
+    if not prompt.startswith(IM_START):
+        return None
+    pieces = prompt[len(IM_START) :].split(FRAME_JOINT)
+    frames = [(piece, True) for piece in pieces[:-1]]
+    last, tail = pieces[-1], ""
+    closed = _CLOSED_TAIL.search(last)
+    if closed:
+        last, tail = last[: closed.start()], closed.group(1)
+    frames.append((last, bool(closed)))
+    return frames, tail
+
+
+def prompt_string_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids for a prompt string already rendered as ChatML (FastChat's
+    worker API).
+
+    Prompt strings and special tokens: FastChat renders the conversation into one
+    string, so control tokens and user text arrive mixed. This
+    parses the ChatML frame structure instead of tokenizing with every special
+    token allowed: ``<|im_start|>`` and ``<|im_end|>`` become control tokens only
+    where they open or close a frame (prompt start, the ``<|im_end|>\\n<|im_start|>``
+    joints, a closing ``<|im_end|>`` at the end); every other occurrence of
+    special-token text (``<|endoftext|>``, ``<|extra_0|>``, a stray
+    ``<|im_start|>`` inside a message) stays plain text. Roles and contents are
+    encoded segment by segment, giving exactly Qwen's make_context ids. A message
+    that itself contains the full joint ``<|im_end|>\\n<|im_start|>`` cannot be told
+    apart from a real frame in a flat string; the OpenAI routes (messages, not
+    strings) have no such ambiguity.
+    """
+    if not hasattr(tokenizer, "encode_text"):
+        # Not Qwen v1's tokenizer (e.g. a checkpoint converted to Qwen2):
+        # tokenize as fschat's vllm_worker did.
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    parsed = chatml_frames(prompt)
+    if parsed is None:
+        return tokenizer.encode_text(prompt, allowed_special=set())
+    frames, tail = parsed
+    ids: list[int] = []
+    for i, (frame, closed) in enumerate(frames):
+        if i:
+            ids.append(NL_ID)
+        role, newline, content = frame.partition("\n")
+        if newline:
+            ids += encode_turn(tokenizer, role, content, close=closed)
+        else:  # "<|im_start|>assistant" with no newline yet
+            ids += [tokenizer.im_start_id, *tokenizer.encode_text(frame, allowed_special=set())]
+            if closed:
+                ids.append(tokenizer.im_end_id)
+    return ids + tokenizer.encode_text(tail, allowed_special=set())
+
+
 class RenderedChat(str):
     """A rendered ChatML prompt that remembers its token ids.
 
@@ -180,20 +270,12 @@ def apply_chat_template(
 ) -> Any:
     """transformers' ``apply_chat_template`` contract, rendered natively.
 
-    Tools (OpenAI ``tools``), and tool calls or results in the history, switch
-    to Qwen's ReAct prompt (function_call.py). ``tokenize=False`` returns a
-    RenderedChat (a str carrying the ids).
+    ``tokenize=False`` returns a RenderedChat (a str carrying the ids).
     """
-    from qwen_vllm.tools.react import has_tool_history, react_messages
-
-    messages = list(conversation)
-    if tools or has_tool_history(messages):
-        messages, open_final = react_messages(messages, tools)
-        if open_final:
-            add_generation_prompt, continue_final_message = False, True
-    ids = render_messages(
+    ids, _ = render_chat(
         tok,
-        messages,
+        conversation,
+        tools,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=bool(continue_final_message),
     )

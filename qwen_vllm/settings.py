@@ -1,14 +1,18 @@
-"""Generation settings a person may change while chatting (CLI ``:conf``, web UI).
+"""Generation settings: the one table (type, range, OpenAI field) and the one
+path from settings to vLLM's ``SamplingParams``.
 
-One table says, for each setting, its type, its allowed range and how it
-reaches an OpenAI-compatible server, so the CLI, the web UI and the in-process
-wrapper agree. Names are the transformers/Qwen ``generation_config`` names
+The table serves the wrapper's keyword arguments, the FastChat worker's gen
+params, the CLI's ``:conf`` and the web UI, so they accept and refuse the
+same values. Qwen's generation_config.json supplies the defaults (top_p 0.8,
+top_k 0, repetition_penalty 1.1, max_new_tokens 512, do_sample true); a call's
+``generation_config`` and keyword arguments override them, in that order
+(:func:`merge_generation`). Names are the transformers/Qwen ``generation_config`` names
 (``max_new_tokens``...), which ``vLLMWrapper`` takes as keyword arguments.
 Text is parsed with ``int``/``float`` and a fixed word list — never ``eval``
 (Qwen's cli_demo evaluated ``:conf`` values).
 
-This module imports nothing heavy: the CLI's ``--api`` mode and the web UI
-never load vLLM.
+This module imports nothing heavy at import time: the CLI's ``--api`` mode and
+the web UI never load vLLM.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class Setting:
     openai: str = ""  # field of a chat.completions request
     vllm_extra: bool = False  # not an OpenAI field: sent in extra_body (vLLM's sampling extensions)
     help: str = ""
+    ui: bool = True  # offered by the CLI's :conf and the web UI
 
     def describe(self) -> str:
         """'float in (0, 1]' — used in error messages and ``:conf`` listings."""
@@ -114,8 +119,11 @@ SETTINGS: dict[str, Setting] = {
         ),
         Setting("do_sample", bool, openai="", help="false = greedy (temperature 0)"),
         Setting("seed", int, 0, 2**63 - 1, openai="seed", help="fixed seed: reproducible replies"),
+        Setting("min_p", float, 0, 1, openai="min_p", vllm_extra=True, ui=False, help="0 = off"),
+        Setting("max_window_size", int, 1, None, ui=False, help="history is dropped to fit (Qwen's chat())"),
     )
 }
+UI_SETTINGS = {name: s for name, s in SETTINGS.items() if s.ui}
 
 
 def get_setting(name: str) -> Setting:
@@ -138,6 +146,8 @@ def parse_assignments(items: list[str]) -> dict[str, int | float | bool]:
         if not sep or not key.strip() or not text.strip():
             raise QwenRequestError(f"expected key=value, got {item!r}")
         setting = get_setting(key.strip())
+        if not setting.ui:
+            raise QwenRequestError(f"{setting.name} is not a chat setting; chat settings: {', '.join(UI_SETTINGS)}")
         parsed[setting.name] = setting.parse(text)
     return parsed
 
@@ -166,3 +176,64 @@ def openai_params(settings: Mapping[str, Any]) -> dict[str, Any]:
     if extra:
         kwargs["extra_body"] = extra
     return kwargs
+
+
+def number(key: str, value: Any) -> int | float | bool:
+    """``value`` checked against ``key``'s row of the table (QwenRequestError)."""
+    return get_setting(key).check(value)
+
+
+def merge_generation(
+    defaults: Mapping[str, Any],
+    generation_config: Any = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """defaults < generation_config (dict or transformers GenerationConfig) <
+    overrides, every value checked against the table. An unknown keyword in
+    ``overrides`` is a TypeError (a typo must not pass silently)."""
+    merged = {k: v for k, v in defaults.items() if k in SETTINGS}
+    if generation_config is not None:
+        if isinstance(generation_config, Mapping):
+            gc = generation_config
+        elif callable(getattr(generation_config, "to_dict", None)):
+            gc = generation_config.to_dict()
+        else:
+            raise QwenRequestError(
+                f"generation_config must be a dict or a transformers GenerationConfig, got {type(generation_config).__name__}"
+            )
+        merged.update({k: v for k, v in gc.items() if k in SETTINGS and v is not None})
+    for key, value in (overrides or {}).items():
+        if key not in SETTINGS:
+            raise TypeError(f"unknown generation argument {key!r}; supported: {', '.join(SETTINGS)} and stop_words_ids")
+        merged[key] = value
+    return {key: None if value is None else number(key, value) for key, value in merged.items()}
+
+
+def to_sampling_params(gen: Mapping[str, Any], *, stop_token_ids: list[int], stop: list[str], n: int = 1, **extra: Any):
+    """vLLM ``SamplingParams`` for merged settings; invalid combinations raise
+    QwenRequestError naming the setting."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+
+    do_sample = gen.get("do_sample", True)
+    kwargs = dict(
+        n=n,
+        temperature=gen.get("temperature", 1.0) if do_sample else 0.0,
+        top_p=gen.get("top_p", 1.0) if do_sample else 1.0,
+        top_k=gen.get("top_k", 0) if do_sample else 0,
+        min_p=gen.get("min_p", 0.0) if do_sample else 0.0,
+        repetition_penalty=gen.get("repetition_penalty", 1.0),
+        presence_penalty=gen.get("presence_penalty", 0.0),
+        frequency_penalty=gen.get("frequency_penalty", 0.0),
+        max_tokens=gen.get("max_new_tokens", 512),
+        min_tokens=gen.get("min_new_tokens", 0),
+        seed=gen.get("seed"),
+        stop_token_ids=stop_token_ids,
+        stop=stop,
+        skip_special_tokens=True,
+        **extra,
+    )
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError, VLLMClientError) as exc:
+        raise QwenRequestError(f"invalid generation settings: {exc}") from exc

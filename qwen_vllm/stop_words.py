@@ -2,6 +2,8 @@
 
 * ChatML chats always stop on ``<|im_end|>``, ``<|im_start|>`` and
   ``<|endoftext|>`` (Qwen's get_stop_words_ids); base models on ``<|endoftext|>``.
+  One mechanism does it for every path: vLLM's default stops, which
+  ``plugin/chatml_eos.py`` makes all three ChatML ids on a chat checkpoint.
 * Extra stop words come as strings or id lists (Qwen's ``stop_words_ids``,
   e.g. ReAct's "Observation:"). Single ids stop as tokens; longer sequences
   are decoded and matched as *text*, because the model may emit another
@@ -27,14 +29,8 @@ if TYPE_CHECKING:
     from qwen_vllm.plugin.tokenizer import QWenTokenizer
 
 CHATML_STOP_IDS = (IM_END_ID, IM_START_ID, ENDOFTEXT_ID)
-RAW_STOP_IDS = (ENDOFTEXT_ID,)
 
 StopWords = Iterable[str | int | Sequence[int]]
-
-
-def stop_ids_for(chat_format: str) -> list[int]:
-    """Token ids that always end generation for a chat format."""
-    return list(CHATML_STOP_IDS if chat_format == "chatml" else RAW_STOP_IDS)
 
 
 def split_stop_words(stop_words: StopWords | None, tokenizer: QWenTokenizer) -> tuple[list[int], list[str]]:

@@ -21,6 +21,7 @@ from importlib.metadata import entry_points
 
 from qwen_vllm.errors import QwenVLLMError
 from qwen_vllm.runtime.processes import DIE_WITH_PARENT_ENV
+from qwen_vllm.serving.http import WILDCARD_HOSTS, http_url
 
 PLUGIN_GROUPS = (
     "vllm.general_plugins",
@@ -29,7 +30,6 @@ PLUGIN_GROUPS = (
     "vllm.stat_logger_plugins",
 )
 REQUIRED_PLUGINS = ("qwen_vllm", "qwen_vllm_fastchat")
-WILDCARD_HOSTS = (None, "", "0.0.0.0", "::")
 
 
 def plugin_allowlist(current: str | None) -> str:
@@ -69,19 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Map fschat's flags onto vLLM's and check them before any engine starts."""
-    from qwen_vllm.plugin.checkpoint import is_qwen_v1, validate_checkpoint
-    from qwen_vllm.plugin.ntk import check_max_model_len
-    from qwen_vllm.plugin.quantization import check_engine_settings, engine_quantization
+    from qwen_vllm.plugin.checkpoint import is_qwen_v1
+    from qwen_vllm.plugin.checks import check_before_start
     from qwen_vllm.worker.protocol import conv_template
 
     model = args.model_path or args.model_tag or args.model
     if not model:
         raise QwenVLLMError("--model-path is required (a Qwen checkpoint directory)")
     args.model = model
-    if is_qwen_v1(model):
-        validate_checkpoint(model, need_weights=args.load_format != "dummy")
-        # --max-model-len: default seq_length; up to 32768 opts into Qwen's long context.
-        check_max_model_len(model, args.max_model_len)
     if args.model_names and args.served_model_name:
         raise QwenVLLMError("give --model-names or --served-model-name, not both")
     # fschat's default name is the directory's name; vLLM's would be the whole path.
@@ -93,14 +88,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             )
         args.tensor_parallel_size = args.num_gpus
     if is_qwen_v1(model):
-        # GPTQ declared only in quantize_config.json needs quantization="gptq";
-        # Int8 / FP8 KV cache on this hardware fail here, naming what can run them.
-        args.quantization = engine_quantization(model, args.quantization)
-        check_engine_settings(
+        args.quantization = check_before_start(
             model,
             quantization=args.quantization,
             kv_cache_dtype=args.kv_cache_dtype,
             tensor_parallel_size=args.tensor_parallel_size,
+            max_model_len=args.max_model_len,
+            need_weights=args.load_format != "dummy",
         )
     if args.limit_worker_concurrency < 1:
         raise QwenVLLMError("--limit-worker-concurrency must be at least 1")
@@ -112,8 +106,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"--host {args.host or '(all interfaces)'} is not an address others can reach: "
                 "give --worker-address http://THIS_HOST:PORT"
             )
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        args.worker_address = f"http://{host}:{args.port}"
+        args.worker_address = http_url(args.host, args.port)
     if args.conv_template:
         conv_template(args.conv_template)
     return args

@@ -1,4 +1,4 @@
-"""GPTQ Int4 benchmark (issue 9): memory and speed of the Int4 fixture on the
+"""GPTQ Int4 benchmark: memory and speed of the Int4 fixture on the
 CPU fallback kernel (qwen_vllm.plugin.cpu_gptq) vs the same model in float.
 
 1. Kernel: one linear at a Qwen-1.8B MLP shape, fallback op vs torch's float

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -38,38 +37,21 @@ MESSAGES = [{"role": "user", "content": "Hello"}]
 
 
 class Stack:
-    """``qwen-vllm stack`` as a subprocess; its printed pids and URLs parsed."""
+    """``qwen-vllm stack`` as a subprocess; pids and URLs from its ready file."""
 
     def __init__(self, model: Path, workers: int, log_dir: Path) -> None:
-        self.base = free_ports(2 + workers)
-        cmd = [sys.executable, "-m", "qwen_vllm.cli", "stack", "--model", str(model), "--workers", str(workers),
-               "--port", str(self.base), "--controller-port", str(self.base + 1),
-               "--worker-port", str(self.base + 2), "--log-dir", str(log_dir),
-               "--", "--enforce-eager", "--max-model-len", "1024", "--dtype", "float32", "--max-num-seqs", "128"]  # fmt: skip
+        from qwen_vllm.serving.stack import launch_stack
+
+        base = free_ports(2 + workers)
+        argv = ["--model", str(model), "--workers", str(workers), "--port", str(base),
+                "--controller-port", str(base + 1), "--worker-port", str(base + 2), "--log-dir", str(log_dir),
+                "--", "--enforce-eager", "--max-model-len", "1024", "--dtype", "float32", "--max-num-seqs", "128"]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self.front_url = f"http://127.0.0.1:{self.base}"
-        self.worker_urls = [f"http://127.0.0.1:{self.base + 2 + i}" for i in range(workers)]
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-            print(line, end="", flush=True)
-            if line.startswith("Press Ctrl-C"):
-                threading.Thread(target=lambda: [self.lines.append(x.rstrip()) for x in self.proc.stdout], daemon=True).start()
-                return
-            if time.monotonic() > deadline:
-                break
-        raise SystemExit("the stack did not become ready:\n" + "\n".join(self.lines[-30:]))
-
-    def roles(self) -> dict[str, int]:
-        found = {}
-        for line in self.lines:
-            if m := re.match(r"\[stack\] (.+?)\s+pid (\d+)\s", line):
-                found[m.group(1)] = int(m.group(2))
-        return found
+        print("starting qwen-vllm stack ...", flush=True)
+        self.proc, info = launch_stack(argv, log=log_dir / "stack.out", ready_file=log_dir / "ready.json", env=env)
+        self.front_url = info["api_url"].removesuffix("/v1")
+        self.worker_urls = [w["url"] for w in info["workers"]]
+        self.pids = {r["name"]: r["pid"] for r in (info["controller"], info["front"], *info["workers"])}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -184,14 +166,13 @@ def main() -> int:
     expected = CHAT_REPLY if args.model is None else None
     stack = Stack(model, args.workers, tmp / "logs")
     try:
-        stack.wait_ready(timeout=1800)
         name = Path(model).name
         single = openai.OpenAI(base_url=stack.front_url + "/v1", api_key="none", max_retries=0, timeout=600)
         reply = single.chat.completions.create(model=name, messages=MESSAGES, temperature=0).choices[0].message.content
         if expected is not None and reply != expected:
             raise SystemExit(f"single reply {reply!r} is not the scripted reply")
         results = {}
-        with RssSampler(stack.roles()) as rss:
+        with RssSampler(stack.pids) as rss:
             for label, urls in (("front", [stack.front_url]), ("direct", stack.worker_urls)):
                 results[label] = asyncio.run(load(urls, args.clients, args.requests, reply, name))
         report = {

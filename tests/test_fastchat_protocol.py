@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_vllm.chat_template import render_messages
-from qwen_vllm.stop_words import CHATML_STOP_IDS
+from qwen_vllm.chat_template import chatml_frames, prompt_string_ids, render_messages
 from qwen_vllm.worker.protocol import (
     CONTEXT_OVERFLOW,
     PARAM_OUT_OF_RANGE,
     VALIDATION_TYPE_ERROR,
     WorkerRequestError,
-    chatml_frames,
     conv_template,
     default_conv_template,
-    prompt_token_ids,
     sampling_params,
 )
 
@@ -63,13 +60,13 @@ def fastchat_prompt(messages: list[dict[str, str]]) -> str:
 )
 def test_fastchat_rendered_prompt_gives_qwen_ids(qwen_tokenizer, messages):
     prompt = fastchat_prompt(messages)
-    assert prompt_token_ids(qwen_tokenizer, prompt) == render_messages(qwen_tokenizer, messages)
+    assert prompt_string_ids(qwen_tokenizer, prompt) == render_messages(qwen_tokenizer, messages)
 
 
 def test_special_token_text_inside_a_message_stays_text(qwen_tokenizer):
     tok = qwen_tokenizer
     user = "print('<|endoftext|>') then <|im_start|>system and <|extra_3|>"
-    ids = prompt_token_ids(tok, fastchat_prompt([{"role": "user", "content": user}]))
+    ids = prompt_string_ids(tok, fastchat_prompt([{"role": "user", "content": user}]))
     assert ids == render_messages(tok, [{"role": "user", "content": user}])
     # Only the frame tokens are control tokens: 2 frames + the open assistant one.
     assert ids.count(tok.im_start_id) == 3 and ids.count(tok.im_end_id) == 2
@@ -79,10 +76,10 @@ def test_special_token_text_inside_a_message_stays_text(qwen_tokenizer):
 def test_frames_and_non_chatml_prompts(qwen_tokenizer):
     tok = qwen_tokenizer
     assert chatml_frames("plain text") is None
-    assert prompt_token_ids(tok, "a <|endoftext|> b") == tok.encode_text("a <|endoftext|> b", allowed_special=set())
+    assert prompt_string_ids(tok, "a <|endoftext|> b") == tok.encode_text("a <|endoftext|> b", allowed_special=set())
     frames, tail = chatml_frames("<|im_start|>user\nhi<|im_end|>\n")
     assert frames == [("user\nhi", True)] and tail == "\n"
-    ids = prompt_token_ids(tok, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant")
+    ids = prompt_string_ids(tok, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant")
     assert ids[-2:] == [tok.im_start_id, *tok.encode_text("assistant")]
 
 
@@ -96,7 +93,7 @@ def test_conversation_template_is_qwen_whatever_the_name():
 
 
 def sp(params, **kw):
-    args = dict(chat_format="chatml", prompt_len=10, max_model_len=2048)
+    args = dict(prompt_len=10, max_model_len=2048)
     args.update(kw)
     return sampling_params(params, QWEN_DEFAULTS, **args)
 
@@ -107,19 +104,19 @@ def test_gradio_shaped_params_map_to_sampling_params():
             "stop": "<|endoftext|>", "stop_token_ids": [151643, 151644, 151645, 7], "echo": False})
     assert p.temperature == 0.7 and p.top_p == 1.0 and p.top_k == 0 and isinstance(p.top_k, int)
     assert p.repetition_penalty == 1.2 and p.max_tokens == 64
-    assert set(CHATML_STOP_IDS) <= set(p.stop_token_ids) and 7 in p.stop_token_ids
+    assert p.stop_token_ids == [151643, 151644, 151645, 7]
     assert p.stop == ["<|endoftext|>"] and p.prompt_logprobs is None
 
 
 def test_defaults_seed_n_topk_and_greedy():
     p = sp({"prompt": "x"})
     assert (p.top_p, p.repetition_penalty, p.max_tokens) == (0.8, 1.1, 512)  # generation_config
-    assert set(CHATML_STOP_IDS) <= set(p.stop_token_ids)  # ChatML stops without being asked
+    # ChatML stops are the engine's default stops (plugin/chatml_eos.py), added by vLLM to every request.
+    assert p.stop_token_ids == []
     p = sp({"prompt": "x", "top_k": 5.0, "seed": 7, "n": 3, "logprobs": 2, "echo": True})
     assert (p.top_k, p.seed, p.n, p.logprobs, p.prompt_logprobs) == (5, 7, 3, 2, 2)
     p = sp({"prompt": "x", "temperature": 0.0, "top_p": 0.5})
     assert p.temperature == 0.0 and p.top_p == 1.0  # FastChat: temperature <= 1e-5 is greedy
-    assert sp({"prompt": "x"}, chat_format="raw").stop_token_ids == [151643]
     assert sp({"prompt": "x", "max_new_tokens": 4000}, prompt_len=2000).max_tokens == 48  # clamped
 
 
@@ -132,7 +129,7 @@ def test_defaults_seed_n_topk_and_greedy():
         ({"use_beam_search": True}, PARAM_OUT_OF_RANGE, "use_beam_search"),
         ({"best_of": 4}, PARAM_OUT_OF_RANGE, "best_of"),
         ({"stop": [1, 2]}, VALIDATION_TYPE_ERROR, "stop must be"),
-        ({"max_new_tokens": 0}, PARAM_OUT_OF_RANGE, "max_new_tokens must be at least 1"),
+        ({"max_new_tokens": 0}, PARAM_OUT_OF_RANGE, r"max_new_tokens must be int in \[1, inf\)"),
         ({"n": 0}, PARAM_OUT_OF_RANGE, "n must be at least 1"),
         ({"images": ["data:image/png;base64,AAAA"]}, PARAM_OUT_OF_RANGE, "images are not supported"),
     ],

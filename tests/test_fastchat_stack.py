@@ -38,15 +38,19 @@ CHATML_PROMPT = (
 
 
 class StackProcess:
-    """``qwen-vllm stack`` run as a user would, its output parsed for pids."""
+    """``qwen-vllm stack`` run as a user would; URLs and pids from its ready
+    file, its output kept for what it tells a person."""
 
     def __init__(self, models: list[Path], log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.ready_file = log_dir / "ready.json"
+        self.ready_file.unlink(missing_ok=True)
         base = free_ports(5)
         self.front_port, self.controller_port, self.worker_port = base, base + 1, base + 2
         env = {**os.environ, "PYTHONPATH": str(ROOT), "FASTCHAT_WORKER_HEART_BEAT_INTERVAL": str(HEARTBEAT_S)}
         cmd = [sys.executable, "-m", "qwen_vllm.cli", "stack", "--port", str(base),
                "--controller-port", str(base + 1), "--worker-port", str(base + 2), "--api-keys", KEY,
-               "--log-dir", str(log_dir)]  # fmt: skip
+               "--log-dir", str(log_dir), "--ready-file", str(self.ready_file)]  # fmt: skip
         for m in models:
             cmd += ["--model", str(m)]
         cmd += ["--", "--enforce-eager", "--max-model-len", "2048"]
@@ -75,20 +79,27 @@ class StackProcess:
                     raise AssertionError(f"no line matching {pattern!r}; stack output:\n" + "\n".join(self.lines))
                 self.changed.wait(min(left, 1.0))
 
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("the stack did not become ready; output:\n" + "\n".join(self.lines))
+            time.sleep(0.5)
+
+    def info(self) -> dict:
+        return json.loads(self.ready_file.read_text())
+
     def pids(self) -> dict[str, int]:
         """Latest pid of each role, e.g. {"controller": 1, "worker random#0": 2, "openai-api": 3}."""
-        found = {}
-        for line in self.lines:
-            if m := re.match(r"\[stack\] (.+?)\s+pid (\d+)\s", line):
-                found[m.group(1)] = int(m.group(2))
-        return found
+        info = self.info()
+        return {r["name"]: r["pid"] for r in (info["controller"], info["front"], *info["workers"])}
 
 
 @pytest.fixture(scope="module")
 def stack(scripted_model, random_model, artifacts_dir):
     s = StackProcess([scripted_model, random_model], artifacts_dir / "fastchat-stack")
     try:
-        s.wait_line(r"^Press Ctrl-C to stop", timeout=900)
+        s.wait_ready(timeout=900)
         s.descendants = {p.pid for p in psutil.Process(s.proc.pid).children(recursive=True)}
         yield s
     finally:
@@ -106,8 +117,7 @@ def client(stack):
 
 
 def worker_url(stack, name: str) -> str:
-    m = stack.wait_line(rf"^\s+worker {re.escape(name)}#0\s+(http://\S+)", timeout=1)
-    return m.group(1)
+    return next(w["url"] for w in stack.info()["workers"] if w["name"] == f"worker {name}#0")
 
 
 def messages(text: str = "Hello") -> list[dict[str, str]]:
@@ -291,8 +301,8 @@ def test_controller_restart_workers_return_within_one_heartbeat(stack, client):
     # Meanwhile the front keeps serving from the workers the controller named.
     r = client.chat.completions.create(model="scripted-chat", messages=messages(), temperature=0)
     assert r.choices[0].message.content == CHAT_REPLY
-    new = int(stack.wait_line(r"^\[stack\] controller\s+pid (\d+)", timeout=30, start=mark).group(1))
-    assert new != old
+    stack.wait_line(r"^\[stack\] controller\s+pid (\d+)", timeout=30, start=mark)
+    assert stack.pids()["controller"] != old  # the ready file follows the restart
     controller = f"http://127.0.0.1:{stack.controller_port}"
     deadline = time.monotonic() + 60
     while True:  # the restarted controller answering is the start of the clock

@@ -7,7 +7,6 @@ import pytest
 
 from qwen_vllm.errors import QwenRequestError
 from qwen_vllm.settings import (
-    SETTINGS,
     check_settings,
     openai_params,
     parse_assignments,
@@ -15,10 +14,20 @@ from qwen_vllm.settings import (
 from qwen_vllm.ui.client import api_base_url
 
 
-def test_every_setting_is_a_generation_key_the_wrapper_takes():
-    from qwen_vllm.sampling import GENERATION_KEYS
+def test_one_table_checks_every_path():
+    """The wrapper's merge, the worker's gen params and :conf read one table."""
+    from qwen_vllm.settings import merge_generation
+    from qwen_vllm.worker.protocol import WorkerRequestError, sampling_params
 
-    assert set(SETTINGS) <= set(GENERATION_KEYS)
+    with pytest.raises(QwenRequestError, match=r"top_p must be float in \(0, 1\], got 1.5"):
+        merge_generation({}, None, {"top_p": 1.5})
+    with pytest.raises(WorkerRequestError, match=r"top_p must be float in \(0, 1\], got 1.5"):
+        sampling_params({"top_p": 1.5}, {}, prompt_len=3, max_model_len=64)
+    with pytest.raises(QwenRequestError, match=r"top_p must be float in \(0, 1\], got 1.5"):
+        parse_assignments(["top_p=1.5"])
+    with pytest.raises(QwenRequestError, match="max_window_size is not a chat setting"):
+        parse_assignments(["max_window_size=100"])
+    assert merge_generation({"max_window_size": 6144, "top_k": 0.0}, None, {})["top_k"] == 0
 
 
 @pytest.mark.parametrize(

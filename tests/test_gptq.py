@@ -1,4 +1,4 @@
-"""GPTQ checkpoints (issue 9): the auto-gptq packer, the CPU Int4 fallback
+"""GPTQ checkpoints: the auto-gptq packer, the CPU Int4 fallback
 kernel, the hardware errors, and real engines on a GPTQ Int4 fixture compared
 with transformers on the exact float weights the fixture encodes.
 

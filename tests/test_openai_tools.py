@@ -195,8 +195,8 @@ def test_legacy_functions_api(react_server, qwen_tokenizer) -> None:
 def test_chat_with_tools_on_vllm_wrapper(react_model: Path) -> None:
     """vLLMWrapper + function_call.chat_with_tools: the same call and final
     answer as the server, with no server."""
-    from qwen_vllm.tools.react import chat_with_tools
     from qwen_vllm.wrapper.chat import vLLMWrapper
+    from qwen_vllm.wrapper.tools import chat_with_tools
 
     model = vLLMWrapper(react_model, dtype="float32", enforce_eager=True, max_model_len=2048)
     messages = [{"role": "user", "content": QUESTION}]

@@ -53,7 +53,7 @@ SIZES: dict[str, dict[str, int]] = {
     "14B": dict(hidden=5120, layers=40, heads=40, intermediate=27392, vocab=152064, seq=2048, rope=10000),
     "72B": dict(hidden=8192, layers=80, heads=64, intermediate=49152, vocab=152064, seq=32768, rope=1000000),
 }
-# Goals of issue 8 (same machine, Qwen-1.8B shape fp32).
+# Goals the report checks (same machine, Qwen-1.8B shape fp32; docs/performance.md).
 GOAL_VS_SERIAL = 4.0  # serving at concurrency 8 vs transformers one request at a time
 GOAL_VS_STATIC = 2.0  # vLLMWrapper vs transformers static batching, batch 8-32
 

@@ -109,21 +109,14 @@ def native_server(model: Path, name: str, port: int, engine_args: list[str], env
 @contextlib.contextmanager
 def stack(model: Path, base_port: int, engine_args: list[str], env: dict, log_dir: Path) -> Iterator[dict]:
     say("starting qwen-vllm stack (controller, worker, front) ...")
+    from qwen_vllm.serving.stack import launch_stack
+
     front, ctl, worker = base_port, base_port + 1, base_port + 2
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen_vllm.serving.stack", "--model", str(model), "--port", str(front),
-         "--controller-port", str(ctl), "--worker-port", str(worker), "--log-dir", str(log_dir),
-         "--", *engine_args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    argv = ["--model", str(model), "--port", str(front), "--controller-port", str(ctl), "--worker-port", str(worker),
+            "--log-dir", str(log_dir), "--", *engine_args]  # fmt: skip
+    proc, info = launch_stack(argv, log=log_dir / "stack.out", ready_file=log_dir / "ready.json", env=env)
     try:
-        for line in proc.stdout:
-            print(line, end="", file=sys.stderr)
-            if line.startswith("Press Ctrl-C"):
-                break
-        else:
-            raise RuntimeError(f"the stack exited (code {proc.wait()}); logs in {log_dir}")
-        yield {"worker": f"http://127.0.0.1:{worker}", "front": f"http://127.0.0.1:{front}"}
+        yield {"worker": info["workers"][0]["url"], "front": info["api_url"].removesuffix("/v1")}
     finally:
         stop_group(proc, signal.SIGINT)
 

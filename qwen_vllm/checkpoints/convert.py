@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,21 +28,7 @@ from qwen_vllm.plugin.tokenizer import (
     SPECIAL_TOKENS,
     VOCAB_FILE,
 )
-
-_LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
-_RENAME = {
-    "ln_1.weight": "input_layernorm.weight",
-    "ln_2.weight": "post_attention_layernorm.weight",
-    "attn.c_proj.weight": "self_attn.o_proj.weight",
-    "mlp.w2.weight": "mlp.gate_proj.weight",
-    "mlp.w1.weight": "mlp.up_proj.weight",
-    "mlp.c_proj.weight": "mlp.down_proj.weight",
-}
-_TOP = {
-    "transformer.wte.weight": "model.embed_tokens.weight",
-    "transformer.ln_f.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
+from qwen_vllm.plugin.weights import qwen2_names
 
 
 def qwen2_config(v1: dict) -> dict:
@@ -72,23 +57,13 @@ def qwen2_config(v1: dict) -> dict:
 
 
 def qwen2_tensors(name: str, tensor: torch.Tensor, hidden: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Qwen v1 tensor -> Qwen2 tensor(s); c_attn splits into q, k, v."""
-    if name in _TOP:
-        yield _TOP[name], tensor
-        return
-    match = _LAYER.match(name)
-    if not match:
+    """Qwen v1 tensor -> Qwen2 tensor(s) (plugin/weights.py); c_attn splits into q, k, v."""
+    names = qwen2_names(name)
+    if names is None:
         raise QwenCheckpointError(f"convert-to-qwen2: unexpected tensor {name!r} (GPTQ checkpoints are not converted)")
-    layer, rest = match.groups()
-    prefix = f"model.layers.{layer}."
-    if rest in ("attn.c_attn.weight", "attn.c_attn.bias"):
-        kind = rest.rsplit(".", 1)[1]
-        for proj, part in zip(("q_proj", "k_proj", "v_proj"), tensor.split(hidden, dim=0)):
-            yield f"{prefix}self_attn.{proj}.{kind}", part.contiguous()
-    elif rest in _RENAME:
-        yield prefix + _RENAME[rest], tensor
-    else:
-        raise QwenCheckpointError(f"convert-to-qwen2: unexpected tensor {name!r}")
+    parts = tensor.split(hidden, dim=0) if len(names) > 1 else (tensor,)
+    for new, part in zip(names, parts, strict=True):
+        yield new, part.contiguous()
 
 
 def write_fast_tokenizer(vocab_file: Path, dst: Path, chat_template: str, model_max_length: int) -> None:

@@ -46,11 +46,12 @@ from qwen_vllm.plugin.tokenizer import (
     VOCAB_FILE,
     load_encoding,
 )
+from qwen_vllm.plugin.weights import LAYER_MODULES, layer_shapes
 
 QWEN_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
 VOCAB_SIZE = 151936
 
-# Qwen-7B-Chat v1.1 generation_config.json (qwen-anchor.md §3).
+# Qwen-7B-Chat v1.1 generation_config.json, as published.
 CHAT_GENERATION_CONFIG = {
     "chat_format": "chatml",
     "eos_token_id": 151643,
@@ -159,20 +160,6 @@ def qwen_config(
     return cfg
 
 
-def _layer_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    h, mlp = cfg["hidden_size"], cfg["intermediate_size"] // 2
-    return {
-        "ln_1.weight": (h,),
-        "attn.c_attn.weight": (3 * h, h),
-        "attn.c_attn.bias": (3 * h,),
-        "attn.c_proj.weight": (h, h),
-        "ln_2.weight": (h,),
-        "mlp.w1.weight": (mlp, h),
-        "mlp.w2.weight": (mlp, h),
-        "mlp.c_proj.weight": (h, mlp),
-    }
-
-
 def random_weights(cfg: dict[str, Any], seed: int = 0, qk_std: float = 1.0) -> dict[str, torch.Tensor]:
     """Seeded weights with O(1) activations and non-zero biases and norm weights
     (zeros would hide a mis-mapped bias or norm). ``qk_std`` scales the q/k rows
@@ -185,7 +172,7 @@ def random_weights(cfg: dict[str, Any], seed: int = 0, qk_std: float = 1.0) -> d
 
     out = {"transformer.wte.weight": randn(v, h, std=1.0)}
     for i in range(cfg["num_hidden_layers"]):
-        for key, shape in _layer_shapes(cfg).items():
+        for key, shape in layer_shapes(cfg).items():
             name = f"transformer.h.{i}.{key}"
             if key.startswith("ln_"):
                 out[name] = 1.0 + randn(*shape, std=0.2)
@@ -349,7 +336,7 @@ def scripted_weights(steps: list[ScriptStep], num_heads: int = SCRIPTED_HEADS) -
 
 # -- GPTQ -----------------------------------------------------------------------
 # The linears Qwen's Int4/Int8 checkpoints quantize (wte and lm_head stay float).
-GPTQ_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
+GPTQ_MODULES = tuple(m.qwen for m in LAYER_MODULES)  # every linear in a layer
 _LAYER_PREFIX = re.compile(r"^transformer\.h\.\d+\.")
 
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qwen_vllm.errors import QwenCheckpointError
 from qwen_vllm.plugin.tokenizer import VOCAB_FILE
+from qwen_vllm.plugin.weights import LAYER_PREFIX, expected_shapes
 
 CHAT_FORMATS = ("chatml", "raw")
-_LAYER = re.compile(r"^transformer\.h\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -120,27 +119,9 @@ def _check_config_fields(cfg: dict[str, Any], path: Path) -> None:
         raise QwenCheckpointError(f"{path}: {str(exc).removeprefix('config.json: ')}") from exc
 
 
-def expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Float tensor shapes a Qwen v1 config.json implies, by name (layer prefix removed)."""
-    h, v, mlp = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"] // 2
-    return {
-        "transformer.wte.weight": (v, h),
-        "transformer.ln_f.weight": (h,),
-        "lm_head.weight": (v, h),
-        "ln_1.weight": (h,),
-        "ln_2.weight": (h,),
-        "attn.c_attn.weight": (3 * h, h),
-        "attn.c_attn.bias": (3 * h,),
-        "attn.c_proj.weight": (h, h),
-        "mlp.w1.weight": (mlp, h),
-        "mlp.w2.weight": (mlp, h),
-        "mlp.c_proj.weight": (h, mlp),
-    }
-
-
 def check_weight_shape(name: str, shape: tuple[int, ...], cfg: dict[str, Any], where: str = "") -> None:
     """Raise QwenCheckpointError if tensor ``name`` disagrees with config.json."""
-    want = expected_shapes(cfg).get(_LAYER.sub("", name))
+    want = expected_shapes(cfg).get(LAYER_PREFIX.sub("", name))
     if want is not None and tuple(shape) != want:
         raise QwenCheckpointError(
             f"{where or 'checkpoint'}: weight {name!r} has shape {tuple(shape)} but config.json implies {want} "

@@ -14,7 +14,6 @@ per-request positions through vLLM's M-RoPE hook.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -25,27 +24,11 @@ from vllm.model_executor.models.utils import AutoWeightsLoader
 from qwen_vllm.plugin.checkpoint import check_weight_shape
 from qwen_vllm.plugin.long_context import encoded_positions, install_long_context
 from qwen_vllm.plugin.quantization import QWenWeightsMapper
+from qwen_vllm.plugin.weights import vllm_mapper_fields
 
-# QWenWeightsMapper: a WeightsMapper that also names GPTQ modules for vLLM's
-# quantization config (c_attn -> q/k/v_proj, ...); see qwen_vllm.plugin.quantization.
-QWEN_V1_TO_VLLM = QWenWeightsMapper(
-    orig_to_new_regex={re.compile(r"^transformer\.h\.(\d+)\."): r"model.layers.\1."},
-    orig_to_new_prefix={
-        "transformer.wte.": "model.embed_tokens.",
-        "transformer.ln_f.": "model.norm.",
-    },
-    orig_to_new_substr={
-        ".ln_1.": ".input_layernorm.",
-        ".ln_2.": ".post_attention_layernorm.",
-        ".attn.c_attn.": ".self_attn.qkv_proj.",
-        ".attn.c_proj.": ".self_attn.o_proj.",
-        ".mlp.c_proj.": ".mlp.down_proj.",
-    },
-    orig_to_new_stacked={
-        ".mlp.w2.": (".mlp.gate_up_proj.", 0),
-        ".mlp.w1.": (".mlp.gate_up_proj.", 1),
-    },
-)
+# Qwen v1 names -> vLLM's (plugin/weights.py); QWenWeightsMapper also names the
+# GPTQ modules for vLLM's quantization config (see plugin/quantization.py).
+QWEN_V1_TO_VLLM = QWenWeightsMapper(**vllm_mapper_fields())
 
 
 def check_shapes(

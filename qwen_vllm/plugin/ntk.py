@@ -25,7 +25,6 @@ is one Qwen cache per alpha bucket, concatenated; LogN is a table indexed by
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -107,14 +106,6 @@ class LongContextFlags:
                 f"max_model_len={max_model_len} is longer than this Qwen checkpoint supports: "
                 f"{how} {self.max_context} tokens (seq_length={self.seq_length})"
             )
-
-
-def check_max_model_len(model_dir: str | os.PathLike, max_model_len: int | None) -> None:
-    """Refuse, before any engine starts, a max_model_len the checkpoint in
-    ``model_dir`` cannot serve (QwenContextError naming both lengths)."""
-    from qwen_vllm.plugin.checkpoint import read_config
-
-    LongContextFlags.of(read_config(model_dir)).check_max_model_len(max_model_len)
 
 
 @dataclass(frozen=True)

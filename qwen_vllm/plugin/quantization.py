@@ -36,6 +36,7 @@ from vllm.model_executor.models.utils import WeightsMapper
 
 from qwen_vllm.errors import QwenQuantizationError
 from qwen_vllm.plugin.checkpoint import read_config
+from qwen_vllm.plugin.weights import LAYER_MODULES
 from qwen_vllm.runtime.cpu import cpu_caps
 
 # --quantization values that select vLLM's GPTQ support for a gptq checkpoint.
@@ -48,15 +49,8 @@ INT8_GPTQ_HARDWARE = "an NVIDIA GPU with compute capability 7.5 or newer (vLLM's
 FP8_KV_CPU_HARDWARE = "an x86 CPU with AVX-512 or AMX"
 
 # -- module names for vLLM's quantization configs ---------------------------------
-# Qwen v1 module (inside a layer) -> the vLLM modules it becomes. c_attn is the
-# fused q/k/v; w2 is the gate and w1 the up projection (stacked in gate_up_proj).
-_QWEN_MODULES = {
-    "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "attn.c_proj": ("self_attn.o_proj",),
-    "mlp.w2": ("mlp.gate_proj",),
-    "mlp.w1": ("mlp.up_proj",),
-    "mlp.c_proj": ("mlp.down_proj",),
-}
+# Qwen v1 module (inside a layer) -> the vLLM modules it becomes (plugin/weights.py).
+_QWEN_MODULES = {m.qwen: m.parts for m in LAYER_MODULES}
 _MODULE = re.compile(r"^(?P<layer>transformer\.h\.(?P<index>\d+)\.)?(?P<module>.+)$")
 
 

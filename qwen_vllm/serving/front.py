@@ -44,6 +44,7 @@ from qwen_vllm.serving.http import (
     DEFAULT_MAX_BODY_MB,
     ApiKeys,
     BodyLimit,
+    error_response,
     json_body,
     openai_error,
     until_disconnect,
@@ -210,11 +211,6 @@ def model_of(body: bytes) -> str:
     return model
 
 
-def _error(message: str, status: int) -> JSONResponse:
-    kinds = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
-    return JSONResponse(openai_error(message, status, kinds.get(status, "InternalServerError")), status_code=status)
-
-
 async def _relay_body(upstream: httpx.Response, on_broken: Callable[[], None]) -> AsyncIterator[bytes]:
     try:
         async for piece in upstream.aiter_raw():
@@ -223,7 +219,7 @@ async def _relay_body(upstream: httpx.Response, on_broken: Callable[[], None]) -
         logger.warning("worker stream broke: %s", exc)
         on_broken()
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            body = openai_error(f"the worker stopped mid-stream ({type(exc).__name__})", 502, "BadGatewayError")
+            body = openai_error(f"the worker stopped mid-stream ({type(exc).__name__})", 502)
             yield f"data: {json.dumps(body)}\n\n".encode()
 
 
@@ -284,7 +280,7 @@ def create_app(
         try:
             return JSONResponse({"object": "list", "data": [model_card(m) for m in await dispatcher.models()]})
         except NoWorker as exc:
-            return _error(str(exc), exc.status)
+            return error_response(str(exc), exc.status)
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> Response:
@@ -292,15 +288,15 @@ def create_app(
             if model in await dispatcher.models():
                 return JSONResponse(model_card(model))
         except NoWorker as exc:
-            return _error(str(exc), exc.status)
-        return _error(f"model {model!r} is not served here", 404)
+            return error_response(str(exc), exc.status)
+        return error_response(f"model {model!r} is not served here", 404)
 
     async def relay(request: Request) -> Response:
         body = await request.body()
         try:
             model = model_of(body)
         except ValueError as exc:
-            return _error(str(exc), 400)
+            return error_response(str(exc), 400)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         if worker_api_key:
             headers["authorization"] = f"Bearer {worker_api_key}"
@@ -309,7 +305,7 @@ def create_app(
             try:
                 address = await dispatcher.pick(model, tried)
             except NoWorker as exc:
-                return _error(str(exc), exc.status)
+                return error_response(str(exc), exc.status)
             tried.add(address)
             dispatcher.started(address)
             relayed = False
@@ -325,7 +321,7 @@ def create_app(
                     upstream, lambda a=address: dispatcher.finished(a), lambda a=address: dispatcher.mark_down(a)
                 )
             except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
-                return _error(f"worker {address} did not answer in time ({type(exc).__name__})", 504)
+                return error_response(f"worker {address} did not answer in time ({type(exc).__name__})", 504)
             except httpx.TransportError as exc:
                 # Refused, reset or closed before any response: a dead worker (or
                 # a pooled connection to one). Generation has no side effects,
@@ -335,7 +331,7 @@ def create_app(
             finally:
                 if not relayed:
                     dispatcher.finished(address)
-        return _error(f"no reachable worker for model {model!r} (tried {', '.join(sorted(tried))})", 503)
+        return error_response(f"no reachable worker for model {model!r} (tried {', '.join(sorted(tried))})", 503)
 
     for path in RELAYED_PATHS:
         app.add_api_route(path, relay, methods=["POST"])

@@ -1,4 +1,6 @@
-"""Small HTTP helpers shared by the worker routes and the OpenAI front."""
+"""The HTTP helpers of every server here (worker routes and checks, legacy
+``functions`` middleware, OpenAI front, stack): addresses, OpenAI-shaped
+errors, ASGI body buffering, API keys and body limits."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import asyncio
 import hashlib
 import json
 import secrets
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from starlette.datastructures import Headers
@@ -14,6 +16,34 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 T = TypeVar("T")
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+
+# Hosts that mean "every interface": a server binds them, a client cannot dial them.
+WILDCARD_HOSTS = (None, "", "0.0.0.0", "::")
+# HTTP status -> the error "type" vLLM's and OpenAI's servers put in the body.
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestEntityTooLargeError",
+    429: "RateLimitError",
+    502: "BadGatewayError",
+    503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
+}
+
+
+def dial_host(host: str | None) -> str:
+    """The address to reach a server bound to ``host`` from this machine."""
+    return "127.0.0.1" if host in WILDCARD_HOSTS else host
+
+
+def http_url(host: str | None, port: int) -> str:
+    """``http://host:port`` for ``host`` as a server binds it (IPv6 bracketed)."""
+    host = dial_host(host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
@@ -47,9 +77,43 @@ def json_body(body: bytes) -> Any:
         raise ValueError(f"the request body is not valid JSON ({exc})") from None
 
 
-def openai_error(message: str, status: int, err_type: str, code: Any = None) -> dict[str, Any]:
+def openai_error(message: str, status: int, err_type: str | None = None, code: Any = None) -> dict[str, Any]:
     """An error body in the shape vLLM's and OpenAI's servers use."""
+    err_type = err_type or ERROR_TYPES.get(status, "InternalServerError")
     return {"error": {"message": message, "type": err_type, "param": None, "code": status if code is None else code}}
+
+
+def error_response(message: str, status: int, code: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-shaped error response."""
+    return JSONResponse(openai_error(message, status, code=code), status_code=status, headers=headers)
+
+
+async def read_body(receive: Receive) -> tuple[bytes, Message | None]:
+    """(the whole request body, None), or (what arrived, the message that
+    ended it early: the client left before sending it all)."""
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return body, message
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body, None
+
+
+def replay(body: bytes, receive: Receive, first: Message | None = None) -> Receive:
+    """A ``receive`` that gives the app ``body`` (or ``first``) again, then
+    whatever the client sends next (its disconnect)."""
+    sent = False
+
+    async def again() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return first or {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again
 
 
 class ApiKeys:

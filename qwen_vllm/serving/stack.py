@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -36,6 +37,7 @@ import httpx
 
 from qwen_vllm.errors import QwenVLLMError
 from qwen_vllm.runtime.processes import die_with_parent
+from qwen_vllm.serving.http import http_url
 
 PROGRESS_EVERY_S = 10.0
 STOP_GRACE_S = 30.0
@@ -137,6 +139,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-keys", help="comma-separated keys the OpenAI API (and web UI) require")
     parser.add_argument("--log-dir", type=Path, help="where each process logs (default: a new temp directory)")
     parser.add_argument("--startup-timeout", type=float, default=1800, help="seconds to wait for every worker")
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        help="write JSON (URLs, models, pids) here once everything answers, again after each restart; "
+        "removed at stop. For scripts and tests: read it instead of parsing this output",
+    )
     parser.add_argument("worker_args", nargs=argparse.REMAINDER, help="-- then vLLM engine flags for every worker")
 
 
@@ -146,10 +154,8 @@ class Stack:
         self.stop = threading.Event()
         host = args.host
         # Parts find each other on the loopback address when binding everywhere.
-        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        self.base = f"http://[{local}]" if ":" in local else f"http://{local}"
-        self.controller_url = f"{self.base}:{args.controller_port}"
-        self.api_url = f"{self.base}:{args.port}/v1"
+        self.controller_url = http_url(host, args.controller_port)
+        self.api_url = http_url(host, args.port) + "/v1"
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="qwen-vllm-stack-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = log_dir.resolve()
@@ -179,7 +185,7 @@ class Stack:
                 port = args.worker_port + index
                 cmd = [
                     py, "-m", "qwen_vllm.worker_launch", "--model-path", model, "--host", host, "--port", str(port),
-                    "--controller-address", self.controller_url, "--worker-address", f"{self.base}:{port}",
+                    "--controller-address", self.controller_url, "--worker-address", http_url(host, port),
                     "--tensor-parallel-size", str(args.tensor_parallel_size), *worker_args,
                 ]  # fmt: skip
                 self.workers.append(
@@ -187,7 +193,7 @@ class Stack:
                         f"worker {name}#{k}",
                         cmd,
                         self.log_dir / f"worker-{name}-{k}.log",
-                        f"{self.base}:{port}",
+                        http_url(host, port),
                         env=device_env(index, count, args.tensor_parallel_size),
                     )
                 )
@@ -204,7 +210,7 @@ class Stack:
             web_cmd = [py, "-m", "qwen_vllm.ui.web", "--api-url", self.api_url, "--host", host,
                        "--port", str(args.web_port)]  # fmt: skip
             web_env = {"OPENAI_API_KEY": keys[0]} if keys else {}
-            self.web = Child("web-ui", web_cmd, self.log_dir / "web-ui.log", f"{self.base}:{args.web_port}", env=web_env)
+            self.web = Child("web-ui", web_cmd, self.log_dir / "web-ui.log", http_url(host, args.web_port), env=web_env)
         self.client = httpx.Client(timeout=2.0, trust_env=False)
 
     def check_worker_args(self) -> None:
@@ -283,6 +289,7 @@ class Stack:
             self.web.start()
             if not self._wait("the web UI", lambda: self._answers("GET", self.web.url), [self.web]):
                 return False
+        self.write_ready_file()
         say("ready")
         print(f"  OpenAI API   {self.api_url}   models: {', '.join(self.model_names)}", flush=True)
         print(f"  controller   {self.controller_url}", flush=True)
@@ -293,12 +300,40 @@ class Stack:
         print("Press Ctrl-C to stop.", flush=True)
         return True
 
+    def state(self) -> dict:
+        """What the ready file holds."""
+
+        def role(child: Child) -> dict:
+            return {"name": child.name, "url": child.url, "pid": child.proc.pid if child.proc else None, "log": str(child.log)}
+
+        return {
+            "pid": os.getpid(),
+            "api_url": self.api_url,
+            "controller_url": self.controller_url,
+            "models": self.model_names,
+            "api_keys": self.keys,
+            "log_dir": str(self.log_dir),
+            "controller": role(self.controller),
+            "workers": [role(w) for w in self.workers],
+            "front": role(self.front),
+            "web": role(self.web) if self.web is not None else None,
+        }
+
+    def write_ready_file(self) -> None:
+        path = self.args.ready_file
+        if path is None:
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2))
+        tmp.replace(path)  # readers never see half a file
+
     def supervise(self) -> None:
         """Until stopped: restart a dead controller, report other deaths."""
         while not self.stop.wait(0.5):
             if not self.controller.alive() and time.monotonic() - self.controller.started > CONTROLLER_RESTART_S:
                 say(f"controller exited with code {self.controller.proc.returncode}; restarting it")
                 self.controller.start()
+                self.write_ready_file()
             for child in self.children:
                 if not child.alive() and not child.reported_exit:
                     child.reported_exit = True
@@ -318,7 +353,33 @@ class Stack:
                 say(f"{child.name} did not stop in {STOP_GRACE_S:.0f} s; killing it")
             child.signal_group(signal.SIGKILL)  # engine processes left in its group, if any
         self.client.close()
+        if self.args.ready_file is not None:
+            self.args.ready_file.unlink(missing_ok=True)
         say("stopped")
+
+
+def launch_stack(
+    argv: list[str], *, log: Path, ready_file: Path, env: dict[str, str] | None = None, timeout: float = 1800
+) -> tuple[subprocess.Popen, dict]:
+    """Start ``qwen-vllm stack ARGV`` in a new session, its output in ``log``;
+    wait for its ready file. Returns (process, ready-file contents). For
+    scripts, benchmarks and tests."""
+    ready_file.unlink(missing_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qwen_vllm.cli", "stack", *argv, "--ready-file", str(ready_file)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not ready_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            raise RuntimeError(f"qwen-vllm stack did not become ready (exit {proc.poll()}); {log}:\n{tail}")
+        time.sleep(0.5)
+    return proc, json.loads(ready_file.read_text())
 
 
 def run(args: argparse.Namespace, on_ready: Callable[[Stack], bool] | None = None) -> int:
@@ -331,16 +392,6 @@ def run(args: argparse.Namespace, on_ready: Callable[[Stack], bool] | None = Non
     names = [Path(m).resolve().name for m in args.model]
     if len(set(names)) != len(names):
         print(f"qwen-vllm stack: error: models must have distinct directory names, got {names}", file=sys.stderr)
-        return 2
-    from qwen_vllm.plugin.checkpoint import is_qwen_v1
-    from qwen_vllm.plugin.ntk import check_max_model_len
-
-    try:  # before anything starts, not after a worker's engine failed
-        for model in args.model:
-            if is_qwen_v1(model):
-                check_max_model_len(model, args.max_model_len)
-    except QwenVLLMError as exc:
-        print(f"qwen-vllm stack: error: {exc}", file=sys.stderr)
         return 2
     stack = Stack(args)
     try:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from qwen_vllm.errors import QwenRequestError
+from qwen_vllm.serving.http import error_response, read_body, replay
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -102,51 +103,26 @@ class LegacyFunctionsMiddleware:
         if scope["type"] != "http" or scope.get("method") != "POST" or not scope.get("path", "").endswith(_PATH):
             await self.app(scope, receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                await self.app(scope, _replay(body, receive, first=message), send)
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body, early = await read_body(receive)
+        if early is not None:  # the client left before its body arrived
+            await self.app(scope, replay(body, receive, first=early), send)
+            return
         try:
             request = json.loads(body)
         except ValueError:
             request = None
         if not isinstance(request, dict) or not is_legacy(request):
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay(body, receive), send)
             return
         try:
             request = to_tools_request(request)
         except QwenRequestError as exc:
-            await _error(send, str(exc))
+            await error_response(str(exc), 400)(scope, receive, send)
             return
         body = json.dumps(request).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-        await self.app(scope, _replay(body, receive), _LegacySend(send))
-
-
-def _replay(body: bytes, receive: Receive, first: Message | None = None) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return first or {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-async def _error(send: Send, message: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}).encode()
-    await send({"type": "http.response.start", "status": 400,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+        await self.app(scope, replay(body, receive), _LegacySend(send))
 
 
 class _LegacySend:

@@ -1,7 +1,7 @@
 """Qwen's ReAct function calling: OpenAI tools -> Qwen's prompt, reply -> tool call.
 
 Qwen-Chat learned tool use from the prompt that Qwen's ``openai_api.py`` builds
-(qwen-anchor.md §4), so this module reproduces it exactly:
+(its openai_api.py and examples/react_prompt.md), so this module reproduces it exactly:
 
 * every tool becomes ``TOOL_DESC`` (verbatim), joined by blank lines into
   ``REACT_INSTRUCTION`` (verbatim), which is prepended as
@@ -31,7 +31,8 @@ wins (Qwen takes the last Final Answer), and a call counts only if it names
 one of the given tools and its Action Input is a JSON object. Anything else
 is returned as plain content, never an error.
 
-``chat_with_tools`` runs one ReAct turn on ``vLLMWrapper`` without a server.
+``qwen_vllm.wrapper.tools.chat_with_tools`` runs one ReAct turn on
+``vLLMWrapper`` without a server.
 """
 
 from __future__ import annotations
@@ -41,12 +42,9 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qwen_vllm.errors import QwenRequestError
-
-if TYPE_CHECKING:
-    from qwen_vllm.wrapper.chat import vLLMWrapper
 
 # Verbatim from Qwen's openai_api.py: the models were trained on these strings.
 TOOL_DESC = (
@@ -549,7 +547,6 @@ def parse_react(
     return parser.result()
 
 
-# -- vLLMWrapper -----------------------------------------------------------------
 def tool_choice_name(tool_choice: Any, specs: Sequence[ToolSpec]) -> str | None:
     """The tool a named ``tool_choice`` forces (None for "auto"/"required");
     raises QwenRequestError for anything else."""
@@ -565,36 +562,3 @@ def tool_choice_name(tool_choice: Any, specs: Sequence[ToolSpec]) -> str | None:
             "{'type': 'function', 'function': {'name': <one of the tools>}}"
         )
     return name
-
-
-def chat_with_tools(
-    model: vLLMWrapper,
-    messages: Sequence[Mapping[str, Any]],
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    *,
-    tool_choice: Any = "auto",
-    generation_config: Any = None,
-    stop_words_ids: Sequence[Any] | None = None,
-    **gen_kwargs: Any,
-) -> ReactReply:
-    """One assistant turn of a tool conversation on ``vLLMWrapper`` (no server).
-
-    ``messages`` and ``tools`` are OpenAI's; append ``reply.message`` and a
-    ``{"role": "tool", "tool_call_id": ..., "content": ...}`` result, then call
-    again for the final answer. The prompt (and its token ids) are exactly what
-    vLLM's server builds for the same request; "Observation:" is added to the
-    stop words; ``tool_choice="none"`` leaves the tools out of the prompt.
-    """
-    from qwen_vllm.chat_template import render_messages
-
-    if tool_choice == "none":
-        tools = None
-    specs = tool_specs(tools)
-    only = tool_choice_name(tool_choice, specs)
-    chat, open_final = react_messages(messages, tools)
-    prompt = render_messages(model.tokenizer, chat, add_generation_prompt=not open_final,
-                             continue_final_message=open_final)
-    text = model.chat_ids(prompt, generation_config, [*REACT_STOP_WORDS, *(stop_words_ids or ())], **gen_kwargs)
-    if not specs:
-        return ReactReply(text)
-    return parse_react(text, specs, continuation=open_final, only=only)

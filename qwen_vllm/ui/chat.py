@@ -22,7 +22,7 @@ import openai
 
 from qwen_vllm.chat_template import DEFAULT_SYSTEM
 from qwen_vllm.errors import QwenVLLMError
-from qwen_vllm.settings import SETTINGS, openai_params, parse_assignments
+from qwen_vllm.settings import SETTINGS, UI_SETTINGS, openai_params, parse_assignments
 from qwen_vllm.ui.client import (
     DEFAULT_TIMEOUT,
     chat_messages,
@@ -75,7 +75,7 @@ class WrapperBackend:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # a chat, not a server log
         self.wrapper = vLLMWrapper(model_dir, **engine_kwargs)
         self.description = f"in-process vLLM, model {model_dir}"
-        self.defaults = {k: v for k, v in self.wrapper.generation_config.items() if k in SETTINGS}
+        self.defaults = {k: v for k, v in self.wrapper.generation_config.items() if k in UI_SETTINGS}
         self.unset_label = "(vLLM default)"
 
     def stream(self, query: str, history: History, system: str, settings: dict[str, Any]) -> Iterator[str]:
@@ -260,8 +260,8 @@ class ChatRepl:
             self.conf.update(changed)
             self.say("set " + ", ".join(f"{k}={v}" for k, v in changed.items()))
             return
-        width = max(map(len, SETTINGS))
-        for name, setting in SETTINGS.items():
+        width = max(map(len, UI_SETTINGS))
+        for name, setting in UI_SETTINGS.items():
             if name in self.conf:
                 value = f"{self.conf[name]} (set)"
             elif name in self.backend.defaults:

@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # port taken or address not available
         print(f"qwen-vllm web: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
-    # Printed once the server answers: launchers (qwen-vllm stack --web) wait for this line.
+    # Printed once the server answers (the stack itself polls the URL).
     print(f"Qwen chat web UI: http://{args.host}:{args.port}/ (API {api_base_url(args.api_url)})", flush=True)
     demo.block_thread()  # until Ctrl-C
     return 0

@@ -7,47 +7,30 @@ chunk (cumulative ``text``, ``error_code``, ``usage``, ``finish_reason``).
 Errors travel in-band as FastChat does: ``{"text": message, "error_code": N}``
 with HTTP 200, so FastChat's own clients show the message.
 
-Differences from fschat's vllm_worker, on purpose (fastchat-anchor.md §2):
+Differences from fschat's vllm_worker (fastchat/serve/vllm_worker.py), on purpose:
 ``top_k`` may be omitted or an integral float; ``repetition_penalty``,
 ``seed``, ``n`` and ``logprobs`` are honoured; ChatML stop ids always apply to
 a chat checkpoint whatever its path is called; the final chunk is sent once;
 defaults for omitted fields come from the checkpoint's generation_config (as
 on vLLM's /v1 routes), not from FastChat's neutral ones.
 
-Prompt strings and special tokens: FastChat renders the conversation into one
-string, so control tokens and user text arrive mixed. ``prompt_token_ids``
-parses the ChatML frame structure instead of tokenizing with every special
-token allowed: ``<|im_start|>`` and ``<|im_end|>`` become control tokens only
-where they open or close a frame (prompt start, the ``<|im_end|>\\n<|im_start|>``
-joints, a closing ``<|im_end|>`` at the end); every other occurrence of
-special-token text (``<|endoftext|>``, ``<|extra_0|>``, a stray
-``<|im_start|>`` inside a message) stays plain text. Roles and contents are
-encoded segment by segment, giving exactly Qwen's make_context ids. A message
-that itself contains the full joint ``<|im_end|>\\n<|im_start|>`` cannot be told
-apart from a real frame in a flat string; the OpenAI routes (messages, not
-strings) have no such ambiguity.
+Prompt strings become ids in ``chat_template.prompt_string_ids`` (the one
+ChatML renderer).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vllm.exceptions import VLLMClientError
 
-from qwen_vllm.chat_template import NL_ID, encode_turn
 from qwen_vllm.errors import QwenRequestError
-from qwen_vllm.sampling import merge_generation, to_sampling_params
-from qwen_vllm.stop_words import stop_ids_for
+from qwen_vllm.settings import SETTINGS, merge_generation, to_sampling_params
 
 if TYPE_CHECKING:
     from vllm import CompletionOutput, RequestOutput, SamplingParams
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-FRAME_JOINT = f"{IM_END}\n{IM_START}"
-_CLOSED_TAIL = re.compile(re.escape(IM_END) + r"(\s*)\Z")
 
 # FastChat's ErrorCode values (fastchat/constants.py), the ones a worker sends.
 VALIDATION_TYPE_ERROR = 40001
@@ -55,7 +38,7 @@ PARAM_OUT_OF_RANGE = 40302
 CONTEXT_OVERFLOW = 40303
 INTERNAL_ERROR = 50001
 
-# Gen-param name -> key understood by qwen_vllm.sampling (HF generation names).
+# FastChat gen params that are rows of the settings table (HF generation names).
 _SAMPLING_KEYS = (
     "temperature",
     "top_p",
@@ -66,7 +49,7 @@ _SAMPLING_KEYS = (
     "frequency_penalty",
     "seed",
 )
-_INT_KEYS = {"top_k", "max_new_tokens", "seed", "n", "logprobs", "best_of"}
+_COUNTS = ("n", "logprobs", "best_of")  # FastChat's own integer fields
 
 
 class WorkerRequestError(QwenRequestError):
@@ -100,51 +83,6 @@ def default_conv_template(chat_format: str) -> str:
     return "qwen-7b-chat" if chat_format == "chatml" else "raw"
 
 
-# -- prompt string -> ids ------------------------------------------------------
-
-
-def chatml_frames(prompt: str) -> tuple[list[tuple[str, bool]], str] | None:
-    """(frames, tail) of a rendered ChatML prompt, or None if it is not one.
-
-    Each frame is (text after ``<|im_start|>``, closed); ``tail`` is text after
-    a final closing ``<|im_end|>`` (e.g. a trailing newline).
-    """
-    if not prompt.startswith(IM_START):
-        return None
-    pieces = prompt[len(IM_START) :].split(FRAME_JOINT)
-    frames = [(piece, True) for piece in pieces[:-1]]
-    last, tail = pieces[-1], ""
-    closed = _CLOSED_TAIL.search(last)
-    if closed:
-        last, tail = last[: closed.start()], closed.group(1)
-    frames.append((last, bool(closed)))
-    return frames, tail
-
-
-def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids for a FastChat prompt string (see the module docstring)."""
-    if not hasattr(tokenizer, "encode_text"):
-        # Not Qwen v1's tokenizer (e.g. a checkpoint converted to Qwen2):
-        # tokenize as fschat's vllm_worker did.
-        return tokenizer.encode(prompt, add_special_tokens=False)
-    parsed = chatml_frames(prompt)
-    if parsed is None:
-        return tokenizer.encode_text(prompt, allowed_special=set())
-    frames, tail = parsed
-    ids: list[int] = []
-    for i, (frame, closed) in enumerate(frames):
-        if i:
-            ids.append(NL_ID)
-        role, newline, content = frame.partition("\n")
-        if newline:
-            ids += encode_turn(tokenizer, role, content, close=closed)
-        else:  # "<|im_start|>assistant" with no newline yet
-            ids += [tokenizer.im_start_id, *tokenizer.encode_text(frame, allowed_special=set())]
-            if closed:
-                ids.append(tokenizer.im_end_id)
-    return ids + tokenizer.encode_text(tail, allowed_special=set())
-
-
 # -- gen params -> SamplingParams ---------------------------------------------------
 
 
@@ -155,7 +93,7 @@ def _checked(params: Mapping[str, Any], key: str) -> Any:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise WorkerRequestError(f"{key} must be a number, got {value!r}", VALIDATION_TYPE_ERROR)
-    if key in _INT_KEYS:
+    if key in _COUNTS or SETTINGS[key].kind is int:
         if isinstance(value, float) and not value.is_integer():
             raise WorkerRequestError(f"{key} must be an integer, got {value!r}")
         return int(value)
@@ -184,7 +122,6 @@ def sampling_params(
     params: Mapping[str, Any],
     defaults: Mapping[str, Any],
     *,
-    chat_format: str,
     prompt_len: int,
     max_model_len: int,
     max_n: int | None = None,
@@ -227,14 +164,15 @@ def sampling_params(
             f"the prompt has {prompt_len} tokens but the model's context is {max_model_len} tokens",
             CONTEXT_OVERFLOW,
         )
-    gen = merge_generation(defaults, None, overrides)
-    if gen.get("max_new_tokens") is not None and gen["max_new_tokens"] < 1:
-        raise WorkerRequestError(f"max_new_tokens must be at least 1, got {gen['max_new_tokens']}")
+    try:
+        gen = merge_generation(defaults, None, overrides)
+    except QwenRequestError as exc:
+        raise WorkerRequestError(str(exc)) from exc
     gen["max_new_tokens"] = min(gen.get("max_new_tokens") or room, room)
     logprobs = _checked(params, "logprobs")
     echo = bool(params.get("echo", True))
-    stop_ids = stop_ids_for(chat_format)
-    stop_ids += [i for i in _stop_ids(params.get("stop_token_ids")) if i not in stop_ids]
+    # ChatML stops need nothing here: they are the engine's default stops (plugin/chatml_eos.py).
+    stop_ids = _stop_ids(params.get("stop_token_ids"))
     stop = _stop_strings(params.get("stop"))
     try:
         return to_sampling_params(
@@ -242,7 +180,6 @@ def sampling_params(
             stop_token_ids=stop_ids,
             stop=stop,
             n=n,
-            min_p=defaults.get("min_p", 0.0),  # a generation_config default merge_generation does not carry
             logprobs=logprobs,
             prompt_logprobs=logprobs if echo and logprobs is not None else None,
         )

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.responses import JSONResponse
-
-from qwen_vllm.serving.http import json_body, openai_error
-from qwen_vllm.tools.legacy import _replay
+from qwen_vllm.serving.http import error_response, json_body, read_body, replay
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
@@ -46,14 +43,9 @@ class RequestChecks:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in GENERATION_PATHS:
             return await self.app(scope, receive, send)
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # client gone before the body arrived
-                return await self.app(scope, _replay(body, receive, first=message), send)
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body, early = await read_body(receive)
+        if early is not None:  # client gone before the body arrived
+            return await self.app(scope, replay(body, receive, first=early), send)
         if (problem := self.problem(body)) is not None:
-            return await JSONResponse(openai_error(problem, 400, "BadRequestError"), status_code=400)(scope, receive, send)
-        await self.app(scope, _replay(body, receive), send)
+            return await error_response(problem, 400)(scope, receive, send)
+        await self.app(scope, replay(body, receive), send)

@@ -34,11 +34,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastchat.constants import SERVER_ERROR_MSG
 from vllm.exceptions import VLLMClientError
 
+from qwen_vllm.chat_template import prompt_string_ids
 from qwen_vllm.errors import QwenRequestError
 from qwen_vllm.serving.http import (
     DEFAULT_MAX_BODY_MB,
     ApiKeys,
     BodyLimit,
+    http_url,
     json_body,
     until_disconnect,
 )
@@ -51,7 +53,6 @@ from qwen_vllm.worker.protocol import (
     conv_template,
     default_conv_template,
     error_chunk,
-    prompt_token_ids,
     sampling_params,
 )
 from qwen_vllm.worker.registration import ControllerLink
@@ -92,15 +93,13 @@ class WorkerSettings:
     def from_args(cls, args: Namespace) -> WorkerSettings:
         names = args.served_model_name or [args.model]  # vLLM's own default name
         register = getattr(args, "controller_address", None) and not getattr(args, "no_register", False)
-        host = args.host if args.host not in (None, "", "0.0.0.0", "::") else "127.0.0.1"
-        host = f"[{host}]" if ":" in host else host
         return cls(
             model_names=list(names),
             worker_address=getattr(args, "worker_address", None),
             controller_address=args.controller_address if register else None,
             limit_worker_concurrency=getattr(args, "limit_worker_concurrency", DEFAULT_CONCURRENCY),
             conv_template=getattr(args, "conv_template", None),
-            local_health_url=f"http://{host}:{args.port}/health",
+            local_health_url=http_url(args.host, args.port) + "/health",
             api_key=next(iter(api_keys(args)), None),
         )
 
@@ -142,7 +141,7 @@ class FastChatWorker:
     def prompt_ids(self, prompt: Any) -> list[int]:
         if not isinstance(prompt, str):
             raise WorkerRequestError(f"prompt must be a string, got {type(prompt).__name__}", VALIDATION_TYPE_ERROR)
-        return prompt_token_ids(self.tokenizer, prompt)
+        return prompt_string_ids(self.tokenizer, prompt)
 
     async def generate_stream(self, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """FastChat chunks for one request; a bad request yields one error chunk."""
@@ -153,7 +152,6 @@ class FastChatWorker:
                 params_ = sampling_params(
                     params,
                     self.defaults,
-                    chat_format=self.chat_format,
                     prompt_len=len(ids),
                     max_model_len=self.max_model_len,
                     max_n=self.max_n,

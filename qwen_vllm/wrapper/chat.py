@@ -26,11 +26,11 @@ from typing import Any
 
 from qwen_vllm.chat_template import DEFAULT_SYSTEM, History, make_context
 from qwen_vllm.errors import QwenRequestError, QwenVLLMError
-from qwen_vllm.plugin.checkpoint import read_generation_config, validate_checkpoint
-from qwen_vllm.plugin.ntk import check_max_model_len
+from qwen_vllm.plugin.checkpoint import read_generation_config
+from qwen_vllm.plugin.checks import check_before_start
 from qwen_vllm.runtime.cpu import apply_cpu_defaults
-from qwen_vllm.sampling import merge_generation, to_sampling_params
-from qwen_vllm.stop_words import StopWords, StreamDelta, split_stop_words, stop_ids_for
+from qwen_vllm.settings import merge_generation, to_sampling_params
+from qwen_vllm.stop_words import StopWords, StreamDelta, split_stop_words
 
 
 class QwenChatFormatError(QwenVLLMError):
@@ -148,24 +148,17 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         **engine_kwargs: Any,
     ) -> None:
         model_dir = os.fspath(model_dir)
-        validate_checkpoint(model_dir, need_weights=engine_kwargs.get("load_format") != "dummy")
-        self.generation_config = read_generation_config(model_dir)
-        self.chat_format = self.generation_config.get("chat_format", "chatml")
         _check_engine_kwargs(engine_kwargs)
-        from qwen_vllm.plugin.quantization import (
-            check_engine_settings,
-            engine_quantization,
-        )
-
-        quantization = engine_quantization(model_dir, quantization)
-        check_engine_settings(
+        quantization = check_before_start(
             model_dir,
             quantization=quantization,
             kv_cache_dtype=engine_kwargs.get("kv_cache_dtype"),
             tensor_parallel_size=tensor_parallel_size,
+            max_model_len=engine_kwargs.get("max_model_len"),
+            need_weights=engine_kwargs.get("load_format") != "dummy",
         )
-        # max_model_len defaults to seq_length; up to 32768 opts into Qwen's long context.
-        check_max_model_len(model_dir, engine_kwargs.get("max_model_len"))
+        self.generation_config = read_generation_config(model_dir)
+        self.chat_format = self.generation_config.get("chat_format", "chatml")
         apply_cpu_defaults(tensor_parallel_size)
         from vllm import LLM
 
@@ -208,8 +201,6 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
             for text in turn:
                 _check_text(f"history[{i}]", text)
         gen = merge_generation(self.generation_config, generation_config, gen_kwargs)
-        if gen.get("max_new_tokens", 1) < 1:
-            raise QwenRequestError(f"max_new_tokens must be at least 1, got {gen['max_new_tokens']}")
         context, _ = make_context(
             self.tokenizer,
             query,
@@ -219,15 +210,18 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
             max_model_len=self.max_model_len,
             max_new_tokens=gen.get("max_new_tokens", 512),
         )
-        return context, self._params(gen, stop_words_ids, "chatml")
+        return context, self._params(gen, stop_words_ids)
 
-    def _params(self, gen: Mapping[str, Any], stop_words_ids: StopWords | None, chat_format: str) -> Any:
+    def _params(self, gen: Mapping[str, Any], stop_words_ids: StopWords | None) -> Any:
+        """SamplingParams plus the caller's stop words. The checkpoint's own stops
+        (all ChatML ids on a chat checkpoint, ``<|endoftext|>`` on a base one)
+        are vLLM's default stops for every request (plugin/chatml_eos.py)."""
         from vllm.sampling_params import RequestOutputKind
 
         extra_ids, stop = split_stop_words(stop_words_ids, self.tokenizer)
         return to_sampling_params(
             gen,
-            stop_token_ids=stop_ids_for(chat_format) + extra_ids,
+            stop_token_ids=extra_ids,
             stop=stop,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
@@ -316,7 +310,7 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         """The reply to a prompt already rendered as ChatML token ids, with
         ChatML stops plus ``stop_words_ids``. For prompts ``chat()`` cannot
         express, e.g. a tool conversation continued inside an open assistant
-        turn (qwen_vllm.tools.react.chat_with_tools)."""
+        turn (qwen_vllm.wrapper.tools.chat_with_tools)."""
         if self.chat_format != "chatml":
             raise QwenChatFormatError(
                 f"chat_ids() needs a chat model; this checkpoint's chat_format is {self.chat_format!r}"
@@ -325,7 +319,7 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise QwenRequestError("prompt_ids must be a non-empty list of token ids")
         gen = merge_generation(self.generation_config, generation_config, gen_kwargs)
-        out = self._loop.run([(ids, self._params(gen, stop_words_ids, "chatml"))])[0]
+        out = self._loop.run([(ids, self._params(gen, stop_words_ids))])[0]
         return out.outputs[0].text
 
     def batch_chat(
@@ -360,13 +354,14 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         **gen_kwargs: Any,
     ) -> str | list[str]:
         """Plain completion (base models, or raw prompts on chat models) with
-        the same sampling controls; stops on ``<|endoftext|>`` and stop words."""
+        the same sampling controls; stops on the checkpoint's own stops (on a
+        chat checkpoint every ChatML id, as vLLM's server does) and stop words."""
         single = isinstance(prompts, str)
         if not single and not isinstance(prompts, Sequence):
             raise QwenRequestError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
         texts = [prompts] if single else list(prompts)
         gen = merge_generation(self.generation_config, generation_config, gen_kwargs)
-        params = self._params(gen, stop_words_ids, "raw")
+        params = self._params(gen, stop_words_ids)
         requests = []
         for text in texts:
             if not isinstance(text, str):
