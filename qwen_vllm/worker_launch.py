@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from qwen_vllm.errors import QwenVLLMError
 from qwen_vllm.runtime.processes import DIE_WITH_PARENT_ENV
@@ -41,6 +42,16 @@ def plugin_allowlist(current: str | None) -> str:
     else:
         names = current.split(",")
     return ",".join(dict.fromkeys([*names, *REQUIRED_PLUGINS]))
+
+
+def served_names(model: str, model_names: list[str] | None = None, served_model_name: list[str] | None = None) -> list[str]:
+    """The names a worker serves (and registers with the controller): the
+    ones given, else the checkpoint directory's name as the path spells it
+    (``.``, ``DIR/.`` and a trailing slash normalised; a symlink keeps its own
+    name). The stack waits for exactly these."""
+    if model_names and served_model_name:
+        raise QwenVLLMError("give --model-names or --served-model-name, not both")
+    return list(model_names or served_model_name or [Path(os.path.abspath(model)).name])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,10 +88,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if not model:
         raise QwenVLLMError("--model-path is required (a Qwen checkpoint directory)")
     args.model = model
-    if args.model_names and args.served_model_name:
-        raise QwenVLLMError("give --model-names or --served-model-name, not both")
     # fschat's default name is the directory's name; vLLM's would be the whole path.
-    args.served_model_name = args.model_names or args.served_model_name or [os.path.basename(model.rstrip("/"))]
+    args.served_model_name = served_names(model, args.model_names, args.served_model_name)
     if args.num_gpus > 1:
         if args.tensor_parallel_size not in (1, args.num_gpus):
             raise QwenVLLMError(

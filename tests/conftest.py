@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,10 +63,22 @@ def fixtures_root() -> Path:
 
 @pytest.fixture(scope="session")
 def scripted_model(fixtures_root: Path) -> Path:
-    """Greedy reply to any ChatML prompt is fixtures.CHAT_REPLY, then <|im_end|>."""
-    from qwen_vllm.checkpoints.fixtures import make_model
+    """Greedy reply to any ChatML prompt is fixtures.CHAT_REPLY, then <|im_end|>;
+    to the raw prompt vllm_server.STOP_PROMPT, " one" <|im_start|> " two" <|im_end|>."""
+    from vllm_server import make_chat_and_stop_model
 
-    return make_model(fixtures_root / "scripted-chat", "scripted", script="chat")
+    return make_chat_and_stop_model(fixtures_root / "scripted-chat")
+
+
+@pytest.fixture(scope="session")
+def plain_server(scripted_model: Path, artifacts_dir: Path) -> Iterator[str]:
+    """vLLM's own OpenAI server on the scripted fixture with no flags, shared by
+    the OpenAI-chat and chat-UI tests (one engine)."""
+    from vllm_server import launch_server, stop_server
+
+    proc, base = launch_server(scripted_model, "plain", artifacts_dir)
+    yield base
+    stop_server(proc)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,14 @@
-"""``qwen-vllm bench``: every mode really runs (real engines, real servers, real
-transformers) on the tiny random fixture with a few tokens, and writes a
-well-formed markdown table, JSON and PNG. Figures are never asserted (the
-machine is shared); only that they exist, are positive and the ratios finite.
+"""``qwen-vllm bench``: every mode really runs (real engines, real servers) on
+the tiny random fixture with a few tokens, and writes a well-formed markdown
+table, JSON and PNG. Figures are never asserted (the machine is shared); only
+that they exist, are positive and the ratios finite.
 
-The three runs start at module set-up in two chains that run side by side
-(versus || profile then cpu-defaults), so at most two engines are alive.
+One tiny live run per mode (``versus`` runs its serving half live: native vLLM
+server vs the stack; its offline half is the same engine job as ``profile``),
+started at module set-up in two chains that run side by side, so at most two
+engines are alive. The full reports are checked on JSON recorded by a whole
+run (tests/data/bench, an AVX-512 + AMX machine): their structure, and that the
+markdown renders exactly as recorded.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 4
 COMMON = ["--new-tokens", str(NEW_TOKENS), "--rounds", "1"]
 RUNS = {
-    "versus": ["--batches", "1", "8", "--concurrency", "1", "8", "--prompts-per-client", "1", "--input-len", "16"],
+    "versus": ["--only", "serving", "--concurrency", "1", "8", "--prompts-per-client", "1", "--input-len", "16"],
     "profile": ["--batch", "4"],
     "cpu-defaults": ["--batches", "1", "4"],
 }  # fmt: skip
 CHAINS = [["versus"], ["profile", "cpu-defaults"]]
-pytestmark = pytest.mark.timeout(1800)  # seven engine starts in two chains: slow when the machine is shared
+pytestmark = pytest.mark.timeout(1800)  # five engine starts in two chains: slow when the machine is shared
+RECORDED = Path(__file__).resolve().parent / "data" / "bench"
 TIMEOUT_S = 1500  # per run; ~3-5 min on a quiet 2-core machine, far more when it is shared
 
 
@@ -86,16 +91,48 @@ def check_ratios(data: dict) -> None:
         assert math.isfinite(value) and value > 0, name
 
 
-def test_profile(bench_runs: dict) -> None:
-    rows = load(bench_runs, "profile")["data"]["rows"]
+def result_of(request: pytest.FixtureRequest, mode: str, source: str) -> dict:
+    """The live run's result (starting the runs if needed) or the recorded one."""
+    return load(request.getfixturevalue("bench_runs"), mode) if source == "live" else recorded(mode)
+
+
+@pytest.mark.parametrize("source", ["live", "recorded"])
+def test_profile(request: pytest.FixtureRequest, source: str) -> None:
+    rows = result_of(request, "profile", source)["data"]["rows"]
     assert sorted(r["batch"] for r in rows) == [1, 4]
     for r in rows:
         assert r["target"] == "wrapper" and r["new_tokens"] == NEW_TOKENS
         assert r["tok_s"] > 0 and r["peak_rss_gib"] > 0.1  # the engine core's memory is counted
 
 
-def test_versus(bench_runs: dict) -> None:
+def recorded(mode: str) -> dict:
+    return json.loads((RECORDED / f"{mode}.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults"])
+def test_recorded_reports_render_as_recorded(mode: str, tmp_path: Path) -> None:
+    from qwen_vllm.bench.report import markdown, plot
+
+    result = recorded(mode)
+    assert markdown(result) + "\n" == (RECORDED / f"{mode}.md").read_text()
+    plot(result, tmp_path / "plot.png")
+    png = (tmp_path / "plot.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_versus_live_serving_half(bench_runs: dict) -> None:
     data = load(bench_runs, "versus")["data"]
+    serving = {(r["target"], r["concurrency"]): r for r in data["serving"]}
+    assert set(serving) == {(t, c) for t in ("native", "worker", "front") for c in (1, 8)}
+    for r in serving.values():
+        assert r["tok_s"] > 0 and r["median_ttft_ms"] > 0
+        assert all(run["completed"] == r["concurrency"] for run in r["runs"])
+    assert not data["offline"]
+
+
+def test_versus() -> None:
+    """The whole report (recorded): offline and serving, ratios, goals."""
+    data = recorded("versus")["data"]
     offline = {(r["target"], r["batch"]): r for r in data["offline"]}
     assert set(offline) == {(t, b) for t in ("raw", "wrapper", "transformers") for b in (1, 8)}
     serving = {(r["target"], r["concurrency"]): r for r in data["serving"]}
@@ -114,12 +151,14 @@ def test_versus(bench_runs: dict) -> None:
     assert all(isinstance(v, bool) for v in data["goals"].values())
 
 
-def test_cpu_defaults(bench_runs: dict) -> None:
-    data = load(bench_runs, "cpu-defaults")["data"]
+@pytest.mark.parametrize("source", ["live", "recorded"])
+def test_cpu_defaults(request: pytest.FixtureRequest, source: str) -> None:
+    data = result_of(request, "cpu-defaults", source)["data"]
     engines = data["engines"]
     ours, vllm = engines["ours (bind all cores)"], engines["vLLM default (reserve one core)"]
     assert vllm["omp_threads_bind"] == "auto"
-    assert ours["omp_threads_bind"] == ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    if source == "live":
+        assert ours["omp_threads_bind"] == ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     for e in engines.values():
         assert e["kv_cache_tokens"] > 0 and e["max_num_batched_tokens"] > 0
     assert {(r["target"], r["batch"]) for r in data["rows"]} == {(v, b) for v in engines for b in (1, 4)}

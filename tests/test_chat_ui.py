@@ -122,18 +122,9 @@ def logs_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def api_server(scripted_model: Path, logs_dir: Path) -> Iterator[str]:
-    """vLLM's own OpenAI server on the scripted fixture."""
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(scripted_model), "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32",
-    ]  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    proc = start_process(cmd, logs_dir / "api-server.log", base + "/v1/models", timeout=600)
-    yield base
-    stop_process(proc)
+def api_server(plain_server: str) -> str:
+    """vLLM's own OpenAI server on the scripted fixture (the session's, conftest)."""
+    return plain_server
 
 
 @pytest.fixture(scope="module")

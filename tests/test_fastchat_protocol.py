@@ -175,3 +175,38 @@ def test_launcher_maps_fastchat_flags(scripted_model):
         resolve_args(parser.parse_args([]))
     with pytest.raises(QwenVLLMError, match="unknown FastChat conversation template"):
         resolve_args(parser.parse_args(["--model-path", str(scripted_model), "--conv-template", "nope"]))
+
+
+def test_stack_waits_for_exactly_the_names_workers_register(scripted_model, tmp_path) -> None:
+    """Symlinks, ``.``, ``DIR/.``, a trailing slash and --model-names: the
+    stack's expected names are the workers' own (one function decides both)."""
+    import argparse
+    import os
+
+    from qwen_vllm.serving import stack
+
+    link = tmp_path / "qwen-link"
+    link.symlink_to(scripted_model)
+    cases = [
+        ([str(link)], [], ["qwen-link"]),
+        ([str(scripted_model) + "/."], [], [scripted_model.name]),
+        ([str(scripted_model) + "/"], [], [scripted_model.name]),
+        ([str(link)], ["--model-names", "Qwen,qwen-7b"], ["Qwen", "qwen-7b"]),
+        ([str(link)], ["--", "--model-names", "X"], ["X"]),
+    ]
+    cwd = os.getcwd()
+    try:
+        os.chdir(scripted_model)
+        cases.append((["."], [], [scripted_model.name]))
+        for models, extra, expected in cases:
+            parser = argparse.ArgumentParser()
+            stack.add_arguments(parser)
+            argv = [a for m in models for a in ("--model", m)] + ["--log-dir", str(tmp_path / "logs"), *extra]
+            s = stack.Stack(parser.parse_args(argv))
+            try:
+                s.check_worker_args()
+            finally:
+                s.client.close()
+            assert s.model_names == sorted(expected), (models, extra)
+    finally:
+        os.chdir(cwd)

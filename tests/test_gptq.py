@@ -533,6 +533,20 @@ def test_vllm_own_entry_point_gets_the_same_errors(gptq_dirs, legacy_int4, rando
         LLM(str(random_model), kv_cache_dtype="fp8", enforce_eager=True, max_model_len=512)
 
 
+def test_gpu_checks_capability_and_group_size() -> None:
+    """On a GPU: Marlin needs compute capability 7.5 and groups of -1/32/64/128
+    (vLLM would accept auto_gptq from 6.0 and fail inside the engine)."""
+    from qwen_vllm.checkpoints.fixtures import gptq_quantize_config, qwen_config
+    from qwen_vllm.plugin.quantization import check_gptq
+
+    cfg = qwen_config(4096, 32, 32, 11008)
+    check_gptq(gptq_quantize_config(8, 128), cfg, tensor_parallel_size=2, on_cpu=False, where="7B", capability=(8, 0))
+    with pytest.raises(QwenQuantizationError, match=r"compute capability 7\.5 or newer.*this GPU has 7\.0"):
+        check_gptq(gptq_quantize_config(4, 128), cfg, tensor_parallel_size=1, on_cpu=False, where="7B", capability=(7, 0))
+    with pytest.raises(QwenQuantizationError, match=r"group_size=16; vLLM's GPU kernels"):
+        check_gptq(gptq_quantize_config(4, 16), cfg, tensor_parallel_size=1, on_cpu=False, where="7B", capability=(9, 0))
+
+
 def test_docs_tp_table_is_check_gptqs() -> None:
     from pathlib import Path
 

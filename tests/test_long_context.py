@@ -148,7 +148,7 @@ def random_prompt(length: int, seed: int) -> list[int]:
 
 
 MIXED = [random_prompt(n, seed=n) for n in MIXED_LENGTHS]
-SHORT = random_prompt(20, seed=1)  # alone: bit-for-bit against the default engine
+SHORT = random_prompt(20, seed=1)  # within seq_length with its reply: plain RoPE
 SHARED = random_prompt(130, seed=2)  # > one CPU KV block (128): what prefix caching would reuse
 PREFIX_SHORT = SHARED  # bucket alpha 15
 PREFIX_LONG = SHARED + random_prompt(200, seed=3)  # bucket alpha 31, same first block
@@ -247,19 +247,6 @@ def long_tp2(model_dir: Path, long_tp1: dict) -> dict:
         model_dir, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, max_model_len=MAX_MODEL_LEN, tensor_parallel_size=2
     ) as llm:
         return {"mixed": run(llm, MIXED)}
-
-
-@pytest.fixture(scope="module")
-def default_engine(model_dir: Path, long_tp2: dict) -> dict:
-    """No max_model_len given: Qwen's seq_length, plain RoPE (today's path)."""
-    with engine(model_dir) as llm:
-        vllm_config = llm.llm_engine.vllm_config
-        return {
-            "max_model_len": vllm_config.model_config.max_model_len,
-            "uses_mrope": vllm_config.model_config.uses_mrope,
-            "prefix_caching": vllm_config.cache_config.enable_prefix_caching,
-            "short": run(llm, [SHORT], max_tokens=SEQ_LENGTH - len(SHORT)),
-        }
 
 
 # -- pure maths (no engine) ------------------------------------------------------
@@ -557,14 +544,13 @@ def test_prefix_caching_across_buckets_is_disabled_and_exact(long_tp1: dict, ref
     check_against_reference(reference, long)
 
 
-def test_short_prompts_bit_for_bit_as_without_long_context(
-    long_tp1: dict, default_engine: dict, reference: QwenReference
-) -> None:
-    assert default_engine["max_model_len"] == SEQ_LENGTH
-    assert not default_engine["uses_mrope"]
-    assert default_engine["prefix_caching"] is True
+def test_short_prompts_as_without_long_context(long_tp1: dict, reference: QwenReference) -> None:
+    """A prompt within seq_length on the long-context engine is Qwen's plain
+    RoPE (alpha 1, no LogN): its tokens and log-probs match the reference at
+    alpha 1. (Bucket 0's cos/sin cache equals vLLM's stock one bit for bit:
+    test_rotary_cache_and_logn_table_are_qwens; the default engine's config:
+    test_max_model_len_defaults_to_seq_length_and_opts_in.)"""
     assert long_tp1["max_model_len"] == MAX_MODEL_LEN
-    (plain,) = default_engine["short"]
-    (long,) = long_tp1["short"]
-    assert long == plain  # tokens, prompt and sample logprobs: exactly equal
-    check_against_reference(reference, plain)
+    (short,) = long_tp1["short"]
+    assert reference.get_ntk_alpha(len(short["prompt"]) + len(short["tokens"])) == 1
+    check_against_reference(reference, short, alpha=1)

@@ -1,47 +1,26 @@
 """Qwen v1 chat on vLLM's own OpenAI server with NO extra flags.
 
-The fixture model answers any ChatML prompt with fixtures.CHAT_REPLY and, to
-the raw completion prompt STOP_PROMPT, " one" <|im_start|> " two" <|im_end|>
-(to see which stop ids apply by default).
+The session's scripted fixture (conftest) answers any ChatML prompt with
+fixtures.CHAT_REPLY and, to the raw completion prompt STOP_PROMPT, " one"
+<|im_start|> " two" <|im_end|> (to see which stop ids apply by default).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from react_cases import WEATHER
-from vllm_server import GREEDY, client_for, start_server, stream_chat  # noqa: F401 (start_server is a fixture)
+from vllm_server import GREEDY, STOP_PROMPT, client_for, stream_chat
 
 from qwen_vllm.checkpoints import fixtures
-from qwen_vllm.plugin.tokenizer import IM_END_ID, IM_START_ID, load_encoding
-
-STOP_PROMPT = "Count to two:"
-
-
-def make_chat_and_stop_model(out: Path) -> Path:
-    """The scripted chat fixture plus one more scripted reply, to STOP_PROMPT
-    (a raw completion prompt): " one", <|im_start|>, " two", <|im_end|>."""
-    vocab = str(fixtures.qwen_tiktoken_path())
-    enc = load_encoding(vocab)
-    steps = fixtures.plan_script(fixtures.SCRIPTS["chat"], vocab)
-    prev, cur = enc.encode(STOP_PROMPT)[-2:]
-    for nxt in [*enc.encode(" one"), IM_START_ID, *enc.encode(" two"), IM_END_ID]:
-        steps.append(fixtures.ScriptStep(prev, cur, nxt))
-        prev, cur = cur, nxt
-    keys = [(s.prev, s.cur) for s in steps]
-    assert len(set(keys)) == len(keys), "the stop script collides with the chat script"
-    cfg, weights = fixtures.scripted_weights(steps)
-    return fixtures.write_checkpoint(out, cfg, weights)
+from qwen_vllm.plugin.tokenizer import IM_END_ID, IM_START_ID
 
 
 @pytest.fixture(scope="module")
-def chat_server(start_server, fixtures_root: Path):
-    model = make_chat_and_stop_model(fixtures_root / "scripted-chat-stops")
-    base = start_server(model, "chat")
-    return (base, *client_for(base))
+def chat_server(plain_server: str):
+    """The session's plain server (conftest): the scripted fixture, no flags."""
+    return (plain_server, *client_for(plain_server))
 
 
 # -- plain chat: no flags -------------------------------------------------------

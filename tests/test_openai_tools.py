@@ -191,6 +191,55 @@ def test_legacy_functions_api(react_server, qwen_tokenizer) -> None:
         client.chat.completions.create(model=model, messages=messages, functions=functions, function_call="sometimes")
 
 
+# Qwen's examples/function_call_examples.py style (its test_2 sends it as ``functions``).
+QWEN_STYLE_WEATHER = {
+    "name_for_human": "天气查询",
+    "name_for_model": "get_weather",
+    "description_for_model": "Get the current weather in a city.",
+    "parameters": [
+        {"name": "city", "description": "城市", "required": True, "schema": {"type": "string"}},
+        {"name": "unit", "description": "unit", "required": False, "schema": {"type": "string"}},
+    ],
+}
+# Qwen's openai_api.py TOOL_DESC for it, written out: the parameters list is dumped as given.
+QWEN_STYLE_DESC = (
+    "get_weather: Call this tool to interact with the 天气查询 API. What is the 天气查询 API useful for? "
+    "Get the current weather in a city. Parameters: "
+    '[{"name": "city", "description": "城市", "required": true, "schema": {"type": "string"}}, '
+    '{"name": "unit", "description": "unit", "required": false, "schema": {"type": "string"}}]'
+)
+
+
+@pytest.mark.parametrize("field", ["functions", "tools"])
+def test_qwen_style_function_definitions(react_server, qwen_tokenizer, field) -> None:
+    """Qwen-style definitions (name_for_model, a parameter list) through the
+    real server: Qwen's own prompt, and a call in the reply, stream and not
+    (``function_call`` for legacy ``functions``, ``tool_calls`` for ``tools``)."""
+    _, client, model = react_server
+    messages = [{"role": "user", "content": QUESTION}]
+    kw = {field: [QWEN_STYLE_WEATHER], "extra_body": {"return_token_ids": True}, **GREEDY}
+    reply = client.chat.completions.create(model=model, messages=messages, **kw)
+    assert QWEN_STYLE_DESC in qwen_tokenizer.decode(reply.prompt_token_ids)
+    msg = reply.choices[0].message
+    if field == "functions":
+        assert reply.choices[0].finish_reason == "function_call" and not msg.tool_calls
+        call = msg.function_call
+    else:
+        assert reply.choices[0].finish_reason == "tool_calls" and msg.function_call is None
+        call = msg.tool_calls[0].function
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", json.loads(ARGS))
+    streamed, finish = "", None
+    for chunk in client.chat.completions.create(model=model, messages=messages, stream=True, **{field: [QWEN_STYLE_WEATHER]}, **GREEDY):
+        delta = chunk.choices[0].delta
+        parts = [delta.function_call] if delta.function_call else [c.function for c in delta.tool_calls or []]
+        streamed += "".join(p.arguments or "" for p in parts if p)
+        finish = chunk.choices[0].finish_reason or finish
+    assert json.loads(streamed) == json.loads(ARGS) and finish == ("function_call" if field == "functions" else "tool_calls")
+    bad = [{**QWEN_STYLE_WEATHER, "parameters": [{"description": "no name"}]}]
+    with pytest.raises(openai.BadRequestError, match=rf"{field}\[0\]\.parameters\[0\]: expected an object with a non-empty 'name'"):
+        client.chat.completions.create(model=model, messages=messages, **{field: bad}, **GREEDY)
+
+
 # -- the same tool use from Python, without a server ---------------------------------
 def test_chat_with_tools_on_vllm_wrapper(react_model: Path) -> None:
     """vLLMWrapper + function_call.chat_with_tools: the same call and final

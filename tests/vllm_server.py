@@ -1,5 +1,6 @@
-"""A real ``python -m vllm.entrypoints.openai.api_server`` per test module,
-and the official ``openai`` SDK as its client."""
+"""Real ``python -m vllm.entrypoints.openai.api_server`` processes (per test
+module, or the session's plain one in conftest) and the official ``openai``
+SDK as their client."""
 
 from __future__ import annotations
 
@@ -21,45 +22,80 @@ REPO = Path(__file__).resolve().parent.parent
 GREEDY = {"temperature": 0, "max_tokens": 200}
 
 
+def launch_server(model: Path, name: str, log_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """``python -m vllm.entrypoints.openai.api_server`` on ``model``; (process, base URL) once healthy."""
+    port = free_port()
+    log_path = log_dir / f"openai-server-{name}.log"
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32", *flags,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{name} server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_server(proc)
+    pytest.fail(f"{name} server not healthy after 900 s:\n{log_path.read_text()[-4000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 @pytest.fixture(scope="module")
 def start_server(artifacts_dir: Path) -> Iterator:
+    """Servers started by one test module, stopped after it."""
     procs: list[subprocess.Popen] = []
 
     def start(model: Path, name: str, *flags: str) -> str:
-        port = free_port()
-        log_path = artifacts_dir / f"openai-server-{name}.log"
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(port),
-            "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32", *flags,
-        ]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc, base = launch_server(model, name, artifacts_dir, *flags)
         procs.append(proc)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"{name} server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    return base
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        pytest.fail(f"{name} server not healthy after 900 s:\n{log_path.read_text()[-4000:]}")
+        return base
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_server(proc)
+
+
+STOP_PROMPT = "Count to two:"
+
+
+def make_chat_and_stop_model(out: Path) -> Path:
+    """The scripted chat fixture plus one more scripted reply, to STOP_PROMPT
+    (a raw completion prompt): " one", <|im_start|>, " two", <|im_end|>."""
+    from qwen_vllm.checkpoints import fixtures
+    from qwen_vllm.plugin.tokenizer import IM_END_ID, IM_START_ID, load_encoding
+
+    if (out / "config.json").exists():
+        return out
+    vocab = str(fixtures.qwen_tiktoken_path())
+    enc = load_encoding(vocab)
+    steps = fixtures.plan_script(fixtures.SCRIPTS["chat"], vocab)
+    prev, cur = enc.encode(STOP_PROMPT)[-2:]
+    for nxt in [*enc.encode(" one"), IM_START_ID, *enc.encode(" two"), IM_END_ID]:
+        steps.append(fixtures.ScriptStep(prev, cur, nxt))
+        prev, cur = cur, nxt
+    keys = [(s.prev, s.cur) for s in steps]
+    assert len(set(keys)) == len(keys), "the stop script collides with the chat script"
+    cfg, weights = fixtures.scripted_weights(steps)
+    return fixtures.write_checkpoint(out, cfg, weights)
 
 
 def client_for(base: str) -> tuple[openai.OpenAI, str]:

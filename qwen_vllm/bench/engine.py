@@ -161,6 +161,7 @@ def vllm_job(spec: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     from qwen_vllm.chat_template import make_context
+    from qwen_vllm.runtime.cpu import on_cpu
     from qwen_vllm.stop_words import CHATML_STOP_IDS
     from qwen_vllm.wrapper.chat import vLLMWrapper
 
@@ -170,7 +171,7 @@ def vllm_job(spec: dict) -> dict:
     wrapper = vLLMWrapper(
         spec["model"],
         dtype=spec["dtype"],
-        enforce_eager=True,
+        enforce_eager=on_cpu(),  # GPUs measure what they serve with: compiled, CUDA graphs
         load_format=spec["load_format"],
         **spec.get("engine", {}),
     )

@@ -82,8 +82,11 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def run_job(spec: dict, env_extra: dict[str, str] | None = None) -> dict:
     """Run one bench_engine job in a fresh process; its progress goes to our stderr."""
-    kv = 0.0 if spec["kind"] == "transformers" else kv_gib(env_extra)
-    wait_for_memory(model_gib(spec["model"], spec["dtype"]) * 1.1 + kv + 1.5, f"{spec['kind']} job")
+    from qwen_vllm.runtime.cpu import on_cpu
+
+    if spec["kind"] == "transformers" or on_cpu():  # the weights and the KV cache live in host memory
+        kv = 0.0 if spec["kind"] == "transformers" else kv_gib(env_extra)
+        wait_for_memory(model_gib(spec["model"], spec["dtype"]) * 1.1 + kv + 1.5, f"{spec['kind']} job")
     proc = subprocess.Popen(
         [sys.executable, "-m", "qwen_vllm.bench.engine", json.dumps(spec)],
         env=child_env(env_extra), stdout=subprocess.PIPE, text=True, start_new_session=True,
@@ -219,6 +222,20 @@ def table(header: list[str], lines: list[list[Any]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cell(v) for v in line) + " |" for line in lines]
     return "\n".join(out)
+
+
+def machine() -> str:
+    """This machine for the report: CPU kind (vLLM loads a kernel library per
+    kind, so figures differ between them), cores, memory, GPU if any."""
+    from qwen_vllm.runtime.cpu import cpu_caps, on_cpu
+
+    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    text = f"{platform.machine()} {cpu_caps().isa}, {len(os.sched_getaffinity(0))} cores, {gib:.0f} GiB"
+    if not on_cpu():
+        import torch
+
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text
 
 
 def markdown(result: dict) -> str:
@@ -414,8 +431,7 @@ def run(args: argparse.Namespace) -> int:
         "rounds": args.rounds,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "wall_s": time.time() - started,
-        "machine": f"{platform.machine()} {len(os.sched_getaffinity(0))} cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "machine": machine(),
         "command": "qwen-vllm bench " + " ".join(sys.argv[sys.argv.index(args.mode) :] if args.mode in sys.argv else [args.mode]),
         "data": data,
     }

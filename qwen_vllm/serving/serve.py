@@ -11,7 +11,6 @@ only vLLM's tool-parser selection does.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from qwen_vllm.tools.vllm_parser import with_server_args
@@ -27,11 +26,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: Any) -> int:
-    from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+    """``vllm serve``'s own command path (so ``--api-server-count N``, data
+    parallelism and headless mode work as there), with our defaults."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    argv = getattr(args, "extra_args", [])
-    sys.argv = [sys.argv[0], *with_loopback_default(with_server_args(argv))]
-    vllm_main()
+    cli_env_setup()
+    parser = make_arg_parser(FlexibleArgumentParser(prog="qwen-vllm serve"))
+    vllm_args = parser.parse_args(with_loopback_default(with_server_args(getattr(args, "extra_args", []))))
+    command = ServeSubcommand()
+    command.validate(vllm_args)
+    command.cmd(vllm_args)
     return 0
 
 

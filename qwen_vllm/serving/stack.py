@@ -130,6 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="context length of every worker (default: the model's seq_length; up to 32768 opts into "
         "Qwen's dynamic NTK + LogN long context)",
     )
+    parser.add_argument(
+        "--model-names",
+        help="comma-separated names every worker serves instead of the directory's name, e.g. Qwen "
+        "(clients written for Qwen's openai_api.py send model='Qwen')",
+    )
     parser.add_argument("--web", action="store_true", help="also start the web UI (qwen_vllm.ui.web)")
     parser.add_argument("--host", default="127.0.0.1", help="address every part binds (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="OpenAI API port")
@@ -179,7 +184,7 @@ class Stack:
         count = len(args.model) * args.workers
         self.workers: list[Child] = []
         for m, model in enumerate(args.model):
-            name = Path(model).resolve().name
+            name = Path(os.path.abspath(model)).name
             for k in range(args.workers):
                 index = m * args.workers + k
                 port = args.worker_port + index
@@ -188,6 +193,8 @@ class Stack:
                     "--controller-address", self.controller_url, "--worker-address", http_url(host, port),
                     "--tensor-parallel-size", str(args.tensor_parallel_size), *worker_args,
                 ]  # fmt: skip
+                if args.model_names:
+                    cmd += ["--model-names", args.model_names]
                 self.workers.append(
                     Child(
                         f"worker {name}#{k}",
@@ -197,7 +204,7 @@ class Stack:
                         env=device_env(index, count, args.tensor_parallel_size),
                     )
                 )
-        self.model_names = sorted({Path(m).resolve().name for m in args.model})
+        self.model_names: list[str] = []  # what the workers will register: check_worker_args
         front_cmd = [py, "-m", "qwen_vllm.serving.front", "--host", host, "--port", str(args.port),
                      "--controller-address", self.controller_url]  # fmt: skip
         if keys:
@@ -219,8 +226,10 @@ class Stack:
         that cannot run them fails here with the reason, not in a worker log."""
         from qwen_vllm import worker_launch
 
+        names: set[str] = set()
         for w in self.workers:
-            worker_launch.resolve_args(worker_launch.build_parser().parse_args(w.cmd[3:]))
+            names.update(worker_launch.resolve_args(worker_launch.build_parser().parse_args(w.cmd[3:])).served_model_name)
+        self.model_names = sorted(names)
 
     @property
     def children(self) -> list[Child]:
@@ -239,8 +248,13 @@ class Stack:
         except (httpx.HTTPError, ValueError, KeyError):
             return []
 
-    def _wait(self, what: str, ready, children: list[Child]) -> bool:
-        """Poll ``ready()`` until true; False on stop, timeout or a child's death."""
+    def _registration_status(self) -> str:
+        have = self._front_models()
+        return f"workers to register {', '.join(self.model_names)} (the controller has {', '.join(have) or 'none'})"
+
+    def _wait(self, what: str | Callable[[], str], ready, children: list[Child]) -> bool:
+        """Poll ``ready()`` until true; False on stop, timeout or a child's death.
+        ``what`` (or what it returns, when called) says what is awaited."""
         start = last = time.monotonic()
         while not self.stop.is_set():
             for child in children:
@@ -252,11 +266,11 @@ class Stack:
                 return True
             now = time.monotonic()
             if now - start > self.args.startup_timeout:
-                say(f"gave up waiting for {what} after {now - start:.0f} s (logs in {self.log_dir})")
+                say(f"gave up waiting for {what if isinstance(what, str) else what()} after {now - start:.0f} s (logs in {self.log_dir})")
                 return False
             if now - last >= PROGRESS_EVERY_S:
                 last = now
-                say(f"waiting for {what} ({now - start:.0f} s)")
+                say(f"waiting for {what if isinstance(what, str) else what()} ({now - start:.0f} s)")
             self.stop.wait(0.5)
         return False
 
@@ -281,9 +295,7 @@ class Stack:
         engines = f"{len(self.workers)} worker engine{'s' * (len(self.workers) > 1)} to load"
         if not self._wait(engines, self._workers_healthy, [self.controller, *self.workers, self.front]):
             return False
-        if not self._wait(
-            "workers to register", lambda: set(self.model_names) <= set(self._front_models()), self.children
-        ):
+        if not self._wait(self._registration_status, lambda: set(self.model_names) <= set(self._front_models()), self.children):
             return False
         if self.web is not None:
             self.web.start()
@@ -389,7 +401,10 @@ def run(args: argparse.Namespace, on_ready: Callable[[Stack], bool] | None = Non
     if args.workers < 1 or args.tensor_parallel_size < 1:
         print("qwen-vllm stack: error: --workers and --tensor-parallel-size must be at least 1", file=sys.stderr)
         return 2
-    names = [Path(m).resolve().name for m in args.model]
+    if args.model_names and len(args.model) > 1:
+        print("qwen-vllm stack: error: --model-names names one model; give a single --model", file=sys.stderr)
+        return 2
+    names = [Path(os.path.abspath(m)).name for m in args.model]
     if len(set(names)) != len(names):
         print(f"qwen-vllm stack: error: models must have distinct directory names, got {names}", file=sys.stderr)
         return 2

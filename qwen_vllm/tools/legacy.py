@@ -7,8 +7,11 @@ messages with ``function_call``, ``function`` role results, replies with
 knows only ``tools`` and would silently ignore ``functions``. This ASGI
 middleware (vLLM's ``--middleware``, part of tool_parser.SERVER_ARGS)
 rewrites such a request into the ``tools`` form before vLLM sees it and the
-response (streamed or not) back into the legacy form. Requests without legacy
-fields pass through untouched.
+response (streamed or not) back into the legacy form. Function definitions
+written Qwen's way (``name_for_model``, ``parameters`` as a list; Qwen's
+examples send them as ``functions`` and as ``tools``) become OpenAI tools
+that carry the original, so the ReAct prompt is the one Qwen's server built.
+Requests without legacy fields pass through untouched.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from qwen_vllm.errors import QwenRequestError
 from qwen_vllm.serving.http import error_response, read_body, replay
+from qwen_vllm.tools.react import is_qwen_style, openai_tool
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -26,6 +30,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _PATH = "/v1/chat/completions"
+
+
+def has_qwen_style_tools(request: dict[str, Any]) -> bool:
+    """``tools`` entries written Qwen's way (vLLM's request model would reject them)."""
+    tools = request.get("tools")
+    return isinstance(tools, list) and any(isinstance(t, dict) and "function" not in t and is_qwen_style(t) for t in tools)
 
 
 def is_legacy(request: dict[str, Any]) -> bool:
@@ -48,7 +58,15 @@ def to_tools_request(request: dict[str, Any]) -> dict[str, Any]:
     if functions is not None:
         if not isinstance(functions, list):
             raise QwenRequestError("functions: expected a list of function definitions")
-        out["tools"] = [{"type": "function", "function": f} for f in functions]
+        for i, f in enumerate(functions):
+            if not isinstance(f, dict):
+                raise QwenRequestError(f"functions[{i}]: expected an object, got {type(f).__name__}")
+        out["tools"] = [openai_tool(f, f"functions[{i}]") for i, f in enumerate(functions)]
+    elif has_qwen_style_tools(out):
+        out["tools"] = [
+            openai_tool(t, f"tools[{i}]") if isinstance(t, dict) and "function" not in t and is_qwen_style(t) else t
+            for i, t in enumerate(out["tools"])
+        ]
     if "function_call" in out:
         choice = out.pop("function_call")
         if choice in ("none", "auto"):
@@ -111,9 +129,10 @@ class LegacyFunctionsMiddleware:
             request = json.loads(body)
         except ValueError:
             request = None
-        if not isinstance(request, dict) or not is_legacy(request):
+        if not isinstance(request, dict) or not (is_legacy(request) or has_qwen_style_tools(request)):
             await self.app(scope, replay(body, receive), send)
             return
+        legacy = is_legacy(request)
         try:
             request = to_tools_request(request)
         except QwenRequestError as exc:
@@ -122,7 +141,9 @@ class LegacyFunctionsMiddleware:
         body = json.dumps(request).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-        await self.app(scope, replay(body, receive), _LegacySend(send))
+        # Legacy replies (function_call) only for legacy requests; Qwen-style
+        # ``tools`` get OpenAI's tool_calls.
+        await self.app(scope, replay(body, receive), _LegacySend(send) if legacy else send)
 
 
 class _LegacySend:

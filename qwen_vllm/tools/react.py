@@ -134,6 +134,42 @@ def _text_field(where: str, fn: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+# Where a Qwen-style definition rides along an OpenAI tool through vLLM's
+# request model (which keeps unknown fields on the tool, not on its function).
+QWEN_STYLE_KEY = "x-qwen-function"
+
+
+def is_qwen_style(fn: Any) -> bool:
+    """A function described Qwen's way (``name_for_model``/``name_for_human``/
+    ``description_for_model``, ``parameters`` as a list of dicts), as Qwen's
+    openai_api.py and its examples send it."""
+    return isinstance(fn, Mapping) and (
+        "name_for_model" in fn or "description_for_model" in fn or isinstance(fn.get("parameters"), list)
+    )
+
+
+def openai_tool(fn: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """An OpenAI ``tools`` entry vLLM's request model accepts for a function
+    definition of either style; a Qwen-style one is kept whole under
+    QWEN_STYLE_KEY, so the prompt is built from it exactly as Qwen's server did."""
+    if not is_qwen_style(fn):
+        return {"type": "function", "function": dict(fn)}
+    (spec,) = _specs_at(fn, where)
+    params = spec.parameters
+    if isinstance(params, list):
+        props = {p["name"]: {**(p.get("schema") or {}), "description": p.get("description", "")} for p in params}
+        params = {"type": "object", "properties": props, "required": [p["name"] for p in params if p.get("required")]}
+    function = {"name": spec.name_for_model, "description": spec.description_for_model, "parameters": params}
+    return {"type": "function", "function": function, QWEN_STYLE_KEY: dict(fn)}
+
+
+def _specs_at(fn: Mapping[str, Any], where: str) -> list[ToolSpec]:
+    try:
+        return tool_specs([fn])
+    except QwenRequestError as exc:
+        raise QwenRequestError(str(exc).replace("tools[0]", where, 1)) from None
+
+
 def tool_specs(tools: Sequence[Mapping[str, Any]] | None) -> list[ToolSpec]:
     """Validate OpenAI ``tools`` (or legacy ``functions`` / Qwen-style tool
     dicts) and return them in prompt order."""
@@ -146,7 +182,9 @@ def tool_specs(tools: Sequence[Mapping[str, Any]] | None) -> list[ToolSpec]:
         where = f"tools[{i}]"
         if not isinstance(tool, Mapping):
             raise QwenRequestError(f"{where}: expected an object, got {type(tool).__name__}")
-        if "function" in tool or "type" in tool:
+        if isinstance(tool.get(QWEN_STYLE_KEY), Mapping):  # converted by openai_tool
+            fn = tool[QWEN_STYLE_KEY]
+        elif "function" in tool or "type" in tool:
             if tool.get("type", "function") != "function":
                 raise QwenRequestError(f"{where}.type: only 'function' tools are supported, got {tool.get('type')!r}")
             fn = tool.get("function")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -103,7 +104,7 @@ def check_capability(kernel: str, dtype: str) -> None:
         pytest.skip(f"bfloat16 needs compute capability 8.0, this GPU has {cap}")
 
 
-def gptq_engine_run(gpu_engine, model: Path, kernel: str, dtype: str, prompts: list[list[int]], tp: int) -> dict:
+def gptq_engine_run(gpu_engine: Callable[..., Any], model: Path, kernel: str, dtype: str, prompts: list[list[int]], tp: int) -> dict:
     expected, disabled = KERNELS[kernel]
     env = {"VLLM_DISABLED_KERNELS": disabled, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # apply_model sends a function
     with gpu_engine(
@@ -123,7 +124,9 @@ CASES = [(k, b, d) for k in KERNELS for b in (4, 8) for d in ("float16", "bfloat
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-int{c[1]}-{c[2]}")
-def tp1(request: pytest.FixtureRequest, gptq_models, prompt_ids: list[list[int]], gpu_engine) -> dict:
+def tp1(
+    request: pytest.FixtureRequest, gptq_models: dict, prompt_ids: list[list[int]], gpu_engine: Callable[..., Any]
+) -> dict:
     """One TP=1 engine per (kernel, bits, dtype), no quantization= (GPTQ is
     auto-detected from config.json)."""
     kernel, bits, dtype = request.param
@@ -133,7 +136,9 @@ def tp1(request: pytest.FixtureRequest, gptq_models, prompt_ids: list[list[int]]
 
 
 @pytest.fixture(scope="module", params=[4, 8], ids=lambda b: f"marlin-int{b}-float16")
-def tp2(request: pytest.FixtureRequest, gptq_models, prompt_ids: list[list[int]], gpu_engine) -> dict:
+def tp2(
+    request: pytest.FixtureRequest, gptq_models: dict, prompt_ids: list[list[int]], gpu_engine: Callable[..., Any]
+) -> dict:
     bits = request.param
     check_capability("marlin", "float16")
     quant, _ = gptq_models[bits]

@@ -26,6 +26,7 @@ shut down before the next (at most one on the GPU).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,7 @@ def check_teacher_forced(reference: QwenReference, result: dict, dtype: str, alp
 
 # -- the 2 x 2 x 2 engines -------------------------------------------------------------
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v.id)
-def variant_run(request: pytest.FixtureRequest, model_dir: Path, gpu_engine) -> dict:
+def variant_run(request: pytest.FixtureRequest, model_dir: Path, gpu_engine: Callable[..., Any]) -> dict:
     """One engine of the variant: what vLLM resolved, and MIXED's outputs."""
     from vllm.config import CompilationMode, CUDAGraphMode
 
@@ -221,14 +222,14 @@ KV_BLOCKS = 33
 PREEMPT_PROMPTS = [random_prompt(PREEMPT_PROMPT, seed=1000 + i) for i in range(PREEMPT_REQUESTS)]
 
 
-def preemptions(llm) -> int:
+def preemptions(llm: Any) -> int:
     """vLLM's cumulative ``vllm:num_preemptions`` counter (all engines)."""
     from vllm.v1.metrics.reader import Counter
 
     return sum(m.value for m in llm.get_metrics() if isinstance(m, Counter) and m.name == "vllm:num_preemptions")
 
 
-def greedy_with_logprobs(llm, prompts: list[list[int]], max_tokens: int) -> list[dict]:
+def greedy_with_logprobs(llm: Any, prompts: list[list[int]], max_tokens: int) -> list[dict]:
     """Greedy tokens and their logprobs (no prompt logprobs: a preempted
     request's prompt is recomputed, and only the samples are compared)."""
     from vllm import SamplingParams
@@ -247,7 +248,9 @@ def greedy_with_logprobs(llm, prompts: list[list[int]], max_tokens: int) -> list
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["mrv1", "mrv2"])
-def preempted_run(request: pytest.FixtureRequest, model_dir: Path, gpu_engine) -> dict:
+def preempted_run(request: pytest.FixtureRequest, model_dir: Path, gpu_engine: Callable[..., Any]) -> dict:
+    """The starved engine (fp32, eager) on Model Runner V1 or V2: how many
+    preemptions vLLM counted while it served PREEMPT_PROMPTS, and the outputs."""
     v2 = request.param
     env = {"VLLM_USE_V2_MODEL_RUNNER": "1" if v2 else "0", **FP32_ENV}
     with gpu_engine(

@@ -22,6 +22,7 @@ Each test starts its own processes; every process tree is killed at the end.
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -32,8 +33,13 @@ import psutil
 import pytest
 from test_chat_ui import PROMPT, cli_do, cli_stop_a_long_reply, spawn_cli, start_process
 from test_faults import gone
-from test_openai_chat import STOP_PROMPT, make_chat_and_stop_model
-from vllm_server import GREEDY, client_for, stream_chat
+from vllm_server import (
+    GREEDY,
+    STOP_PROMPT,
+    client_for,
+    make_chat_and_stop_model,
+    stream_chat,
+)
 
 from qwen_vllm.checkpoints.fixtures import CHAT_REPLY
 
@@ -72,7 +78,7 @@ def qwen_vllm_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "qwen_vllm.cli", *args]
 
 
-def stop(proc, procs: list[psutil.Process], reap: Callable[[list], None]) -> None:
+def stop(proc: subprocess.Popen, procs: list[psutil.Process], reap: Callable[[list], None]) -> None:
     """SIGTERM the process group a test started, then kill whatever is left of
     ``procs`` (engine processes may have left the group)."""
     from qwen_vllm.bench.serving import stop_group
@@ -83,7 +89,9 @@ def stop(proc, procs: list[psutil.Process], reap: Callable[[list], None]) -> Non
 
 
 # -- kill -9 frees the GPU -----------------------------------------------------------------
-def assert_freed_after_kill(victim: psutil.Process, procs: list[psutil.Process], baseline: int, gpu_memory_back) -> None:
+def assert_freed_after_kill(
+    victim: psutil.Process, procs: list[psutil.Process], baseline: int, gpu_memory_back: Callable[[int, float], int]
+) -> None:
     """SIGKILL ``victim``; within 30 s every process of ``procs`` is gone and
     used GPU memory is back to ``baseline``."""
     victim.send_signal(signal.SIGKILL)
@@ -95,7 +103,10 @@ def assert_freed_after_kill(victim: psutil.Process, procs: list[psutil.Process],
     assert left == [], f"processes outlived the kill -9 by {FREED_WITHIN_S} s: {names}"
 
 
-def test_kill_9_worker_frees_gpu_memory(scripted_model: Path, tmp_path: Path, gpu_memory, gpu_memory_back, reap) -> None:
+def test_kill_9_worker_frees_gpu_memory(
+    scripted_model: Path, tmp_path: Path, gpu_memory: Callable[[], int], gpu_memory_back: Callable[[int, float], int],
+    reap: Callable[[list], None],
+) -> None:  # fmt: skip
     """``qwen-vllm worker`` (FastChat worker = vLLM API server + engine core)
     killed with SIGKILL: its engine core must not outlive it holding the GPU."""
     from qwen_vllm.runtime.ports import free_port
@@ -116,7 +127,10 @@ def test_kill_9_worker_frees_gpu_memory(scripted_model: Path, tmp_path: Path, gp
         stop(proc, procs, reap)
 
 
-def test_kill_9_stack_worker_frees_gpu_memory(scripted_model: Path, tmp_path: Path, gpu_memory, gpu_memory_back, reap) -> None:
+def test_kill_9_stack_worker_frees_gpu_memory(
+    scripted_model: Path, tmp_path: Path, gpu_memory: Callable[[], int], gpu_memory_back: Callable[[int, float], int],
+    reap: Callable[[list], None],
+) -> None:  # fmt: skip
     """The worker of ``qwen-vllm stack`` killed with SIGKILL: its GPU memory
     comes back, and the stack (still running) reports the death."""
     from qwen_vllm.runtime.ports import free_ports
@@ -147,7 +161,9 @@ def test_kill_9_stack_worker_frees_gpu_memory(scripted_model: Path, tmp_path: Pa
 
 # -- Ctrl-C in the terminal chat --------------------------------------------------------
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_ctrl_c_mid_reply_keeps_the_engine(method: str, scripted_model: Path, monkeypatch: pytest.MonkeyPatch, reap) -> None:
+def test_ctrl_c_mid_reply_keeps_the_engine(
+    method: str, scripted_model: Path, monkeypatch: pytest.MonkeyPatch, reap: Callable[[list], None]
+) -> None:
     """``qwen-vllm chat --model``: Ctrl-C (SIGINT to the terminal's whole
     foreground process group) stops the reply, keeps what was shown, and the
     next turn gets a full reply from the same engine. vLLM's engine core
@@ -195,7 +211,9 @@ def stops_model(fixtures_root: Path) -> Path:
 
 
 @pytest.fixture(scope="module", params=list(SERVERS), ids=list(SERVERS))
-def server(request: pytest.FixtureRequest, stops_model: Path, tmp_path_factory, reap) -> Iterator[dict]:
+def server(
+    request: pytest.FixtureRequest, stops_model: Path, tmp_path_factory: pytest.TempPathFactory, reap: Callable[[list], None]
+) -> Iterator[dict]:
     """``qwen-vllm serve`` (vLLM's API server + Qwen tool calling) in one layout."""
     from qwen_vllm.runtime.ports import free_port
 

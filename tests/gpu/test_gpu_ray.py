@@ -11,7 +11,9 @@ Skipped when ray is not installed (it is not in requirements/gpu.txt).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from greedy_reference import vllm_greedy
@@ -27,7 +29,9 @@ def ray_installed() -> None:
 
 
 @pytest.fixture(scope="module")
-def greedy(random_model: Path, prompt_ids: list[list[int]], gpu_engine, ray_installed):
+def greedy(
+    random_model: Path, prompt_ids: list[list[int]], gpu_engine: Callable[..., Any], ray_installed: None
+) -> Iterator[Callable[[str, int], tuple[str, list]]]:
     """``greedy(backend, tp)``: the backend vLLM resolved and the greedy
     outputs on the random fixture (fp32, eager); each engine runs once."""
     done: dict[tuple[str, int], tuple[str, list]] = {}
@@ -49,7 +53,7 @@ def greedy(random_model: Path, prompt_ids: list[list[int]], gpu_engine, ray_inst
         ray.shutdown()
 
 
-def check_ray_equals_mp(greedy, tp: int) -> None:
+def check_ray_equals_mp(greedy: Callable[[str, int], tuple[str, list]], tp: int) -> None:
     ray_backend, ray_out = greedy("ray", tp)
     mp_backend, mp_out = greedy("mp", tp)
     assert (ray_backend, mp_backend) == ("ray", "mp")  # explicit choices are kept, also at TP=1
@@ -58,11 +62,11 @@ def check_ray_equals_mp(greedy, tp: int) -> None:
         assert max(abs(a - b) for a, b in zip(ray_lp, mp_lp, strict=True)) <= RAY_LOGPROB_TOL
 
 
-def test_ray_equals_mp_tp1(greedy) -> None:
+def test_ray_equals_mp_tp1(greedy: Callable[[str, int], tuple[str, list]]) -> None:
     check_ray_equals_mp(greedy, 1)
 
 
 @pytest.mark.gpus(2)
-def test_ray_equals_mp_tp2(greedy) -> None:
+def test_ray_equals_mp_tp2(greedy: Callable[[str, int], tuple[str, list]]) -> None:
     """Two ranks: Ray places one actor per GPU, NCCL all-reduce between them."""
     check_ray_equals_mp(greedy, 2)
