@@ -15,7 +15,8 @@ inputs=(requirements/$flavour.txt pyproject.toml scripts/setup.sh)
 [ -f requirements/$flavour.lock ] && inputs+=(requirements/$flavour.lock)
 want=$(cat "${inputs[@]}" | sha256sum | cut -d' ' -f1)
 stamp=$VENV/.qwen-vllm-setup
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && command -v chromium >/dev/null 2>&1; then
+fonts_ok() { fc-list 2>/dev/null | grep -q "Noto Sans CJK" && fc-list 2>/dev/null | grep -q "Noto Color Emoji"; }
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && command -v chromium >/dev/null 2>&1 && fonts_ok; then
     echo "setup: $VENV is up to date ($flavour)"
     exit 0
 fi
@@ -32,13 +33,15 @@ if [ "$flavour" = cpu ]; then
     "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 
-# Debian's chromium for the web-UI browser test (Playwright drives it; no download).
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian's chromium for the web-UI browser test (Playwright drives it; no
+# download), and CJK + emoji fonts so the test browser renders Qwen's Chinese.
+if ! command -v chromium >/dev/null 2>&1 || ! fonts_ok; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        echo "setup: installing Debian's chromium"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        echo "setup: installing Debian's chromium and Noto CJK / emoji fonts"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            chromium fonts-noto-cjk fonts-noto-color-emoji fontconfig >/dev/null
     else
-        echo "setup: chromium is missing and cannot be installed here; the browser test will be skipped" >&2
+        echo "setup: chromium or the CJK/emoji fonts are missing and cannot be installed here" >&2
     fi
 fi
 echo "$want" > "$stamp"

@@ -118,6 +118,24 @@ def test_openai_routes(topology, target, path, body, status, words):
 
 
 @pytest.mark.parametrize("target", ["front", "worker"])
+@pytest.mark.parametrize(
+    "method, path, status, words",
+    [
+        ("POST", "/v1/embeddings", 404, r"POST /v1/embeddings is not served by .*do not serve embeddings here.*/v1/chat/completions"),
+        ("GET", "/v1/no-such-route", 404, r"GET /v1/no-such-route is not served by .*it serves .*/v1/completions"),
+        ("GET", CHAT, 405, r"GET /v1/chat/completions does not accept this method"),
+    ],
+)
+def test_unserved_routes_answer_in_openai_shape(topology, target, method, path, status, words):
+    """LangChain's and FastChat's test suites call /v1/embeddings: a clear
+    OpenAI-shaped error naming the route and what is served, not FastAPI's."""
+    r = httpx.request(method, base_url(topology, target) + path, json={"model": MODEL, "input": "hi"}, timeout=TIMEOUT)
+    assert r.status_code == status, r.text[:500]
+    assert re.search(words, error_message(r), re.S), error_message(r)
+    assert r.json()["error"]["code"] == status
+
+
+@pytest.mark.parametrize("target", ["front", "worker"])
 def test_wrong_method_and_unknown_route(topology, target):
     url = base_url(topology, target)
     assert httpx.get(url + CHAT, timeout=TIMEOUT).status_code == 405

@@ -191,6 +191,26 @@ def send(page, text: str) -> None:
     box.press("Enter")
 
 
+# Draw each character in the reply bubble's own font, and the private-use
+# U+E000 (no font has it: the browser draws its "missing glyph" box). A
+# character drawn exactly like that box is tofu.
+GLYPHS_JS = """(chars) => {
+  const el = document.querySelector('#chat [data-testid="bot"]');
+  const font = getComputedStyle(el).font;
+  const draw = (c) => {
+    const canvas = document.createElement('canvas');
+    canvas.width = canvas.height = 64;
+    const ctx = canvas.getContext('2d');
+    ctx.font = font.replace(/\\d+(\\.\\d+)?px/, '40px');
+    ctx.fillStyle = '#000';
+    ctx.fillText(c, 4, 48);
+    return Array.from(ctx.getImageData(0, 0, 64, 64).data).join(',');
+  };
+  const tofu = draw('\\uE000');
+  return chars.map((c) => ({ c, inked: draw(c) !== draw(' '), tofu: draw(c) === tofu }));
+}"""
+
+
 def bot_texts(page) -> list[str]:
     return [t.strip() for t in page.locator(BOT).all_inner_texts()]
 
@@ -258,6 +278,10 @@ def test_web_ui_chat_regenerate_system_prompt_clear(
     assert metrics.new_prompt_tokens(before) == chatml_len(qwen_tokenizer, SYSTEM_2, USER_1, CHAT_REPLY, USER_2)
     wait_for(lambda: bot_texts(page) == [CHAT_REPLY, CHAT_REPLY], 120, "regenerated second reply")
     page.screenshot(path=str(artifacts_dir / "web_ui_chat.png"), full_page=True)
+    # The reply's Chinese and emoji render as glyphs, not boxes (Noto CJK and
+    # emoji fonts: scripts/setup.sh), so the screenshot shows the real text.
+    glyphs = page.evaluate(GLYPHS_JS, ["你", "好", "世", "界", "🦙"])
+    assert all(g["inked"] and not g["tofu"] for g in glyphs), glyphs
 
     # 5. Clear empties the chat and the conversation the model sees; an
     #    emptied system box means an empty system prompt, not a server default.

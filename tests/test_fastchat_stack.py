@@ -209,6 +209,19 @@ def test_gradio_shaped_request_streams_the_reply(stack):
     assert usage["prompt_tokens"] == 20 and usage["total_tokens"] == 20 + usage["completion_tokens"]
 
 
+def test_fastchat_test_message_client(stack):
+    """FastChat's own client, unchanged: ``python -m fastchat.serve.test_message``
+    (it imports fastchat.model, hence accelerate). It picks FastChat's Qwen
+    template from the model name, renders ChatML and streams the reply."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fastchat.serve.test_message", "--worker-address", worker_url(stack, "scripted-chat"),
+         "--model-name", "Qwen", "--message", "Hello", "--temperature", "0", "--max-new-tokens", "200"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "<|im_start|>assistant: " + CHAT_REPLY in out.stdout, out.stdout
+
+
 def test_worker_api_endpoints(stack, qwen_tokenizer):
     from qwen_vllm.chat_template import render_messages
 

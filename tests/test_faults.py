@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -331,3 +334,33 @@ def test_sigterm_front_then_worker_then_controller(topology):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) is not None
     assert all(p.poll() is not None for p in topology.procs.values())
+
+
+def test_ctrl_c_while_an_engine_loads_ends_the_stack_within_10_s(scripted_model, tmp_path):
+    """Ctrl-C (SIGINT to the stack) before its worker's engine is up: every
+    process of the stack, engine processes included, is gone within 10 s."""
+    from qwen_vllm.runtime.ports import free_ports
+
+    base = free_ports(3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_vllm.cli", "stack", "--model", str(scripted_model), "--port", str(base),
+         "--controller-port", str(base + 1), "--worker-port", str(base + 2), "--log-dir", str(tmp_path),
+         "--", "--enforce-eager", "--max-model-len", "1024"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stack = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 120
+        while not any("EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM") for p in stack.children(True)):
+            assert proc.poll() is None and time.monotonic() < deadline, "no engine process started"
+            time.sleep(0.2)
+        family = [stack, *stack.children(recursive=True)]
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        left = gone(family, within=10)
+        assert not left, f"still running {time.monotonic() - start:.0f} s after Ctrl-C: {[p.pid for p in left]}"
+        assert "stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)

@@ -14,10 +14,9 @@ from pathlib import Path
 import openai
 import pytest
 from react_cases import ARGS, FINAL_ANSWER, THOUGHT, TIME, WEATHER, WEATHER_INSTRUCTION
-from vllm_server import GREEDY, client_for, start_server, stream_chat  # noqa: F401 (start_server is a fixture)
+from vllm_server import GREEDY, QWEN_VLLM_SERVE, client_for, start_server, stream_chat  # noqa: F401 (start_server is a fixture)
 
 from qwen_vllm.checkpoints import fixtures
-from qwen_vllm.tools.vllm_parser import SERVER_ARGS
 
 QUESTION = "What's the weather like in Paris?"
 TOOL_RESULT = "22 degrees, sunny"
@@ -38,7 +37,9 @@ def second_step_prompt(tokenizer) -> list[int]:
 
 @pytest.fixture(scope="module")
 def react_server(start_server, react_model: Path):
-    base = start_server(react_model, "react", *SERVER_ARGS)
+    """``qwen-vllm serve`` (vLLM's server with Qwen tool calling on by default:
+    no tool flags given here)."""
+    base = start_server(react_model, "react", command=QWEN_VLLM_SERVE)
     return (base, *client_for(base))
 
 

@@ -22,12 +22,18 @@ REPO = Path(__file__).resolve().parent.parent
 GREEDY = {"temperature": 0, "max_tokens": 200}
 
 
-def launch_server(model: Path, name: str, log_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-    """``python -m vllm.entrypoints.openai.api_server`` on ``model``; (process, base URL) once healthy."""
+VLLM_SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+QWEN_VLLM_SERVE = [sys.executable, "-m", "qwen_vllm.cli", "serve"]
+
+
+def launch_server(
+    model: Path, name: str, log_dir: Path, *flags: str, command: list[str] = VLLM_SERVER
+) -> tuple[subprocess.Popen, str]:
+    """``command`` (vLLM's own server by default) on ``model``; (process, base URL) once healthy."""
     port = free_port()
     log_path = log_dir / f"openai-server-{name}.log"
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        *command, "--model", str(model),
         "--host", "127.0.0.1", "--port", str(port),
         "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32", *flags,
     ]  # fmt: skip
@@ -64,8 +70,8 @@ def start_server(artifacts_dir: Path) -> Iterator:
     """Servers started by one test module, stopped after it."""
     procs: list[subprocess.Popen] = []
 
-    def start(model: Path, name: str, *flags: str) -> str:
-        proc, base = launch_server(model, name, artifacts_dir, *flags)
+    def start(model: Path, name: str, *flags: str, command: list[str] = VLLM_SERVER) -> str:
+        proc, base = launch_server(model, name, artifacts_dir, *flags, command=command)
         procs.append(proc)
         return base
 

@@ -47,6 +47,7 @@ from qwen_vllm.serving.http import (
     error_response,
     json_body,
     openai_error,
+    openai_route_errors,
     until_disconnect,
 )
 
@@ -267,6 +268,7 @@ def create_app(
 
     app.add_middleware(BodyLimit, limit=int(max_body_mb * 2**20))
     app.add_middleware(ApiKeys, keys=api_keys or ())  # outermost: no key, nothing read
+    openai_route_errors(app, "this OpenAI API (qwen-vllm openai-api)")
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -199,3 +199,28 @@ class BodyLimit:
             if started:
                 raise
             await self._reject(scope, receive, send, f"more than {self.limit}")
+
+
+def openai_route_errors(app: Any, server: str) -> None:
+    """Unknown routes and methods answer in OpenAI's error shape (not
+    FastAPI's ``{"detail": "Not Found"}``), naming the route and the /v1 routes
+    ``server`` serves; other HTTP errors keep the app's own handler."""
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Match
+
+    previous = app.exception_handlers.get(HTTPException)
+
+    async def handler(request: Request, exc: HTTPException) -> Any:
+        path = request.url.path
+        unmatched = not any(r.matches(request.scope)[0] == Match.FULL for r in app.router.routes)
+        if exc.status_code not in (404, 405) or (exc.status_code == 404 and not unmatched and exc.detail != "Not Found"):
+            if previous is not None:
+                return await previous(request, exc)
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        served = sorted({r.path for r in app.router.routes if getattr(r, "path", "").startswith("/v1/")})
+        why = "Qwen chat models do not serve embeddings here; " if path.rstrip("/").endswith("/embeddings") else ""
+        verb = "is not served by" if exc.status_code == 404 else "does not accept this method on"
+        message = f"{request.method} {path} {verb} {server}: {why}it serves {', '.join(served)}"
+        return error_response(message, exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(HTTPException, handler)

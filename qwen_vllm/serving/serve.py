@@ -33,9 +33,12 @@ def run(args: Any) -> int:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from qwen_vllm.runtime.cpu import apply_cpu_defaults
+
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="qwen-vllm serve"))
     vllm_args = parser.parse_args(with_loopback_default(with_server_args(getattr(args, "extra_args", []))))
+    apply_cpu_defaults(vllm_args.tensor_parallel_size)  # as the worker and the wrapper do
     command = ServeSubcommand()
     command.validate(vllm_args)
     command.cmd(vllm_args)

@@ -41,6 +41,9 @@ from qwen_vllm.serving.http import http_url
 
 PROGRESS_EVERY_S = 10.0
 STOP_GRACE_S = 30.0
+# A worker still loading its engine is killed after this (nothing to finish;
+# vLLM's server only handles SIGTERM once the engine is up).
+LOADING_STOP_GRACE_S = 3.0
 CONTROLLER_RESTART_S = 2.0  # at most one controller restart per this many seconds
 
 
@@ -357,12 +360,13 @@ class Stack:
         order = [c for c in (self.web, self.front, *self.workers, self.controller) if c is not None and c.proc]
         for child in order:
             child.signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
+        start = time.monotonic()
         for child in order:
+            grace = LOADING_STOP_GRACE_S if child in self.workers and not child.ready else STOP_GRACE_S
             try:
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                child.proc.wait(timeout=max(0.1, start + grace - time.monotonic()))
             except subprocess.TimeoutExpired:
-                say(f"{child.name} did not stop in {STOP_GRACE_S:.0f} s; killing it")
+                say(f"{child.name} did not stop in {grace:.0f} s; killing it")
             child.signal_group(signal.SIGKILL)  # engine processes left in its group, if any
         self.client.close()
         if self.args.ready_file is not None:

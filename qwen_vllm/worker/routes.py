@@ -42,6 +42,7 @@ from qwen_vllm.serving.http import (
     BodyLimit,
     http_url,
     json_body,
+    openai_route_errors,
     until_disconnect,
 )
 from qwen_vllm.worker.protocol import (
@@ -282,6 +283,7 @@ class FastChatWorkerPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        openai_route_errors(app, "this worker (qwen-vllm worker)")
         # vLLM's --api-key guards only /v1-style prefixes; with a key, guard
         # every route (FastChat's, /health, /metrics, /tokenize, /invocations, ...).
         args = app.state.args
