@@ -18,17 +18,16 @@ results/bench_gptq.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from qwen_vllm.bench.engine import write_json
+from qwen_vllm.bench.engine import save_report
+from qwen_vllm.bench.report import run_python
 
 # One engine, one configuration: prints a JSON line "RESULT {...}".
 ENGINE_SNIPPET = r"""
@@ -62,7 +61,8 @@ if __name__ == "__main__":
         t = time.perf_counter()
         llm.generate([prompt(r, prefill_len)], prefill, use_tqdm=False)
         out.setdefault("prefill_tok_s", []).append(prefill_len / (time.perf_counter() - t))
-    print("RESULT " + json.dumps(out), flush=True)
+    from qwen_vllm.bench.engine import emit_result
+    emit_result(out)
     llm.llm_engine.engine_core.shutdown()
 """
 
@@ -151,17 +151,8 @@ def run_engine(model_dir: Path, dtype: str, new_tokens: int, prefill: int, round
     env = dict(os.environ, VLLM_CACHE_ROOT=tempfile.mkdtemp(prefix="bench-gptq-cache-"))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{len(os.sched_getaffinity(0)) - 1}")
-    proc = subprocess.run(
-        [sys.executable, "-c", ENGINE_SNIPPET, str(model_dir), dtype, str(new_tokens), str(prefill), str(rounds)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=3600,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"engine {model_dir} ({dtype}) failed:\n{proc.stderr[-3000:]}")
+    argv = ["-c", ENGINE_SNIPPET, str(model_dir), dtype, str(new_tokens), str(prefill), str(rounds)]
+    return run_python(argv, env=env, what=f"engine {model_dir} ({dtype})", timeout=3600)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
         }
     print_table(result)
-    out = Path(args.out)
-    write_json(out, result)
-    print(f"\nwrote {out}")
-    return 0
+    return save_report(result, args.out)
 
 
 def print_table(result: dict) -> None:

@@ -30,13 +30,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from qwen_vllm.bench.engine import write_json
+from qwen_vllm.bench.engine import emit_result, write_json
+from qwen_vllm.bench.report import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE_1_8B = {"hidden_size": 2048, "num_layers": 24, "num_heads": 16, "mlp_width": 5504}
@@ -169,15 +169,7 @@ def launch(spec: dict, kv_gib: int, layers: int) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     label = f"{spec['kind']} seq_length={spec['seq_length']} max_model_len={spec['max_model_len'] or 'default'}"
     print(f"[bench] {label} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(
-        [sys.executable, __file__, "--engine", json.dumps(spec)], env=env, capture_output=True, text=True
-    )
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        log = Path(tempfile.mkstemp(prefix="bench-longctx-engine-", suffix=".log")[1])
-        log.write_text(proc.stdout + proc.stderr)
-        raise SystemExit(f"[bench] {label}: engine run failed (exit {proc.returncode}); its output: {log}")
-    return {"spec": spec, **json.loads(lines[-1][len("RESULT ") :])}
+    return {"spec": spec, **run_python([__file__, "--engine", json.dumps(spec)], env=env, what=f"[bench] {label}")}
 
 
 def median(values: list[float]) -> float:
@@ -205,7 +197,7 @@ def pooled(runs: list[dict], key: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.engine:
-        print("RESULT " + json.dumps(run_engine(json.loads(args.engine))), flush=True)
+        emit_result(run_engine(json.loads(args.engine)))
         return 0
     from qwen_vllm.plugin.ntk import LongContextPlan
 

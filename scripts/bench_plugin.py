@@ -15,20 +15,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from qwen_vllm.bench.engine import write_json
+from qwen_vllm.bench.engine import save_report
+from qwen_vllm.bench.report import run_python
 
 STARTUP_SNIPPET = """
 import sys, time
 t0 = float(sys.argv[2])
 from vllm import LLM
 llm = LLM(sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=2048)
-print("READY", time.time() - t0, flush=True)
+from qwen_vllm.bench.engine import emit_result
+emit_result({"ready_s": time.time() - t0})
 """
 
 CORPUS = [
@@ -54,17 +55,8 @@ def mixed_text(size: int) -> str:
 def startup_seconds(model_dir: str) -> float:
     env = dict(os.environ, VLLM_CACHE_ROOT=tempfile.mkdtemp(prefix="bench-vllm-cache-"))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    proc = subprocess.run(
-        [sys.executable, "-c", STARTUP_SNIPPET, model_dir, str(time.time())],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("READY"):
-            return float(line.split()[1])
-    raise RuntimeError(f"engine for {model_dir} did not start:\n{proc.stderr[-2000:]}")
+    argv = ["-c", STARTUP_SNIPPET, model_dir, str(time.time())]
+    return run_python(argv, env=env, what=f"engine for {model_dir}", timeout=900)["ready_s"]
 
 
 def median_time(fn, runs: int) -> float:
@@ -128,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if "startup" in result:
         s = result["startup"]
         print(f"| engine start-up s (median) | {s['plugin_qwen_v1_s']:.1f} | {s['stock_qwen2_s']:.1f} (Qwen2 copy) | {s['ratio']:.3f} |")
-    out = Path(args.out)
-    write_json(out, result)
-    print(f"\nwrote {out}")
-    return 0
+    return save_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwen_vllm.bench.engine import write_json
+from qwen_vllm.bench.engine import save_report
 
 
 def timed(fn) -> float:
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| (a) chat() latency vs raw LLM.generate, s | {a['wrapper_s']:.3f} | {a['raw_llm_generate_s']:.3f} | {a['ratio']:.3f} (time, goal <= 1.05) |")
     print(f"| (b) batch_chat({args.batch}) vs sequential chat(), tok/s | {b['batch_chat_tok_s']:.0f} | {b['sequential_chat_tok_s']:.0f} | {b['ratio']:.2f}x (goal >= 8) |")
     print(f"| (c) batch_chat vs transformers generate, tok/s | {c['wrapper_batch_tok_s']:.0f} | {c['transformers_generate_tok_s']:.0f} | {c['ratio']:.2f}x |")
-    out = Path(args.out)
-    write_json(out, result)
-    print(f"\nwrote {out}")
-    return 0
+    return save_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -241,6 +241,16 @@ def test_qwen_style_function_definitions(react_server, qwen_tokenizer, field) ->
         client.chat.completions.create(model=model, messages=messages, **{field: bad}, **GREEDY)
 
 
+def test_unserved_route_answers_in_openai_shape(react_server) -> None:
+    """``qwen-vllm serve`` (vLLM's own app): /v1/embeddings gets an OpenAI-shaped
+    404 saying why, which the openai SDK raises as NotFoundError."""
+    base, client, model = react_server
+    with pytest.raises(openai.NotFoundError, match="POST /v1/embeddings is not served by this server: Qwen chat models"):
+        client.embeddings.create(model=model, input="hi")
+    with pytest.raises(openai.NotFoundError, match="gpt-4"):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}])
+
+
 # -- the same tool use from Python, without a server ---------------------------------
 def test_chat_with_tools_on_vllm_wrapper(react_model: Path) -> None:
     """vLLMWrapper + function_call.chat_with_tools: the same call and final

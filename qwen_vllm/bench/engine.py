@@ -29,6 +29,12 @@ from pathlib import Path
 from typing import Any
 
 RESULT_PREFIX = "BENCH_RESULT "
+
+
+def emit_result(result: dict) -> None:
+    """The job's side of the protocol: hand ``result`` to the parent
+    (``qwen_vllm.bench.report.run_python``) on stdout."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
 PAD_ID = 151643  # <|endoftext|>, Qwen's pad id
 
 
@@ -40,6 +46,13 @@ def write_json(path: Path, data: dict) -> None:
     """Write a benchmark's results (creating its folder), indented for diffs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def save_report(result: dict, out: str | Path) -> int:
+    """A benchmark script's last step: its JSON written and named; exit code 0."""
+    write_json(Path(out), result)
+    print(f"\nwrote {out}")
+    return 0
 
 
 class PeakMemory:
@@ -273,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     with MEMORY:
         result = JOBS[spec["kind"]](spec)
     result["peak_rss_gib"] = MEMORY.peak_bytes / 2**30
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    emit_result(result)
     return 0
 
 

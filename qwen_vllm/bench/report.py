@@ -87,24 +87,34 @@ def run_job(spec: dict, env_extra: dict[str, str] | None = None) -> dict:
     if spec["kind"] == "transformers" or on_cpu():  # the weights and the KV cache live in host memory
         kv = 0.0 if spec["kind"] == "transformers" else kv_gib(env_extra)
         wait_for_memory(model_gib(spec["model"], spec["dtype"]) * 1.1 + kv + 1.5, f"{spec['kind']} job")
+    return run_python(["-m", "qwen_vllm.bench.engine", json.dumps(spec)], env=child_env(env_extra), what=f"bench job {spec['kind']}")
+
+
+def run_python(argv: list[str], *, env: dict[str, str] | None = None, what: str = "bench job", timeout: float | None = None) -> dict:
+    """``python ARGV`` in a session of its own, which hands back one result
+    (``bench.engine.emit_result``); its other output goes to our stderr, and
+    its processes (engines included) go with it. For ``qwen-vllm bench`` and
+    the benchmark scripts alike."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen_vllm.bench.engine", json.dumps(spec)],
-        env=child_env(env_extra), stdout=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, *argv], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
     )  # fmt: skip
     result = None
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         for line in proc.stdout:
             if line.startswith(RESULT_PREFIX):
                 result = json.loads(line[len(RESULT_PREFIX) :])
             else:
                 print(line, end="", file=sys.stderr)
+            if deadline is not None and time.monotonic() > deadline:
+                break
         proc.wait(timeout=120)  # the normal end: let the job shut its engine down itself
     except subprocess.TimeoutExpired:
         pass
     finally:
         stop_group(proc)  # interrupted or not: the job's engine processes go with it
     if proc.returncode != 0 or result is None:
-        raise RuntimeError(f"bench job {spec['kind']} failed (exit code {proc.returncode}); see the log above")
+        raise RuntimeError(f"{what} failed (exit code {proc.returncode}); see the log above")
     return result
 
 

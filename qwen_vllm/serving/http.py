@@ -218,9 +218,50 @@ def openai_route_errors(app: Any, server: str) -> None:
                 return await previous(request, exc)
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         served = sorted({r.path for r in app.router.routes if getattr(r, "path", "").startswith("/v1/")})
-        why = "Qwen chat models do not serve embeddings here; " if path.rstrip("/").endswith("/embeddings") else ""
-        verb = "is not served by" if exc.status_code == 404 else "does not accept this method on"
-        message = f"{request.method} {path} {verb} {server}: {why}it serves {', '.join(served)}"
+        message = _unserved_message(request.method, path, exc.status_code, server, f"it serves {', '.join(served)}")
         return error_response(message, exc.status_code, headers=exc.headers)
 
     app.add_exception_handler(HTTPException, handler)
+
+
+def _unserved_message(method: str, path: str, status: int, server: str, served: str) -> str:
+    why = "Qwen chat models do not serve embeddings here; " if path.rstrip("/").endswith("/embeddings") else ""
+    verb = "is not served by" if status == 404 else "does not accept this method on"
+    return f"{method} {path} {verb} {server}: {why}{served}"
+
+
+class OpenAIRouteErrors:
+    """Pure ASGI middleware for a server whose app is vLLM's own (``qwen-vllm
+    serve`` adds it with ``--middleware``): FastAPI's bare 404/405 bodies for
+    an unknown route become OpenAI-shaped errors naming the route."""
+
+    BARE = (b'{"detail":"Not Found"}', b'{"detail":"Method Not Allowed"}')
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Receive, send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: Message | None = None
+
+        async def rewrite(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start" and message["status"] in (404, 405):
+                held = message
+                return
+            if held is not None:
+                start, held = held, None
+                if message.get("body", b"").strip() in self.BARE and not message.get("more_body"):
+                    status = start["status"]
+                    text = _unserved_message(scope["method"], scope["path"], status, "this server", "its routes are listed at /docs")
+                    body = json.dumps(openai_error(text, status)).encode()
+                    headers = [(k, v) for k, v in start["headers"] if k.lower() not in (b"content-length", b"content-type")]
+                    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                    await send({**start, "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+                await send(start)
+            await send(message)
+
+        await self.app(scope, receive, rewrite)

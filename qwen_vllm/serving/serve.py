@@ -15,6 +15,7 @@ from typing import Any
 
 from qwen_vllm.tools.vllm_parser import with_server_args
 
+ROUTE_ERRORS_MIDDLEWARE = "qwen_vllm.serving.http.OpenAIRouteErrors"  # unknown routes: OpenAI-shaped 404
 PASS_THROUGH_ARGS = True  # everything after "serve" goes to vLLM's own parser
 
 
@@ -37,7 +38,8 @@ def run(args: Any) -> int:
 
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="qwen-vllm serve"))
-    vllm_args = parser.parse_args(with_loopback_default(with_server_args(getattr(args, "extra_args", []))))
+    argv = with_loopback_default(with_server_args(getattr(args, "extra_args", [])))
+    vllm_args = parser.parse_args([*argv, "--middleware", ROUTE_ERRORS_MIDDLEWARE])
     apply_cpu_defaults(vllm_args.tensor_parallel_size)  # as the worker and the wrapper do
     command = ServeSubcommand()
     command.validate(vllm_args)

@@ -384,7 +384,7 @@ def launch_stack(
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "qwen_vllm.cli", "stack", *argv, "--ready-file", str(ready_file)],
+            [sys.executable, "-m", "qwen_vllm.cli", "stack", "--ready-file", str(ready_file), *argv],  # before any "--"
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )  # fmt: skip
     deadline = time.monotonic() + timeout

@@ -135,7 +135,8 @@ def _text_field(where: str, fn: Mapping[str, Any], key: str) -> str | None:
 
 
 # Where a Qwen-style definition rides along an OpenAI tool through vLLM's
-# request model (which keeps unknown fields on the tool, not on its function).
+# request model, which drops unknown fields of a tool and of its function but
+# passes ``parameters`` (a JSON Schema, where "x-" keywords are allowed) as is.
 QWEN_STYLE_KEY = "x-qwen-function"
 
 
@@ -151,7 +152,8 @@ def is_qwen_style(fn: Any) -> bool:
 def openai_tool(fn: Mapping[str, Any], where: str) -> dict[str, Any]:
     """An OpenAI ``tools`` entry vLLM's request model accepts for a function
     definition of either style; a Qwen-style one is kept whole under
-    QWEN_STYLE_KEY, so the prompt is built from it exactly as Qwen's server did."""
+    QWEN_STYLE_KEY in its ``parameters``, so the prompt is built from it
+    exactly as Qwen's server did."""
     if not is_qwen_style(fn):
         return {"type": "function", "function": dict(fn)}
     (spec,) = _specs_at(fn, where)
@@ -159,8 +161,16 @@ def openai_tool(fn: Mapping[str, Any], where: str) -> dict[str, Any]:
     if isinstance(params, list):
         props = {p["name"]: {**(p.get("schema") or {}), "description": p.get("description", "")} for p in params}
         params = {"type": "object", "properties": props, "required": [p["name"] for p in params if p.get("required")]}
+    params = {**params, QWEN_STYLE_KEY: dict(fn)}
     function = {"name": spec.name_for_model, "description": spec.description_for_model, "parameters": params}
-    return {"type": "function", "function": function, QWEN_STYLE_KEY: dict(fn)}
+    return {"type": "function", "function": function}
+
+
+def _carried_qwen_style(tool: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    fn = tool.get("function")
+    params = fn.get("parameters") if isinstance(fn, Mapping) else None
+    carried = params.get(QWEN_STYLE_KEY) if isinstance(params, Mapping) else None
+    return carried if isinstance(carried, Mapping) else None
 
 
 def _specs_at(fn: Mapping[str, Any], where: str) -> list[ToolSpec]:
@@ -182,8 +192,9 @@ def tool_specs(tools: Sequence[Mapping[str, Any]] | None) -> list[ToolSpec]:
         where = f"tools[{i}]"
         if not isinstance(tool, Mapping):
             raise QwenRequestError(f"{where}: expected an object, got {type(tool).__name__}")
-        if isinstance(tool.get(QWEN_STYLE_KEY), Mapping):  # converted by openai_tool
-            fn = tool[QWEN_STYLE_KEY]
+        carried = _carried_qwen_style(tool)
+        if carried is not None:  # converted by openai_tool
+            fn = carried
         elif "function" in tool or "type" in tool:
             if tool.get("type", "function") != "function":
                 raise QwenRequestError(f"{where}.type: only 'function' tools are supported, got {tool.get('type')!r}")
