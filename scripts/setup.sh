@@ -15,7 +15,7 @@ inputs=(requirements/$flavour.txt pyproject.toml scripts/setup.sh)
 [ -f requirements/$flavour.lock ] && inputs+=(requirements/$flavour.lock)
 want=$(cat "${inputs[@]}" | sha256sum | cut -d' ' -f1)
 stamp=$VENV/.qwen-vllm-setup
-fonts_ok() { fc-list 2>/dev/null | grep -q "Noto Sans CJK" && fc-list 2>/dev/null | grep -q "Noto Color Emoji"; }
+fonts_ok() { local f; f=$(fc-list 2>/dev/null || true); [[ $f == *"Noto Sans CJK"* && $f == *"Noto Color Emoji"* ]]; }  # no grep -q: SIGPIPE under pipefail
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && command -v chromium >/dev/null 2>&1 && fonts_ok; then
     echo "setup: $VENV is up to date ($flavour)"
     exit 0
