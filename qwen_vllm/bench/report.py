@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -98,20 +99,23 @@ def run_python(argv: list[str], *, env: dict[str, str] | None = None, what: str 
     proc = subprocess.Popen(
         [sys.executable, *argv], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
     )  # fmt: skip
+    # A job silent past ``timeout`` is stopped (the read below then ends).
+    watchdog = None if timeout is None else threading.Timer(timeout, stop_group, [proc])
+    if watchdog is not None:
+        watchdog.start()
     result = None
-    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         for line in proc.stdout:
             if line.startswith(RESULT_PREFIX):
                 result = json.loads(line[len(RESULT_PREFIX) :])
             else:
                 print(line, end="", file=sys.stderr)
-            if deadline is not None and time.monotonic() > deadline:
-                break
         proc.wait(timeout=120)  # the normal end: let the job shut its engine down itself
     except subprocess.TimeoutExpired:
         pass
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         stop_group(proc)  # interrupted or not: the job's engine processes go with it
     if proc.returncode != 0 or result is None:
         raise RuntimeError(f"{what} failed (exit code {proc.returncode}); see the log above")

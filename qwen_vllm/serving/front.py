@@ -44,10 +44,10 @@ from qwen_vllm.serving.http import (
     DEFAULT_MAX_BODY_MB,
     ApiKeys,
     BodyLimit,
+    OpenAIRouteErrors,
     error_response,
     json_body,
     openai_error,
-    openai_route_errors,
     until_disconnect,
 )
 
@@ -266,9 +266,9 @@ def create_app(
     app = FastAPI(title="qwen-vllm OpenAI API (FastChat controller front)", lifespan=lifespan)
     app.state.dispatcher = dispatcher
 
+    app.add_middleware(OpenAIRouteErrors)
     app.add_middleware(BodyLimit, limit=int(max_body_mb * 2**20))
     app.add_middleware(ApiKeys, keys=api_keys or ())  # outermost: no key, nothing read
-    openai_route_errors(app, "this OpenAI API (qwen-vllm openai-api)")
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import json
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, TypeVar
 
 from starlette.datastructures import Headers
@@ -16,8 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 T = TypeVar("T")
-Message = dict[str, Any]
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 # Hosts that mean "every interface": a server binds them, a client cannot dial them.
 WILDCARD_HOSTS = (None, "", "0.0.0.0", "::")
@@ -201,46 +203,18 @@ class BodyLimit:
             await self._reject(scope, receive, send, f"more than {self.limit}")
 
 
-def openai_route_errors(app: Any, server: str) -> None:
-    """Unknown routes and methods answer in OpenAI's error shape (not
-    FastAPI's ``{"detail": "Not Found"}``), naming the route and the /v1 routes
-    ``server`` serves; other HTTP errors keep the app's own handler."""
-    from starlette.exceptions import HTTPException
-    from starlette.routing import Match
-
-    previous = app.exception_handlers.get(HTTPException)
-
-    async def handler(request: Request, exc: HTTPException) -> Any:
-        path = request.url.path
-        unmatched = not any(r.matches(request.scope)[0] == Match.FULL for r in app.router.routes)
-        if exc.status_code not in (404, 405) or (exc.status_code == 404 and not unmatched and exc.detail != "Not Found"):
-            if previous is not None:
-                return await previous(request, exc)
-            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-        served = sorted({r.path for r in app.router.routes if getattr(r, "path", "").startswith("/v1/")})
-        message = _unserved_message(request.method, path, exc.status_code, server, f"it serves {', '.join(served)}")
-        return error_response(message, exc.status_code, headers=exc.headers)
-
-    app.add_exception_handler(HTTPException, handler)
-
-
-def _unserved_message(method: str, path: str, status: int, server: str, served: str) -> str:
-    why = "Qwen chat models do not serve embeddings here; " if path.rstrip("/").endswith("/embeddings") else ""
-    verb = "is not served by" if status == 404 else "does not accept this method on"
-    return f"{method} {path} {verb} {server}: {why}{served}"
-
-
 class OpenAIRouteErrors:
-    """Pure ASGI middleware for a server whose app is vLLM's own (``qwen-vllm
-    serve`` adds it with ``--middleware``): FastAPI's bare 404/405 bodies for
-    an unknown route become OpenAI-shaped errors naming the route."""
+    """Pure ASGI middleware: FastAPI's bare 404/405 bodies for a route the app
+    does not serve become OpenAI-shaped errors naming the route and the /v1
+    routes it does serve. One mechanism for the front, the worker and
+    ``qwen-vllm serve`` (vLLM's own app, given it with ``--middleware``)."""
 
     BARE = (b'{"detail":"Not Found"}', b'{"detail":"Method Not Allowed"}')
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
-    async def __call__(self, scope: dict, receive: Receive, send: Callable[[Message], Awaitable[None]]) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         held: Message | None = None
@@ -254,8 +228,7 @@ class OpenAIRouteErrors:
                 start, held = held, None
                 if message.get("body", b"").strip() in self.BARE and not message.get("more_body"):
                     status = start["status"]
-                    text = _unserved_message(scope["method"], scope["path"], status, "this server", "its routes are listed at /docs")
-                    body = json.dumps(openai_error(text, status)).encode()
+                    body = json.dumps(openai_error(self.message(scope, status), status)).encode()
                     headers = [(k, v) for k, v in start["headers"] if k.lower() not in (b"content-length", b"content-type")]
                     headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
                     await send({**start, "headers": headers})
@@ -265,3 +238,12 @@ class OpenAIRouteErrors:
             await send(message)
 
         await self.app(scope, receive, rewrite)
+
+    @staticmethod
+    def message(scope: Scope, status: int) -> str:
+        method, path = scope["method"], scope["path"]
+        why = "Qwen chat models do not serve embeddings here; " if path.rstrip("/").endswith("/embeddings") else ""
+        verb = "is not served by" if status == 404 else "does not accept this method on"
+        routes = getattr(getattr(scope.get("app"), "router", None), "routes", ())  # Starlette sets scope["app"]
+        served = sorted({r.path for r in routes if getattr(r, "path", "").startswith("/v1/")})
+        return f"{method} {path} {verb} this server: {why}it serves {', '.join(served) or 'no /v1 routes'}"

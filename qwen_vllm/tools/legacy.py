@@ -17,17 +17,20 @@ Requests without legacy fields pass through untouched.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from qwen_vllm.errors import QwenRequestError
-from qwen_vllm.serving.http import error_response, read_body, replay
+from qwen_vllm.serving.http import (
+    Message,
+    Receive,
+    Scope,
+    Send,
+    error_response,
+    read_body,
+    replay,
+)
 from qwen_vllm.tools.react import is_qwen_style, openai_tool
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 _PATH = "/v1/chat/completions"
 

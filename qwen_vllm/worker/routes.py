@@ -40,9 +40,9 @@ from qwen_vllm.serving.http import (
     DEFAULT_MAX_BODY_MB,
     ApiKeys,
     BodyLimit,
+    OpenAIRouteErrors,
     http_url,
     json_body,
-    openai_route_errors,
     until_disconnect,
 )
 from qwen_vllm.worker.protocol import (
@@ -283,10 +283,10 @@ class FastChatWorkerPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
-        openai_route_errors(app, "this worker (qwen-vllm worker)")
         # vLLM's --api-key guards only /v1-style prefixes; with a key, guard
         # every route (FastChat's, /health, /metrics, /tokenize, /invocations, ...).
         args = app.state.args
+        app.add_middleware(OpenAIRouteErrors)  # unknown routes: OpenAI-shaped 404/405
         app.add_middleware(RequestChecks, limits=self.limits)
         app.add_middleware(BodyLimit, limit=int(getattr(args, "max_body_mb", DEFAULT_MAX_BODY_MB) * 2**20))
         if keys := api_keys(args):
