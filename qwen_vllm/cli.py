@@ -11,11 +11,14 @@ import importlib
 import sys
 from typing import NoReturn, Protocol
 
+from qwen_vllm.errors import QwenVLLMError
+
 
 class Subcommand(Protocol):
-    """What a subcommand module provides (cf. vLLM's ``CLISubcommand``). A
-    module with ``PASS_THROUGH_ARGS = True`` gets the arguments it does not
-    know as ``args.extra_args`` (for another program's parser)."""
+    """What a subcommand module provides (cf. vLLM's ``CLISubcommand``), or an
+    object in it named after a colon (``module:Name``) when one module does two
+    commands. One with ``PASS_THROUGH_ARGS = True`` gets the arguments it does
+    not know as ``args.extra_args`` (for another program's parser)."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
 
@@ -25,6 +28,8 @@ class Subcommand(Protocol):
 SUBCOMMANDS = {
     "make-model": ("qwen_vllm.checkpoints.fixtures", "write a fixture checkpoint in the exact Qwen v1 layout"),
     "convert-to-qwen2": ("qwen_vllm.checkpoints.convert", "rewrite a Qwen v1 checkpoint as Qwen2ForCausalLM"),
+    "make-adapter": ("qwen_vllm.checkpoints.lora:MakeAdapter", "write a seeded PEFT LoRA adapter for a Qwen v1 checkpoint"),
+    "merge-lora": ("qwen_vllm.checkpoints.lora:MergeLora", "merge a PEFT LoRA adapter into a Qwen v1 checkpoint"),
     "chat": ("qwen_vllm.ui.chat", "chat in the terminal: in-process (--model DIR) or with a server (--api URL)"),
     "web": ("qwen_vllm.ui.web", "web chat UI for an OpenAI-compatible server (--api-url URL)"),
     "serve": ("qwen_vllm.serving.serve", "vLLM's OpenAI API server with Qwen tool calling enabled"),
@@ -41,10 +46,12 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Subcommand |
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     module = None
-    for name, (mod_name, help_text) in SUBCOMMANDS.items():
+    for name, (target, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
+            mod_name, _, attr = target.partition(":")
             module = importlib.import_module(mod_name)
+            module = getattr(module, attr) if attr else module
             module.add_arguments(sp)
     return parser, module
 
@@ -61,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(module, "PASS_THROUGH_ARGS", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.extra_args = extra
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except QwenVLLMError as exc:  # a check failed: the message says what to change
+        print(f"qwen-vllm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def run_as_module(command: str) -> NoReturn:

@@ -20,3 +20,8 @@ class QwenContextError(QwenRequestError):
 class QwenQuantizationError(QwenVLLMError, ValueError):
     """A quantized checkpoint or KV-cache dtype cannot run on this hardware or
     tensor-parallel size; the message names what can."""
+
+
+class QwenAdapterError(QwenCheckpointError):
+    """A LoRA adapter does not fit its base checkpoint (names, shapes, targets)
+    or cannot be merged into it; the message names both sides."""

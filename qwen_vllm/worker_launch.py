@@ -2,11 +2,13 @@
 
 Takes fschat vllm_worker's flags (--host, --port, --worker-address,
 --controller-address, --model-path, --model-names, --limit-worker-concurrency,
---no-register, --num-gpus, --conv-template) plus every flag of vLLM's own
-OpenAI server (its parser: --tensor-parallel-size, --dtype, --max-model-len,
---api-key, --distributed-executor-backend ray, ...), then runs vLLM's API
-server with the FastChat endpoint plugin (worker_api.py): one process serves
-FastChat's worker routes, /v1/* and /health, and registers with the controller.
+--no-register, --num-gpus, --conv-template), --max-queued-requests, and every
+flag of vLLM's own OpenAI server (its parser: --tensor-parallel-size, --dtype,
+--max-model-len, --api-key, --distributed-executor-backend ray, ...), then runs
+vLLM's API server with the FastChat endpoint plugin (worker/routes.py): one
+process serves FastChat's worker routes, /v1/*, /health (liveness) and /ready
+(readiness), admits a bounded number of generation requests
+(worker/admission.py), and registers with the controller.
 
 Differences from fschat: binds 127.0.0.1 unless --host says otherwise; the
 Qwen template and stop ids apply whatever the model path is called.
@@ -66,22 +68,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     fc.add_argument("--worker-address", help="URL the controller and front reach this worker at (default http://HOST:PORT)")
     fc.add_argument("--controller-address", default="http://localhost:21001", help="FastChat controller URL")
-    fc.add_argument("--limit-worker-concurrency", type=int, default=1024, help="concurrent FastChat-route requests")
+    fc.add_argument(
+        "--max-queued-requests",
+        type=int,
+        help="generation requests that may wait beyond the --max-num-seqs running; past them a request gets "
+        "429 + Retry-After (FastChat routes: 'server busy'). Default: as many as --max-num-seqs",
+    )
+    fc.add_argument(
+        "--limit-worker-concurrency",
+        type=int,
+        help="FastChat's flag: at most this many generation requests running or queued (replaces "
+        "--max-num-seqs + --max-queued-requests as the limit)",
+    )
     fc.add_argument("--no-register", action="store_true", help="do not register with a controller")
     fc.add_argument("--num-gpus", type=int, default=1, help="tensor-parallel size (fschat's name for it)")
     fc.add_argument("--conv-template", help="FastChat conversation template (default qwen-7b-chat for chat models)")
     fc.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
     make_arg_parser(parser)
+    # Qwen tool calling on by default, as with `qwen-vllm serve`.
+    from qwen_vllm.checkpoints.lora import LORA_DEFAULTS
     from qwen_vllm.tools.vllm_parser import SERVER_DEFAULTS
 
-    # Qwen tool calling on by default, as with `qwen-vllm serve`.
-    parser.set_defaults(host="127.0.0.1", port=21002, model=None, enable_server_load_tracking=True, **SERVER_DEFAULTS)
+    parser.set_defaults(
+        host="127.0.0.1", port=21002, model=None, enable_server_load_tracking=True, **SERVER_DEFAULTS, **LORA_DEFAULTS
+    )
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Map fschat's flags onto vLLM's and check them before any engine starts."""
     from qwen_vllm.plugin.checkpoint import is_qwen_v1
-    from qwen_vllm.plugin.checks import check_before_start
+    from qwen_vllm.plugin.checks import check_before_start, check_lora_modules
     from qwen_vllm.worker.protocol import conv_template
 
     model = args.model_path or args.model_tag or args.model
@@ -105,8 +121,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             max_model_len=args.max_model_len,
             need_weights=args.load_format != "dummy",
         )
-    if args.limit_worker_concurrency < 1:
+        check_lora_modules(model, args)
+    if args.limit_worker_concurrency is not None and args.limit_worker_concurrency < 1:
         raise QwenVLLMError("--limit-worker-concurrency must be at least 1")
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
+        raise QwenVLLMError("--max-queued-requests must be 0 or more")
     if (args.api_server_count or 1) != 1:
         raise QwenVLLMError("the FastChat worker runs one API server process (--api-server-count 1)")
     if args.worker_address is None:

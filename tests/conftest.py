@@ -34,10 +34,28 @@ def pytest_report_header(config: pytest.Config) -> str:
     return cpu_caps().describe()
 
 
+def _engine_starts() -> int:
+    return len(ENGINE_LOG.read_text().split()) if ENGINE_LOG.exists() else 0
+
+
+_STARTS_BY_MODULE: dict[str, int] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Count the engines each module starts (shared fixtures count where first set up)."""
+    before = _engine_starts()
+    yield
+    if started := _engine_starts() - before:
+        module = item.nodeid.split("::")[0]
+        _STARTS_BY_MODULE[module] = _STARTS_BY_MODULE.get(module, 0) + started
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     """Engine starts are what make the suite slow: keep them counted."""
-    starts = len(ENGINE_LOG.read_text().split()) if ENGINE_LOG.exists() else 0
-    terminalreporter.write_line(f"vLLM engine starts in this session: {starts}")
+    terminalreporter.write_line(f"vLLM engine starts in this session: {_engine_starts()}")
+    for module, n in sorted(_STARTS_BY_MODULE.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"  {n:3d}  {module}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -132,7 +150,8 @@ def scripted_wrapper(scripted_model: Path):
 @pytest.fixture(scope="session")
 def random_wrapper(random_model: Path):
     """One vLLMWrapper engine on the random fixture (fp32) for the whole session;
-    ``.llm`` is the underlying vllm.LLM for raw-engine comparisons."""
-    wrapper = _wrapper(random_model)
+    ``.llm`` is the underlying vllm.LLM for raw-engine comparisons. LoRA is on
+    (test_lora.py); requests without an adapter run the base model."""
+    wrapper = _wrapper(random_model, enable_lora=True)
     yield wrapper
     wrapper.llm.llm_engine.engine_core.shutdown()

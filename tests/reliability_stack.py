@@ -2,8 +2,9 @@
 
 Real processes on 127.0.0.1, each in its own session (so a test can signal
 one and look for orphans): the FastChat controller, two ``qwen-vllm worker``
-processes on the scripted chat fixture (served as "scripted"; worker B is
-started with ``--api-key``), and the OpenAI front (``--worker-api-key`` so it
+processes on the scripted chat fixture (served as "scripted", with two LoRA
+adapters; worker A admits at most A_LIMIT requests and may load adapters at
+run time, worker B is started with ``--api-key``), and the OpenAI front (``--worker-api-key`` so it
 can reach B). Started once per session and stopped after the last module
 that uses it, so its two engines are not alive during other modules.
 """
@@ -30,6 +31,9 @@ MODEL = "scripted"
 WORKER_KEY = "sk-worker-b"
 HEARTBEAT_S = 2  # FastChat parses it with int()
 MAX_MODEL_LEN = 1024
+A_LIMIT = 16  # generation requests worker A admits at once (test_faults.py fills it)
+ADAPTERS = ("lora-a", "lora-b")  # LoRA adapters both workers serve (test_adapters_served.py)
+RUNTIME_ADAPTER = "lora-c"  # loaded into worker A at run time
 WORKER_FLAGS = ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--max-num-seqs", "128"]
 
 
@@ -64,16 +68,30 @@ class Topology:
                 cmd, stdout=log, stderr=subprocess.STDOUT, env={**env(), **(extra_env or {})}, start_new_session=True
             )
 
+    def adapter_dir(self, name: str) -> Path:
+        return self.log_dir / "adapters" / name
+
+    def make_adapters(self) -> None:
+        from qwen_vllm.checkpoints.lora import make_adapter
+
+        for seed, name in enumerate((*ADAPTERS, RUNTIME_ADAPTER), start=1):
+            # strength 2: the scripted model's margins are wide; each adapter must change its words
+            make_adapter(self.model_dir, self.adapter_dir(name), rank=8, seed=seed, strength=2.0)
+
     def start_worker(self, name: str) -> None:
         from qwen_vllm.serving.stack import device_env
 
         port = self.base + 2 + "ab".index(name)
         cmd = [sys.executable, "-m", "qwen_vllm.worker_launch", "--model-path", str(self.model_dir),
                "--model-names", MODEL, "--port", str(port), "--controller-address", self.controller_url,
-               *WORKER_FLAGS]  # fmt: skip
+               *WORKER_FLAGS, "--lora-modules", *(f"{a}={self.adapter_dir(a)}" for a in ADAPTERS)]  # fmt: skip
+        extra_env = device_env("ab".index(name), 2, 1)
+        if name == "a":
+            cmd += ["--limit-worker-concurrency", str(A_LIMIT)]  # FastChat's flag: A's admission limit
+            extra_env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # vLLM's /v1/load_lora_adapter
         if name == "b":
             cmd += ["--api-key", WORKER_KEY]
-        self._spawn(f"worker-{name}", cmd, device_env("ab".index(name), 2, 1))
+        self._spawn(f"worker-{name}", cmd, extra_env)
 
     def start_front(self) -> None:
         cmd = [sys.executable, "-m", "qwen_vllm.serving.front", "--port", str(self.base + 1),
@@ -145,6 +163,7 @@ def topology(request, scripted_model, artifacts_dir):
         log_dir.mkdir(exist_ok=True)
         t = Topology(Path(scripted_model), log_dir)
         request.config.add_cleanup(t.stop)  # safety net if a module is interrupted
+        t.make_adapters()
         t.start_controller()
         t.start_worker("a")
         t.start_worker("b")

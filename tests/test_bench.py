@@ -120,6 +120,46 @@ def test_recorded_reports_render_as_recorded(mode: str, tmp_path: Path) -> None:
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
 
+@pytest.mark.parametrize("mode", ["admission", "chaos"])
+def test_stress_reports_render_as_recorded(mode: str, tmp_path: Path) -> None:
+    """These runs take minutes and restart engines: checked on their recorded
+    JSON. No plot (they have no tokens/s rows)."""
+    from qwen_vllm.bench.report import markdown, plot
+
+    result = recorded(mode)
+    assert markdown(result) + "\n" == (RECORDED / f"{mode}.md").read_text()
+    assert plot(result, tmp_path / "plot.png") is False and not (tmp_path / "plot.png").exists()
+
+
+def test_admission_report() -> None:
+    """Latency grows by one reply per wave of --max-num-seqs queued ahead:
+    the default bound (one wave) keeps admitted requests under ~2 replies."""
+    data = recorded("admission")["data"]
+    b, waves = data["max_num_seqs"], data["waves"]
+    assert len(data["latencies_s"]) == data["requests"] == b * len(waves)
+    assert [w["vs_first_wave"] for w in waves] == sorted(w["vs_first_wave"] for w in waves)
+    assert 1.5 < waves[1]["vs_first_wave"] < 2.5 and waves[-1]["vs_first_wave"] > 3
+    default = next(x for x in data["bounds"] if x["max_queued_requests"] == b)
+    assert default["admitted_p99_s"] < 2.5 * waves[0]["median_s"]
+
+
+def test_chaos_report() -> None:
+    """Both phases on one stack, kills only in the chaos one, every request
+    completed with the greedy reply."""
+    from qwen_vllm.bench.stress import percentile
+
+    data = recorded("chaos")["data"]
+    calm, chaos = data["phases"]
+    assert (calm["phase"], calm["kills"], chaos["phase"]) == ("calm", 0, "chaos") and chaos["kills"] >= 3
+    assert data["stack_restarts"] >= chaos["kills"]
+    for phase in (calm, chaos):
+        assert phase["sent"] == phase["completed"] > 0 and phase["failed"] == phase["wrong_replies"] == 0
+        assert 0 < phase["p50_s"] <= phase["p99_s"]
+    assert all(data["goals"].values())
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0] * 99 + [9.0], 99) == 1.0
+    assert percentile(list(range(1, 101)), 99) == 99 and percentile([], 99) == 0.0
+
+
 def test_versus_live_serving_half(bench_runs: dict) -> None:
     data = load(bench_runs, "versus")["data"]
     serving = {(r["target"], r["concurrency"]): r for r in data["serving"]}

@@ -4,8 +4,8 @@ One ``qwen-vllm stack`` for the module: the real FastChat controller, two
 workers (the scripted chat fixture served as "scripted-chat" — no "qwen" in
 its name — and the random fixture as "random"), and the OpenAI front with an
 API key; driven by the official openai SDK and by raw FastChat worker
-requests. Destructive tests (controller restart, kill -9, shutdown) run last,
-in that order.
+requests. Destructive tests (controller restart, kill -9 and the restart,
+a crash loop, shutdown) run last, in that order.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class StackProcess:
                "--log-dir", str(log_dir), "--ready-file", str(self.ready_file)]  # fmt: skip
         for m in models:
             cmd += ["--model", str(m)]
-        cmd += ["--", "--enforce-eager", "--max-model-len", "2048"]
+        cmd += ["--max-queued-requests", "4", "--", "--enforce-eager", "--max-model-len", "2048"]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.changed = threading.Condition()
@@ -332,18 +332,70 @@ def test_controller_restart_workers_return_within_one_heartbeat(stack, client):
         models = httpx.post(controller + "/list_models").json()["models"]
 
 
-def test_killed_worker_fails_cleanly_and_the_other_keeps_serving(stack, client):
-    os.kill(stack.pids()["worker random#0"], signal.SIGKILL)
-    for _ in range(3):
-        start = time.monotonic()
-        with pytest.raises(openai.APIStatusError) as info:
-            client.chat.completions.create(model="random", messages=messages(), max_tokens=5)
-        assert time.monotonic() - start < 5
-        assert info.value.status_code in (404, 503) and "'random'" in info.value.message
-        r = client.chat.completions.create(model="scripted-chat", messages=messages(), temperature=0)
-        assert r.choices[0].message.content == CHAT_REPLY
-    assert [m.id for m in client.models.list().data] == ["scripted-chat"]  # the controller dropped it
-    stack.wait_line(r"worker random#0 exited with code -9", timeout=10)
+def test_killed_worker_answers_503_then_is_restarted(stack, client):
+    """kill -9 of a worker: within 2 s its model answers 503 + Retry-After
+    (never 404: it was served a moment ago) while the other model keeps
+    serving; the stack logs the cause, restarts it with the same command line,
+    and the model answers again."""
+    old = stack.pids()["worker random#0"]
+    cmdline = psutil.Process(old).cmdline()
+    assert cmdline[cmdline.index("--max-queued-requests") + 1] == "4"  # the stack's flag reached the worker
+    mark = len(stack.lines)
+    os.kill(old, signal.SIGKILL)
+    killed = time.monotonic()
+    first_503 = None
+    while True:
+        try:
+            r = client.chat.completions.create(model="random", messages=messages(), max_tokens=5)
+            break
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503 and "'random'" in exc.message, (exc.status_code, exc.message)
+            assert exc.response.headers["retry-after"] == "5"
+            if first_503 is None:
+                first_503 = time.monotonic() - killed
+                r = client.chat.completions.create(model="scripted-chat", messages=messages(), temperature=0)
+                assert r.choices[0].message.content == CHAT_REPLY
+        assert time.monotonic() - killed < 300, "the killed worker did not come back"
+        time.sleep(0.5)
+    assert first_503 is not None and first_503 < 2, first_503
+    assert r.choices[0].finish_reason in ("stop", "length")
+    stack.wait_line(rf"worker random#0 \(pid {old}\) exited \(killed by SIGKILL\); restarting it in \d+ s", 1, mark)
+    stack.wait_line(r"worker random#0 is back \(restart 1, up after \d+ s\)", 10, mark)
+    worker = next(w for w in stack.info()["workers"] if w["name"] == "worker random#0")
+    assert worker["restarts"] == 1 and worker["pid"] != old
+    assert psutil.Process(worker["pid"]).cmdline() == cmdline
+    deadline = time.monotonic() + HEARTBEAT_S + 10  # it registers again once ready; the front caches 2 s
+    while sorted(m.id for m in client.models.list().data) != ["random", "scripted-chat"]:
+        assert time.monotonic() < deadline, "the restarted worker is not listed again"
+        time.sleep(0.5)
+
+
+def test_crash_looping_worker_is_left_down_with_the_reason(stack, client):
+    """A worker that keeps dying before it is up (here: killed while it
+    loads) is restarted after a growing backoff, then left down with the
+    reason and its log's tail; its model answers 503, the other serves on."""
+    mark = len(stack.lines)
+    gave_up = r"worker random#0 exited \(killed by SIGKILL\): 3 failures in a row, none up for 30 s; not restarting it"
+    for _ in range(5):
+        pid = stack.pids()["worker random#0"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while stack.pids()["worker random#0"] == pid and not any(re.search(gave_up, line) for line in stack.lines[mark:]):
+            assert time.monotonic() < deadline, "no restart and no give-up"
+            time.sleep(0.05)
+        if any(re.search(gave_up, line) for line in stack.lines[mark:]):
+            break
+    delays = [int(d) for line in stack.lines[mark:] for d in re.findall(r"worker random#0 .*restarting it in (\d+) s", line)]
+    assert delays[-2:] == [1, 2], delays  # the backoff doubles
+    end = next(i for i, line in enumerate(stack.lines) if re.search(gave_up, line))
+    assert stack.lines[end + 1].startswith("    "), stack.lines[end:]  # the log's tail follows
+    worker = next(w for w in stack.info()["workers"] if w["name"] == "worker random#0")
+    assert worker["given_up"] is True
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="random", messages=messages(), max_tokens=5)
+    assert info.value.status_code == 503
+    r = client.chat.completions.create(model="scripted-chat", messages=messages(), temperature=0)
+    assert r.choices[0].message.content == CHAT_REPLY
 
 
 def test_stack_stops_cleanly(stack):

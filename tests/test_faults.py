@@ -1,11 +1,12 @@
 """Security, load and faults on the shared topology (reliability_stack.py).
 
-Non-destructive tests first (binding, keys, code checks, concurrent load),
+Non-destructive tests first (binding, keys, code checks, concurrent load,
+admission control),
 then in order: the controller down and back, kill -9 of worker B mid-stream,
 and SIGTERM to the front, worker A and the controller, each with a request in
 flight. What test_fastchat_stack.py already proves (the stack restarting its
-controller, a dead worker's model answered with 503/404, stack shutdown) is
-not repeated.
+controller and a killed worker, 503 + Retry-After meanwhile, a crash loop
+left down, stack shutdown) is not repeated.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ import httpx
 import openai
 import psutil
 import pytest
-from reliability_stack import HEARTBEAT_S, MODEL, WORKER_KEY, topology  # noqa: F401 (topology is a fixture)
+from reliability_stack import (  # noqa: F401 (topology is a fixture)
+    A_LIMIT,
+    ADAPTERS,
+    HEARTBEAT_S,
+    MODEL,
+    WORKER_KEY,
+    topology,
+)
 
 from qwen_vllm.checkpoints.fixtures import CHAT_REPLY, REMOTE_CODE_FILES
 
@@ -109,7 +117,9 @@ def test_worker_api_key_guards_every_route(topology):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": WORKER_KEY}):
             r = httpx.request(method, url + path, headers=headers, json={}, timeout=30)
             if path == "/worker_get_status":  # the FastChat controller polls it and sends no key
-                assert r.status_code == 200 and r.json()["model_names"] == [MODEL]
+                assert r.status_code == 200 and r.json()["model_names"] == [MODEL, *ADAPTERS]
+            elif path == "/ready":  # load balancers probe it with no key; it tells only "ready"
+                assert r.status_code == 200 and r.json() == {"ready": True}
             else:
                 assert r.status_code == 401, (method, path, headers, r.status_code)
     assert httpx.get(url + "/health", headers=B_HEADERS, timeout=10).status_code == 200
@@ -209,6 +219,67 @@ def test_concurrent_streams_through_the_front(topology):
     assert [r for r in replies if r != single.choices[0].message.content] == []
     after = (finished_requests(topology.worker_url("a")), finished_requests(topology.worker_url("b"), B_HEADERS))
     assert all(a > b for a, b in zip(after, before)), (before, after)
+
+
+def queue_length(url: str) -> int:
+    return httpx.post(url + "/worker_get_status", timeout=10).json()["queue_length"]
+
+
+def test_full_worker_refuses_with_429_and_the_front_uses_the_other(topology):
+    """A_LIMIT long streams fill worker A (--limit-worker-concurrency): its /v1
+    answers 429 + Retry-After at once and its FastChat route the in-band
+    ENGINE_OVERLOADED error; every request through the front is served (by B,
+    after A's 429); A stays ready and serves again once the streams end."""
+    a_url = topology.worker_url("a")
+    log = topology.log_dir / "worker-a.log"
+    mark = log.stat().st_size
+    release = threading.Event()
+    streams_ended = []
+
+    def hold() -> None:
+        stream = client(a_url).chat.completions.create(model=MODEL, messages=hello(), stream=True, **LONG)
+        for _ in stream:
+            if release.is_set():
+                break
+        stream.close()
+        streams_ended.append(1)
+
+    threads = [threading.Thread(target=hold, daemon=True) for _ in range(A_LIMIT)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while queue_length(a_url) < A_LIMIT:
+            assert time.monotonic() < deadline, f"A holds {queue_length(a_url)} requests, not {A_LIMIT}"
+            time.sleep(0.1)
+        start = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as info:
+            client(a_url).chat.completions.create(model=MODEL, messages=hello(), max_tokens=4)
+        assert time.monotonic() - start < 2
+        assert info.value.response.headers["retry-after"] == "1"
+        assert f"limit (--max-num-seqs + --max-queued-requests, or --limit-worker-concurrency) is {A_LIMIT}" in info.value.message
+        inband = httpx.post(a_url + "/worker_generate", json={"prompt": "hi", "max_new_tokens": 2}, timeout=10).json()
+        assert inband["error_code"] == 42903 and inband["text"].startswith("server busy"), inband  # ENGINE_OVERLOADED
+        with httpx.stream("POST", a_url + "/worker_generate_stream", json={"prompt": "hi"}, timeout=10) as r:
+            frames = [f for f in r.read().split(b"\0") if f]
+        assert len(frames) == 1 and b"42903" in frames[0]
+        front = client(topology.front_url)
+        for _ in range(4):
+            r = front.chat.completions.create(model=MODEL, messages=hello(), temperature=0)
+            assert r.choices[0].message.content == CHAT_REPLY
+        assert httpx.get(a_url + "/ready", timeout=10).json() == {"ready": True}  # full is not unready
+    finally:
+        release.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert len(streams_ended) == A_LIMIT
+    refused = [line for line in log.read_bytes()[mark:].decode(errors="replace").splitlines() if '" 429' in line]
+    assert len(refused) >= 3, refused  # the direct request, then the front's tries on A
+    deadline = time.monotonic() + 30
+    while queue_length(a_url) > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert client(a_url).chat.completions.create(model=MODEL, messages=hello(), temperature=0).choices[0].message.content == CHAT_REPLY
 
 
 # -- faults (destructive, in this order) ---------------------------------------------------

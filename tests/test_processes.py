@@ -16,7 +16,12 @@ import time
 
 import pytest
 
-from qwen_vllm.runtime.processes import DIE_WITH_PARENT_ENV, OWN_PROCESS_GROUP_ENV
+from qwen_vllm.runtime.processes import (
+    DIE_WITH_PARENT_ENV,
+    OWN_PROCESS_GROUP_ENV,
+    exit_cause,
+    oom_kills,
+)
 
 # vLLM loads its general plugins (our register()) in the API server and in
 # every process it starts; under fork the child inherits them as loaded.
@@ -69,3 +74,18 @@ def test_engine_children_leave_the_group_and_die_with_the_parent(method: str, tm
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_exit_cause_names_the_signal_code_and_oom_killer() -> None:
+    """What the stack logs when a child exits: a real child killed by SIGKILL,
+    one that exits 3, and the OOM killer when the cgroup's counter moved
+    (forced here by a lower "before" count: no process is OOM-killed)."""
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    assert exit_cause(killed.wait()) == "killed by SIGKILL"
+    assert exit_cause(subprocess.call([sys.executable, "-c", "raise SystemExit(3)"])) == "exit code 3"
+    count = oom_kills()
+    if count is None:
+        pytest.skip("this kernel exposes no memory-cgroup oom_kill counter")
+    assert exit_cause(-9, count) == "killed by SIGKILL"  # nothing new
+    assert exit_cause(-9, count - 1).endswith("the kernel's OOM killer ended 1 process(es) meanwhile (out of memory)")

@@ -12,7 +12,9 @@ tokens/s = batch x new_tokens / wall time. Targets:
   ``raw``      vllm.LLM.generate on the ChatML token ids (no wrapper),
   ``wrapper``  vLLMWrapper.batch_chat on the same queries (same ids, same tokens),
   ``transformers``  Qwen2ForCausalLM.generate on the converted Qwen2 copy,
-                    left-padded static batch (what users run without vLLM).
+                    left-padded static batch (what users run without vLLM),
+  ``lora-K``   vLLMWrapper.batch_chat with K distinct LoRA adapters over the
+               batch, round robin (``lora-0``: no adapter, on a LoRA engine).
 """
 
 from __future__ import annotations
@@ -202,6 +204,11 @@ def vllm_job(spec: dict) -> dict:
         ),
         "wrapper": lambda b: wrapper.batch_chat(qs[:b], **gen),
     }
+    adapters = [wrapper.load_adapter(path) for path in spec.get("adapters", [])]
+    for k in (0, 1, len(adapters)) if adapters else ():
+        available[f"lora-{k}"] = lambda b, k=k: wrapper.batch_chat(
+            qs[:b], adapter=[adapters[i % k] if k else None for i in range(b)], **gen
+        )
     rows = measure({t: available[t] for t in spec["targets"]}, spec)
     cache = wrapper.llm.llm_engine.vllm_config.cache_config
     return {

@@ -225,7 +225,62 @@ def cpu_defaults(args: argparse.Namespace, model: Path) -> dict:
     return {"rows": rows, "engines": engines, "ratios": ratios}
 
 
-MODES = {"profile": profile, "versus": versus, "cpu-defaults": cpu_defaults}
+def lora(args: argparse.Namespace, model: Path) -> dict:
+    """Tokens/s of a LoRA engine with 0, 1 and 4 distinct adapters in each batch,
+    against the base model on a plain engine (a merged adapter costs exactly
+    the base model's compute); host memory of the LoRA engine against the plain
+    one. Adapters: Qwen's finetune.py defaults (r=64 on all four targets)."""
+    from qwen_vllm.checkpoints.lora import DEFAULT_MAX_LORAS, make_adapter
+
+    spec = {**base_spec(args, model), "kind": "vllm", "batches": args.batches}
+    with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
+        adapters = [str(make_adapter(model, Path(tmp) / f"adapter-{i}", rank=args.rank, seed=i)) for i in range(DEFAULT_MAX_LORAS)]
+        plain = run_job({**spec, "targets": ["wrapper"]})
+        engine = {**spec["engine"], "enable_lora": True, "max_lora_rank": args.rank}
+        targets = ["lora-0", "lora-1", f"lora-{len(adapters)}"]
+        with_lora = run_job({**spec, "engine": engine, "targets": targets, "adapters": adapters})
+    rows = [dict(r, target="merged") for r in plain["rows"]] + with_lora["rows"]
+    tok = {(r["target"], r["batch"]): r["tok_s"] for r in rows}
+    ratios = {f"{t}/merged batch {b}": tok[t, b] / tok["merged", b] for b in args.batches for t in targets}
+    per_adapter = {
+        b: (next(r for r in rows if r["target"] == targets[-1] and r["batch"] == b)["peak_rss_gib"]
+            - next(r for r in rows if r["target"] == "lora-1" and r["batch"] == b)["peak_rss_gib"]) / (len(adapters) - 1)
+        for b in args.batches
+    }  # fmt: skip
+    return {
+        "rows": rows,
+        "rank": args.rank,
+        "adapters": len(adapters),
+        "memory_gib": {
+            "plain engine peak": plain["peak_rss_gib"],
+            "LoRA engine peak": with_lora["peak_rss_gib"],
+            "LoRA engine over plain": with_lora["peak_rss_gib"] - plain["peak_rss_gib"],
+            **{f"per extra adapter in use, batch {b}": v for b, v in per_adapter.items()},
+        },
+        "ratios": ratios,
+    }
+
+
+def admission(args: argparse.Namespace, model: Path) -> dict:
+    from qwen_vllm.bench import stress
+
+    return stress.admission(args, model)
+
+
+def chaos(args: argparse.Namespace, model: Path) -> dict:
+    from qwen_vllm.bench import stress
+
+    return stress.chaos(args, model)
+
+
+MODES = {
+    "profile": profile,
+    "versus": versus,
+    "cpu-defaults": cpu_defaults,
+    "lora": lora,
+    "admission": admission,
+    "chaos": chaos,
+}
 
 
 # -- reporting --------------------------------------------------------------------
@@ -299,6 +354,41 @@ def markdown(result: dict) -> str:
                     ],
                 )  # fmt: skip
             )
+    elif mode == "lora":
+        batches = sorted({r["batch"] for r in data["rows"]})
+        tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
+        names = ["merged", "lora-0", "lora-1", f"lora-{data['adapters']}"]
+        parts.append(
+            f"Output tokens/s, adapters of rank {data['rank']} on all four targets; `merged`: the base model on a "
+            "plain engine (a merged adapter's compute), `lora-K`: a LoRA engine with K distinct adapters in each "
+            "batch (round robin):\n"
+        )
+        parts.append(table(["batch", *names], [[b, *[tok[n, b] for n in names]] for b in batches]))
+        parts.append("\nHost memory (GiB, RSS of the engine process tree):\n")
+        parts.append(table(["", "GiB"], [[k, v] for k, v in data["memory_gib"].items()]))
+    elif mode == "admission":
+        parts.append(
+            f"One worker, `--max-num-seqs {data['max_num_seqs']}`, a burst of {data['requests']} equal requests "
+            "(/v1/completions, ignore_eos) sent in order; latency by arrival position:\n"
+        )
+        parts.append(
+            table(["wave", "positions", "median latency (s)", "vs first wave"],
+                  [[w["wave"], w["positions"], w["median_s"], w["vs_first_wave"]] for w in data["waves"]])
+        )  # fmt: skip
+        parts.append("\nWhat a queue bound would give on this burst:\n")
+        parts.append(
+            table(["--max-queued-requests", "p99 latency of admitted (s)", "refused at once (429)"],
+                  [[b["max_queued_requests"], b["admitted_p99_s"], f"{b['refused_share']:.0%}"] for b in data["bounds"]])
+        )  # fmt: skip
+    elif mode == "chaos":
+        parts.append(
+            f"`qwen-vllm stack --workers 2`, {data['clients']} streaming clients (openai SDK, default retries); "
+            f"in the chaos phase a worker gets `kill -9` every {data['kill_every_s']:.0f} s once both are up "
+            f"({data['stack_restarts']} restarts by the stack).\n"
+        )
+        keys = ["seconds", "kills", "sent", "completed", "client_retries", "sdk_retries", "failed", "wrong_replies",
+                "p50_s", "p99_s", "rss_mib_start", "rss_mib_end", "rss_mib_max"]  # fmt: skip
+        parts.append(table(["phase", *keys], [[p["phase"], *[p[k] for k in keys]] for p in data["phases"]]))
     else:
         batches = sorted({r["batch"] for r in data["rows"]})
         tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
@@ -322,16 +412,19 @@ def markdown(result: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
-    """tokens/s vs batch size (offline) and vs concurrency (serving), one line per target."""
+def plot(result: dict, path: Path) -> bool:
+    """tokens/s vs batch size (offline) and vs concurrency (serving), one line
+    per target; False (no file) for a report without such rows (chaos)."""
+    data = result["data"]
+    panels = [("batch", data.get("rows", []) + data.get("offline", [])), ("concurrency", data.get("serving", []))]
+    panels = [(x, rows) for x, rows in panels if rows]
+    if not panels:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = result["data"]
-    panels = [("batch", data.get("rows", []) + data.get("offline", [])), ("concurrency", data.get("serving", []))]
-    panels = [(x, rows) for x, rows in panels if rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (x, rows) in zip(axes[0], panels):
         for target in dict.fromkeys(r["target"] for r in rows):
@@ -349,6 +442,7 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def write_results(result: dict, out_dir: Path) -> dict[str, Path]:
@@ -357,7 +451,8 @@ def write_results(result: dict, out_dir: Path) -> dict[str, Path]:
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
     write_json(paths["json"], result)
     paths["md"].write_text(markdown(result))
-    plot(result, paths["png"])
+    if not plot(result, paths["png"]):
+        del paths["png"]
     return paths
 
 
@@ -368,6 +463,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "profile": "tokens/s and peak memory generating N tokens at batch 1 and batch B (the Qwen README's table)",
         "versus": "raw vLLM vs vLLMWrapper vs transformers; native vLLM server vs worker vs front",
         "cpu-defaults": "our CPU defaults (thread binding, KV space, max batched tokens) vs vLLM's",
+        "lora": "tokens/s with 0, 1 and 4 LoRA adapters per batch vs the merged model; memory per adapter",
+        "admission": "latency by queue position on one worker (what --max-queued-requests bounds)",
+        "chaos": "the stack with 2 workers under streaming clients, calm vs a worker kill -9'ed every N s",
     }
     for mode, text in helps.items():
         p = modes.add_parser(mode, help=text, description=text)
@@ -380,7 +478,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--out", type=Path, default=Path("results") / "bench", help="results folder")
         if mode == "profile":
             p.add_argument("--batch", type=int, default=8, help="the batch size besides 1 (default 8)")
-        else:
+        elif mode in ("versus", "cpu-defaults", "lora"):
             p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32] if mode == "versus" else [1, 8])
         if mode == "versus":
             p.add_argument("--only", choices=["offline", "serving"], help="run one half only")
@@ -392,6 +490,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--max-batched-tokens", type=int, nargs="*", default=[],
                            help="also measure ours with these max_num_batched_tokens")  # fmt: skip
             p.add_argument("--prompt-tokens", type=int, default=0, help="pad prompts to about this many tokens")
+        if mode == "lora":
+            p.add_argument("--rank", type=int, default=64, help="adapters' LoRA rank (finetune.py's default: 64)")
+        if mode == "admission":
+            p.add_argument("--max-num-seqs", type=int, default=8, help="the worker's --max-num-seqs (B)")
+            p.add_argument("--waves", type=int, default=4, help="the burst is this many times B requests")
+        if mode == "chaos":
+            p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
+            p.add_argument("--duration", type=float, default=300, help="seconds of the chaos phase")
+            p.add_argument("--calm-duration", type=float, default=120, help="seconds of the calm phase")
+            p.add_argument("--kill-every", type=float, default=60, help="seconds between kills")
+            p.add_argument("--max-requests", type=int, default=0, help="end a phase after this many requests (0: no limit)")
 
 
 def check_args(args: argparse.Namespace) -> None:

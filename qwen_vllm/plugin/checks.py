@@ -6,6 +6,7 @@ engine-side part for entry points that bypass these (``vllm serve``)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from qwen_vllm.plugin.checkpoint import read_config, validate_checkpoint
@@ -18,6 +19,20 @@ def check_max_model_len(model_dir: str | os.PathLike, max_model_len: int | None)
     (QwenContextError naming both lengths). Default: seq_length; up to 32768
     opts into Qwen's long context."""
     LongContextFlags.of(read_config(model_dir)).check_max_model_len(max_model_len)
+
+
+def check_lora_modules(model_dir: str | os.PathLike, args: argparse.Namespace) -> None:
+    """vLLM's ``--lora-modules`` for a server on ``model_dir``: each adapter
+    checked against the checkpoint (checkpoints/lora.py ``serving_dir``: names,
+    shapes, rank, modules_to_save) and its path replaced by the directory to
+    serve; LoRA is enabled when adapters are given."""
+    from qwen_vllm.checkpoints.lora import serving_dir
+
+    modules = getattr(args, "lora_modules", None) or []
+    if modules:
+        args.enable_lora = True
+    for module in modules:
+        module.path = str(serving_dir(model_dir, module.path, args.max_lora_rank))
 
 
 def check_before_start(

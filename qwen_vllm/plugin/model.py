@@ -24,7 +24,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader
 from qwen_vllm.plugin.checkpoint import check_weight_shape
 from qwen_vllm.plugin.long_context import encoded_positions, install_long_context
 from qwen_vllm.plugin.quantization import QWenWeightsMapper
-from qwen_vllm.plugin.weights import vllm_mapper_fields
+from qwen_vllm.plugin.weights import lora_packed_modules, vllm_mapper_fields
 
 # Qwen v1 names -> vLLM's (plugin/weights.py); QWenWeightsMapper also names the
 # GPTQ modules for vLLM's quantization config (see plugin/quantization.py).
@@ -46,6 +46,7 @@ class QWenLMHeadModel(Qwen2ForCausalLM, SupportsMRoPE):
     """Qwen v1 (``QWenLMHeadModel``) served by vLLM's Qwen2 implementation."""
 
     hf_to_vllm_mapper = QWEN_V1_TO_VLLM
+    packed_modules_mapping = lora_packed_modules()  # LoRA: c_attn whole, w2/w1 as gate/up
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -36,7 +36,7 @@ from vllm.model_executor.models.utils import WeightsMapper
 
 from qwen_vllm.errors import QwenQuantizationError
 from qwen_vllm.plugin.checkpoint import read_config
-from qwen_vllm.plugin.weights import LAYER_MODULES
+from qwen_vllm.plugin.weights import LAYER_MODULES, lora_renames
 from qwen_vllm.runtime.cpu import cpu_caps
 
 # --quantization values that select vLLM's GPTQ support for a gptq checkpoint.
@@ -52,15 +52,20 @@ INT8_GPTQ_HARDWARE = "an NVIDIA GPU with compute capability 7.5 or newer (vLLM's
 FP8_KV_CPU_HARDWARE = "an x86 CPU with AVX-512 or AMX"
 
 # -- module names for vLLM's quantization configs ---------------------------------
-# Qwen v1 module (inside a layer) -> the vLLM modules it becomes (plugin/weights.py).
-_QWEN_MODULES = {m.qwen: m.parts for m in LAYER_MODULES}
+# Qwen v1 module (inside a layer) -> the vLLM modules it becomes (plugin/weights.py):
+# its Qwen2 parts, and the fused module too when it is several parts (c_attn is
+# one LoRA target, so packed_modules_mapping names qkv_proj as itself, and
+# vLLM's GPTQ check then asks for qkv_proj by that name).
+_QWEN_MODULES = {m.qwen: m.parts + ((m.vllm,) if len(m.parts) > 1 else ()) for m in LAYER_MODULES}
 _MODULE = re.compile(r"^(?P<layer>transformer\.h\.(?P<index>\d+)\.)?(?P<module>.+)$")
 
 
 class _ModuleNames(WeightsMapper):
-    """The mapper vLLM hands its quantization config (``get_rename_mapper``):
-    maps module names (lists of quantized / skipped modules), one Qwen module
-    to every vLLM module it becomes."""
+    """The mapper vLLM derives from the model's (``get_rename_mapper``) and
+    hands its quantization config and its LoRA loader: maps module names
+    (lists of quantized / skipped modules), one Qwen module to every vLLM
+    module it becomes; and LoRA tensor names, ``w1``/``w2`` to the up/gate
+    LoRA packed into ``gate_up_proj``."""
 
     def vllm_names(self, name: str) -> list[str]:
         match = _MODULE.match(name)
@@ -85,7 +90,9 @@ class QWenWeightsMapper(WeightsMapper):
 
     def get_rename_mapper(self) -> WeightsMapper:
         renames = super().get_rename_mapper()
-        return _ModuleNames(**{f.name: getattr(renames, f.name) for f in dataclasses.fields(renames)})
+        fields = {f.name: getattr(renames, f.name) for f in dataclasses.fields(renames)}
+        fields["orig_to_new_substr"] = {**fields["orig_to_new_substr"], **lora_renames()}
+        return _ModuleNames(**fields)
 
 
 # -- reading a checkpoint's quantization ------------------------------------------

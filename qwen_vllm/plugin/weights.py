@@ -91,6 +91,29 @@ def vllm_mapper_fields() -> dict[str, Any]:
     }
 
 
+def lora_packed_modules() -> dict[str, list[str]]:
+    """vLLM's ``packed_modules_mapping`` for LoRA on Qwen v1: a fused vLLM
+    module -> the LoRA adapters packed into it, in shard order. ``c_attn`` is
+    one Qwen module, trained as one LoRA: the fused ``qkv_proj`` takes it whole
+    (exact under tensor parallelism: Qwen v1 has as many K/V heads as heads).
+    ``w2`` and ``w1`` are two LoRAs, packed as gate and up."""
+    packed: dict[str, list[str]] = {}
+    for m in sorted(LAYER_MODULES, key=lambda m: m.stacked or 0):
+        fused = m.vllm.rpartition(".")[2]
+        if m.stacked is not None:
+            packed.setdefault(fused, []).append(m.parts[0].rpartition(".")[2])
+        elif len(m.parts) > 1:
+            packed[fused] = [fused]
+    return packed
+
+
+def lora_renames() -> dict[str, str]:
+    """Substring renames for LoRA module names: the stacked Qwen modules to the
+    Qwen2 part each LoRA is (``w2`` -> ``gate_proj``, ``w1`` -> ``up_proj``);
+    vLLM's rename mapper drops WeightsMapper's stacked entries."""
+    return {f".{m.qwen}.": f".{m.parts[0]}." for m in LAYER_MODULES if m.stacked is not None}
+
+
 def qwen2_names(name: str) -> tuple[str, ...] | None:
     """The Qwen2 tensor names one Qwen v1 tensor becomes (three for c_attn,
     split in q/k/v order), or None for a name outside the schema."""

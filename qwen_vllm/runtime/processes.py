@@ -79,3 +79,52 @@ def install_process_hooks() -> None:
             with open(log, "a", encoding="utf-8") as f:
                 f.write(f"{os.getpid()}\n")
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def _cgroup_files() -> list[str]:
+    """This process's memory-cgroup counter files, v2 then v1 (either may be
+    mounted at its root inside a container)."""
+    paths: list[str] = []
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if controllers == "":
+                    paths += [f"/sys/fs/cgroup{path}/memory.events", "/sys/fs/cgroup/memory.events"]
+                elif "memory" in controllers.split(","):
+                    paths += [f"/sys/fs/cgroup/memory{path}/memory.oom_control", "/sys/fs/cgroup/memory/memory.oom_control"]
+    except OSError:
+        pass
+    return paths
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has ended in this memory
+    cgroup (``oom_kill`` of memory.events, cgroup v2, or memory.oom_control,
+    v1); None where the kernel does not say."""
+    for path in _cgroup_files():
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def exit_cause(returncode: int, oom_kills_before: int | None = None) -> str:
+    """Why a child exited, in words: its signal or exit code, and whether the
+    OOM killer acted since ``oom_kills_before`` (counted by :func:`oom_kills`)."""
+    if returncode < 0:
+        try:
+            cause = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            cause = f"killed by signal {-returncode}"
+    else:
+        cause = f"exit code {returncode}"
+    now = oom_kills()
+    if oom_kills_before is not None and now is not None and now > oom_kills_before:
+        cause += f" -- the kernel's OOM killer ended {now - oom_kills_before} process(es) meanwhile (out of memory)"
+    return cause

@@ -11,9 +11,14 @@ the one with the fewest requests in flight (see Dispatcher). One hop per
 request in steady state: to the worker.
 
 Failure handling: a worker that refuses the connection (or breaks a stream,
-which then ends with an error event) is marked down for a few seconds, another is asked for, and the controller is told to re-poll
-its workers (``/refresh_all_workers``) so it drops the dead one; when none
-is left the client gets a 503 naming the model within the connect timeout.
+which then ends with an error event) is marked down for a few seconds,
+another is asked for, and the controller is told to re-poll its workers
+(``/refresh_all_workers``) so it drops the dead one; when none is left the
+client gets a 503 with ``Retry-After`` naming the model within the connect
+timeout -- also once the controller has forgotten the model, for RECENT_S
+(404 is only for names not served recently). A worker whose queue is full
+answers 429 (worker/admission.py): another known worker is tried, and the
+429 is passed on only when none admits the request.
 While the controller is unreachable or restarting (it forgets every worker
 until their next heartbeat), the workers it named keep serving. The model
 list is cached for 2 s. A client that disconnects
@@ -61,6 +66,12 @@ ASK_S = 1.0  # the controller is asked about a model in the background at most t
 SEEN_S = 180.0  # how long a worker the controller named stays in the pool (2 heartbeat expiries)
 MAX_PICKS = 4  # controller answers tried per attempt before giving up on a model
 MAX_ATTEMPTS = 3  # workers tried per request
+# A model served within this window that has no live worker now gets a 503
+# (retry), not a 404 (never served): the controller forgets a dead worker at
+# once when asked to re-poll (mark_down), and a restarted worker must load its
+# engine again -- minutes for a large model -- before it registers.
+RECENT_S = 900.0
+RETRY_AFTER_S = 5  # what a 503 for a model without a live worker tells clients
 STOP_GRACE_S = 10  # on SIGTERM, in-flight responses get this long to finish, then are closed
 RELAYED_PATHS = ("/v1/chat/completions", "/v1/completions")
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "host", "authorization"}
@@ -72,6 +83,11 @@ class NoWorker(Exception):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+    def response(self) -> Response:
+        """OpenAI-shaped; a 503 says when to retry (the openai SDK honours it)."""
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        return error_response(str(self), self.status, headers=headers)
 
 
 class Dispatcher:
@@ -96,6 +112,7 @@ class Dispatcher:
         self._inflight: dict[str, int] = {}  # address -> requests this front has running there
         self._chosen: dict[str, float] = {}  # address -> when a request last went there
         self._down: dict[str, float] = {}  # address -> skip until
+        self._served: dict[str, float] = {}  # model -> last time the controller listed it
         self._refresh: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # background questions to the controller
 
@@ -110,6 +127,7 @@ class Dispatcher:
         try:
             self._models = sorted((await self._post("/list_models"))["models"])
             self._models_at = time.monotonic()
+            self._served.update(dict.fromkeys(self._models, self._models_at))
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             if self._models is None:
                 raise NoWorker(f"the FastChat controller at {self.controller} is unreachable ({exc})", 503) from exc
@@ -145,13 +163,14 @@ class Dispatcher:
         """Wait for the background questions to the controller."""
         await asyncio.gather(*self._tasks)
 
-    async def pick(self, model: str, exclude: set[str]) -> str:
+    async def pick(self, model: str, exclude: set[str], known_only: bool = False) -> str:
         """The least busy usable worker for ``model``, not in ``exclude``.
 
         Known workers are used at once while the controller is asked in the
         background; it is asked on the request's path only when none is usable.
         While the controller is unreachable or restarted (it knows no worker
-        until their next heartbeat), the pool keeps serving.
+        until their next heartbeat), the pool keeps serving. ``known_only``:
+        never wait for the controller (a busy worker's 429 is the answer then).
         """
         if time.monotonic() - self._asked.get(model, -math.inf) >= ASK_S:
             self._asked[model] = time.monotonic()
@@ -160,6 +179,8 @@ class Dispatcher:
             task.add_done_callback(self._tasks.discard)
         if candidates := self._candidates(model, exclude):
             return self._least_busy(candidates)
+        if known_only:
+            raise NoWorker(f"no other worker known for model {model!r}", 503)
         try:
             for _ in range(MAX_PICKS):
                 if not await self._ask(model):
@@ -169,6 +190,9 @@ class Dispatcher:
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             raise NoWorker(f"the FastChat controller at {self.controller} is unreachable ({exc})", 503) from exc
         if model not in await self.models():
+            ago = time.monotonic() - self._served.get(model, -math.inf)
+            if ago < RECENT_S:
+                raise NoWorker(f"model {model!r} has no live worker right now (it was served {ago:.0f} s ago); retry shortly", 503)
             served = ", ".join(await self.models()) or "none"
             raise NoWorker(f"model {model!r} is not served here; available models: {served}", 404)
         raise NoWorker(f"no reachable worker for model {model!r} (tried {', '.join(sorted(exclude)) or 'none'})", 503)
@@ -282,7 +306,7 @@ def create_app(
         try:
             return JSONResponse({"object": "list", "data": [model_card(m) for m in await dispatcher.models()]})
         except NoWorker as exc:
-            return error_response(str(exc), exc.status)
+            return exc.response()
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> Response:
@@ -290,7 +314,7 @@ def create_app(
             if model in await dispatcher.models():
                 return JSONResponse(model_card(model))
         except NoWorker as exc:
-            return error_response(str(exc), exc.status)
+            return exc.response()
         return error_response(f"model {model!r} is not served here", 404)
 
     async def relay(request: Request) -> Response:
@@ -303,11 +327,12 @@ def create_app(
         if worker_api_key:
             headers["authorization"] = f"Bearer {worker_api_key}"
         tried: set[str] = set()
+        busy: Response | None = None  # a worker's 429, passed on when no other worker admits the request
         for _ in range(MAX_ATTEMPTS):
             try:
-                address = await dispatcher.pick(model, tried)
+                address = await dispatcher.pick(model, tried, known_only=busy is not None)
             except NoWorker as exc:
-                return error_response(str(exc), exc.status)
+                return busy or exc.response()
             tried.add(address)
             dispatcher.started(address)
             relayed = False
@@ -318,6 +343,12 @@ def create_app(
                 )
                 if upstream is None:  # the client left while the worker was working
                     return Response(status_code=499)
+                if upstream.status_code == 429:  # its queue is full: another worker may admit it
+                    content = await upstream.aread()
+                    await upstream.aclose()
+                    kept = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+                    busy = Response(content, status_code=429, headers=kept)
+                    continue
                 relayed = True
                 return RelayedResponse(
                     upstream, lambda a=address: dispatcher.finished(a), lambda a=address: dispatcher.mark_down(a)
@@ -333,7 +364,7 @@ def create_app(
             finally:
                 if not relayed:
                     dispatcher.finished(address)
-        return error_response(f"no reachable worker for model {model!r} (tried {', '.join(sorted(tried))})", 503)
+        return busy or NoWorker(f"no reachable worker for model {model!r} (tried {', '.join(sorted(tried))})", 503).response()
 
     for path in RELAYED_PATHS:
         app.add_api_route(path, relay, methods=["POST"])

@@ -37,9 +37,17 @@ def run(args: Any) -> int:
     from qwen_vllm.runtime.cpu import apply_cpu_defaults
 
     cli_env_setup()
+    from qwen_vllm.checkpoints.lora import LORA_DEFAULTS
+    from qwen_vllm.plugin.checkpoint import is_qwen_v1
+    from qwen_vllm.plugin.checks import check_lora_modules
+
     parser = make_arg_parser(FlexibleArgumentParser(prog="qwen-vllm serve"))
+    parser.set_defaults(**LORA_DEFAULTS)
     argv = with_loopback_default(with_server_args(getattr(args, "extra_args", [])))
     vllm_args = parser.parse_args([*argv, "--middleware", ROUTE_ERRORS_MIDDLEWARE])
+    model = getattr(vllm_args, "model_tag", None) or vllm_args.model
+    if model and is_qwen_v1(model):
+        check_lora_modules(model, vllm_args)  # adapters checked before the engine starts
     apply_cpu_defaults(vllm_args.tensor_parallel_size)  # as the worker and the wrapper do
     command = ServeSubcommand()
     command.validate(vllm_args)

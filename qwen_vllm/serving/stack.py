@@ -8,9 +8,14 @@ registered, prints the URLs, and on Ctrl-C/SIGTERM stops everything.
 
 Every child runs in its own process group (its engine processes included)
 and gets SIGTERM if the stack itself dies (PR_SET_PDEATHSIG), so nothing is
-left behind. A controller that exits is restarted (it holds no state; workers
-re-register within one heartbeat); a worker or front that exits is reported
-and left down. Arguments after ``--`` go to every worker (vLLM engine flags:
+left behind. Any child that exits is restarted with the same command (the
+controller holds no state: workers re-register within one heartbeat; a
+worker's model is served by its other workers meanwhile, and the front
+answers 503 + Retry-After while none is live): at once after a run that came
+up and stayed up STABLE_S, else after a backoff doubling from BACKOFF_S; after
+MAX_FAST_FAILURES such failures in a row it is left down, with the reason and
+its log's tail. Each exit is reported with its cause (signal, exit code, the
+OOM killer). Arguments after ``--`` go to every worker (vLLM engine flags:
 ``--dtype float16 --quantization gptq --kv-cache-dtype auto`` ...); each
 worker's command line is parsed and checked before anything starts.
 On a CPU machine the cores are split between workers (VLLM_CPU_OMP_THREADS_BIND);
@@ -36,7 +41,7 @@ from pathlib import Path
 import httpx
 
 from qwen_vllm.errors import QwenVLLMError
-from qwen_vllm.runtime.processes import die_with_parent
+from qwen_vllm.runtime.processes import die_with_parent, exit_cause, oom_kills
 from qwen_vllm.serving.http import http_url
 
 PROGRESS_EVERY_S = 10.0
@@ -44,7 +49,13 @@ STOP_GRACE_S = 30.0
 # A worker still loading its engine is killed after this (nothing to finish;
 # vLLM's server only handles SIGTERM once the engine is up).
 LOADING_STOP_GRACE_S = 3.0
-CONTROLLER_RESTART_S = 2.0  # at most one controller restart per this many seconds
+# Supervision: a child that dies before it is ready, or within STABLE_S of
+# becoming ready, failed fast; restarts after fast failures wait BACKOFF_S,
+# doubling up to MAX_BACKOFF_S; MAX_FAST_FAILURES in a row end the retries.
+STABLE_S = 30.0
+BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+MAX_FAST_FAILURES = 3
 
 
 def say(message: str) -> None:
@@ -59,15 +70,28 @@ class Child:
     cmd: list[str]
     log: Path
     url: str
+    probe: str  # "METHOD URL" that answers 200 once the child is ready
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
     proc: subprocess.Popen | None = None
     started: float = 0.0
-    ready: bool = False
-    reported_exit: bool = False
+    ready_at: float | None = None  # when it last became ready (None: not since its start)
+    restarts: int = 0
+    fast_failures: int = 0  # in a row
+    restart_at: float | None = None  # set while a restart is pending
+    given_up: bool = False
+    oom_kills_at_start: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_at is not None
 
     def start(self) -> None:
+        self.ready_at = None
+        self.oom_kills_at_start = oom_kills()
         with open(self.log, "ab") as out:
+            if self.restarts:
+                out.write(f"----- [stack] restart {self.restarts} -----\n".encode())
             self.proc = subprocess.Popen(
                 self.cmd,
                 stdout=out,
@@ -138,6 +162,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated names every worker serves instead of the directory's name, e.g. Qwen "
         "(clients written for Qwen's openai_api.py send model='Qwen')",
     )
+    parser.add_argument(
+        "--max-queued-requests",
+        type=int,
+        help="per worker: generation requests that may wait beyond the --max-num-seqs running (429 + "
+        "Retry-After past them; the front first tries another worker). Default: the worker's",
+    )
+    parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME=PATH",
+        help="LoRA adapters every worker serves (vLLM's flag): each is a model of its own to the "
+        "controller and the API (clients pick it by 'model'); checked against the checkpoint first",
+    )
     parser.add_argument("--web", action="store_true", help="also start the web UI (qwen_vllm.ui.web)")
     parser.add_argument("--host", default="127.0.0.1", help="address every part binds (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="OpenAI API port")
@@ -173,11 +210,16 @@ class Stack:
             [py, "-m", "fastchat.serve.controller", "--host", host, "--port", str(args.controller_port)],
             self.log_dir / "controller.out",
             self.controller_url,
+            f"POST {self.controller_url}/list_models",
             cwd=self.log_dir,  # FastChat writes controller.log into its working directory
         )
         worker_args = [a for a in args.worker_args if a != "--"]
         if args.max_model_len is not None:
             worker_args = ["--max-model-len", str(args.max_model_len), *worker_args]
+        if args.lora_modules:
+            worker_args = ["--lora-modules", *args.lora_modules, *worker_args]
+        if args.max_queued_requests is not None:
+            worker_args = ["--max-queued-requests", str(args.max_queued_requests), *worker_args]
         self.keys = keys = [k for k in (args.api_keys or "").split(",") if k]
         if keys and host not in ("127.0.0.1", "::1", "localhost"):
             # Workers reachable from other machines: guard their routes too.
@@ -204,6 +246,7 @@ class Stack:
                         cmd,
                         self.log_dir / f"worker-{name}-{k}.log",
                         http_url(host, port),
+                        f"GET {http_url(host, port)}/ready",  # readiness: false while loading or dead
                         env=device_env(index, count, args.tensor_parallel_size),
                     )
                 )
@@ -214,13 +257,15 @@ class Stack:
             front_cmd += ["--api-keys", args.api_keys]
         if key:
             front_cmd += ["--worker-api-key", key]
-        self.front = Child("openai-api", front_cmd, self.log_dir / "openai-api.log", self.api_url)
+        front_health = f"GET {http_url(host, args.port)}/health"
+        self.front = Child("openai-api", front_cmd, self.log_dir / "openai-api.log", self.api_url, front_health)
         self.web: Child | None = None
         if args.web:
             web_cmd = [py, "-m", "qwen_vllm.ui.web", "--api-url", self.api_url, "--host", host,
                        "--port", str(args.web_port)]  # fmt: skip
             web_env = {"OPENAI_API_KEY": keys[0]} if keys else {}
-            self.web = Child("web-ui", web_cmd, self.log_dir / "web-ui.log", http_url(host, args.web_port), env=web_env)
+            web_url = http_url(host, args.web_port)
+            self.web = Child("web-ui", web_cmd, self.log_dir / "web-ui.log", web_url, f"GET {web_url}", env=web_env)
         self.client = httpx.Client(timeout=2.0, trust_env=False)
 
     def check_worker_args(self) -> None:
@@ -231,7 +276,8 @@ class Stack:
 
         names: set[str] = set()
         for w in self.workers:
-            names.update(worker_launch.resolve_args(worker_launch.build_parser().parse_args(w.cmd[3:])).served_model_name)
+            args = worker_launch.resolve_args(worker_launch.build_parser().parse_args(w.cmd[3:]))
+            names.update(args.served_model_name, (m.name for m in args.lora_modules or ()))
         self.model_names = sorted(names)
 
     @property
@@ -277,10 +323,18 @@ class Stack:
             self.stop.wait(0.5)
         return False
 
-    def _workers_healthy(self) -> bool:
+    def _check_ready(self, child: Child) -> bool:
+        """Probe ``child`` (once ready, it stays so until it exits or restarts)."""
+        if not child.ready:
+            method, url = child.probe.split(" ", 1)
+            headers = self.worker_headers if child in self.workers else {}
+            if self._answers(method, url, headers=headers):
+                child.ready_at = time.monotonic()
+        return child.ready
+
+    def _workers_ready(self) -> bool:
         for w in self.workers:
-            if not w.ready and self._answers("GET", f"{w.url}/health", headers=self.worker_headers):
-                w.ready = True
+            if not w.ready and self._check_ready(w):
                 say(f"{w.name} engine ready after {time.monotonic() - w.started:.0f} s")
         return all(w.ready for w in self.workers)
 
@@ -290,19 +344,19 @@ class Stack:
             say("--web needs the web UI module qwen_vllm.ui.web, which this installation lacks")
             return False
         self.controller.start()
-        if not self._wait("the controller", lambda: self._answers("POST", f"{self.controller_url}/list_models"), [self.controller]):
+        if not self._wait("the controller", lambda: self._check_ready(self.controller), [self.controller]):
             return False
         for w in self.workers:
             w.start()
         self.front.start()
         engines = f"{len(self.workers)} worker engine{'s' * (len(self.workers) > 1)} to load"
-        if not self._wait(engines, self._workers_healthy, [self.controller, *self.workers, self.front]):
+        if not self._wait(engines, self._workers_ready, [self.controller, *self.workers, self.front]):
             return False
         if not self._wait(self._registration_status, lambda: set(self.model_names) <= set(self._front_models()), self.children):
             return False
         if self.web is not None:
             self.web.start()
-            if not self._wait("the web UI", lambda: self._answers("GET", self.web.url), [self.web]):
+            if not self._wait("the web UI", lambda: self._check_ready(self.web), [self.web]):
                 return False
         self.write_ready_file()
         say("ready")
@@ -319,7 +373,15 @@ class Stack:
         """What the ready file holds."""
 
         def role(child: Child) -> dict:
-            return {"name": child.name, "url": child.url, "pid": child.proc.pid if child.proc else None, "log": str(child.log)}
+            return {
+                "name": child.name,
+                "url": child.url,
+                "pid": child.proc.pid if child.proc else None,
+                "log": str(child.log),
+                "ready": child.ready,
+                "restarts": child.restarts,
+                "given_up": child.given_up,
+            }
 
         return {
             "pid": os.getpid(),
@@ -343,16 +405,41 @@ class Stack:
         tmp.replace(path)  # readers never see half a file
 
     def supervise(self) -> None:
-        """Until stopped: restart a dead controller, report other deaths."""
+        """Until stopped: restart every child that exits (see the module doc)."""
         while not self.stop.wait(0.5):
-            if not self.controller.alive() and time.monotonic() - self.controller.started > CONTROLLER_RESTART_S:
-                say(f"controller exited with code {self.controller.proc.returncode}; restarting it")
-                self.controller.start()
-                self.write_ready_file()
             for child in self.children:
-                if not child.alive() and not child.reported_exit:
-                    child.reported_exit = True
-                    say(f"{child.name} exited with code {child.proc.returncode}; log {child.log}")
+                self.tend(child)
+
+    def tend(self, child: Child) -> None:
+        """One supervision step for ``child``: note readiness, schedule or do a restart."""
+        now = time.monotonic()
+        if child.given_up:
+            return
+        if child.alive():
+            if not child.ready and self._check_ready(child) and child.restarts:
+                say(f"{child.name} is back (restart {child.restarts}, up after {now - child.started:.0f} s)")
+                self.write_ready_file()
+            return
+        if child.restart_at is None:  # just found dead
+            cause = exit_cause(child.proc.returncode, child.oom_kills_at_start)
+            child.signal_group(signal.SIGKILL)  # engine processes left in its group
+            fast = child.ready_at is None or now - child.ready_at < STABLE_S
+            child.fast_failures = child.fast_failures + 1 if fast else 0
+            if child.fast_failures >= MAX_FAST_FAILURES:
+                child.given_up = True
+                say(f"{child.name} exited ({cause}): {child.fast_failures} failures in a row, none up for "
+                    f"{STABLE_S:.0f} s; not restarting it. Its log {child.log} ends:")  # fmt: skip
+                print(child.tail(), flush=True)
+                self.write_ready_file()
+                return
+            delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (child.fast_failures - 1)) if fast else 0.0
+            child.restart_at = now + delay
+            say(f"{child.name} (pid {child.proc.pid}) exited ({cause}); restarting it in {delay:.0f} s; log {child.log}")
+        if now >= child.restart_at:
+            child.restart_at = None
+            child.restarts += 1
+            child.start()
+            self.write_ready_file()
 
     def shutdown(self) -> None:
         """SIGTERM every process group (web, front, workers, controller), SIGKILL stragglers."""

@@ -21,6 +21,7 @@ ChatML renderer).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 VALIDATION_TYPE_ERROR = 40001
 PARAM_OUT_OF_RANGE = 40302
 CONTEXT_OVERFLOW = 40303
+ENGINE_OVERLOADED = 42903  # the worker's queue is full (admission.py)
 INTERNAL_ERROR = 50001
 
 # FastChat gen params that are rows of the settings table (HF generation names).
@@ -63,6 +65,11 @@ class WorkerRequestError(QwenRequestError):
 def error_chunk(message: str, code: int) -> dict[str, Any]:
     """FastChat's in-band error: clients show ``text`` and check ``error_code``."""
     return {"text": message, "error_code": code}
+
+
+def frame(data: dict[str, Any]) -> bytes:
+    """One chunk of ``/worker_generate_stream``: JSON ended by a NUL byte."""
+    return json.dumps(data).encode() + b"\0"
 
 
 def conv_template(name: str) -> dict[str, Any]:

@@ -6,7 +6,8 @@ the API server's event loop: it waits until the worker's own server answers,
 registers (retrying with backoff while the controller is down), then sends a
 heartbeat every ``FASTCHAT_WORKER_HEART_BEAT_INTERVAL`` seconds and registers
 again when the controller answers ``exist: false`` (it was restarted), so a
-restarted controller lists the worker again within one heartbeat.
+restarted controller lists the worker again within one heartbeat -- or when
+the names it serves changed (a LoRA adapter loaded or unloaded at run time).
 """
 
 from __future__ import annotations
@@ -39,18 +40,19 @@ class ControllerLink:
         controller_address: str,
         worker_address: str,
         status: Callable[[], dict[str, Any]],
-        local_health_url: str,
+        local_ready_url: str,
         interval: float | None = None,
         local_api_key: str | None = None,
     ) -> None:
         self.controller = controller_address.rstrip("/")
         self.worker_address = worker_address
         self.status = status
-        self.local_health_url = local_health_url
+        self.local_ready_url = local_ready_url
         self.local_headers = {"Authorization": f"Bearer {local_api_key}"} if local_api_key else {}
         self.interval = heartbeat_interval() if interval is None else interval
         self._task: asyncio.Task | None = None
         self._client: httpx.AsyncClient | None = None
+        self._registered_names: list[str] = []
 
     def start(self) -> None:
         self._client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, trust_env=False)
@@ -72,6 +74,9 @@ class ControllerLink:
             if not exist:
                 logger.info("controller %s does not know this worker (restarted?); registering again", self.controller)
                 await self._retry("register with the controller", self._register)
+            elif self.status()["model_names"] != self._registered_names:
+                logger.info("serving %s now; registering again", ", ".join(self.status()["model_names"]))
+                await self._retry("register with the controller", self._register)
 
     async def _retry(self, what: str, step: Callable[[], Any], first_warning: int = 1) -> Any:
         """Run ``step`` until it succeeds, backing off 0.25 s .. min(5 s, interval)."""
@@ -87,20 +92,22 @@ class ControllerLink:
             delay = min(delay * 2, MAX_BACKOFF_S, max(self.interval, 0.25))
 
     async def _serving(self) -> None:
-        r = await self._client.get(self.local_health_url, headers=self.local_headers)
+        r = await self._client.get(self.local_ready_url, headers=self.local_headers)
         r.raise_for_status()
 
     async def _register(self) -> None:
+        status = self.status()
         r = await self._client.post(
             self.controller + "/register_worker",
             json={
                 "worker_name": self.worker_address,
                 "check_heart_beat": True,
-                "worker_status": self.status(),
+                "worker_status": status,
                 "multimodal": False,
             },
         )
         r.raise_for_status()
+        self._registered_names = status["model_names"]
         logger.info("registered %s with the FastChat controller %s", self.worker_address, self.controller)
 
     async def _heartbeat(self) -> bool:

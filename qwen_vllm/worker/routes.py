@@ -5,23 +5,24 @@ qwen_vllm_fastchat``; loaded when ``VLLM_PLUGINS`` names it, as
 ``qwen-vllm worker`` does) adds fschat 0.2.36's worker routes to vLLM's own
 OpenAI API server, so one process serves ``/worker_generate_stream``,
 ``/worker_generate``, ``/worker_get_status``, ``/count_token``,
-``/worker_get_conv_template``, ``/model_details`` and vLLM's ``/v1/*`` and
-``/health``, all on the same engine client. Protocol mapping:
-fastchat_protocol.py; controller registration: worker_registration.py.
+``/worker_get_conv_template``, ``/model_details``, ``/ready`` and vLLM's
+``/v1/*`` and ``/health``, all on the same engine client. Protocol mapping:
+protocol.py; controller registration: registration.py; the bounded queue
+in front of the engine: admission.py.
 
 A client that disconnects cancels the handler, which cancels
 ``engine_client.generate()``, which aborts the vLLM request.
 
 Guards added to vLLM's server: with ``--api-key`` every route needs the key
 (vLLM checks only /v1-style prefixes) except ``/worker_get_status``, which the
-controller polls; bodies over ``--max-body-mb`` get a 413; request_checks.py
-rejects bodies that are not UTF-8 JSON and ``n`` beyond ``--max-num-seqs``.
+controller polls, and ``/ready``; bodies over ``--max-body-mb`` get a 413; request_checks.py
+rejects bodies that are not UTF-8 JSON, ``n`` beyond ``--max-num-seqs`` and
+adapters that do not fit the model.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from argparse import Namespace
 from collections.abc import AsyncIterator
@@ -41,10 +42,12 @@ from qwen_vllm.serving.http import (
     ApiKeys,
     BodyLimit,
     OpenAIRouteErrors,
+    error_response,
     http_url,
     json_body,
     until_disconnect,
 )
+from qwen_vllm.worker.admission import Admission, Gate, capacity
 from qwen_vllm.worker.protocol import (
     INTERNAL_ERROR,
     PARAM_OUT_OF_RANGE,
@@ -54,16 +57,18 @@ from qwen_vllm.worker.protocol import (
     conv_template,
     default_conv_template,
     error_chunk,
+    frame,
     sampling_params,
 )
 from qwen_vllm.worker.registration import ControllerLink
 from qwen_vllm.worker.request_checks import RequestChecks
 
 PLUGIN_NAME = "qwen_vllm_fastchat"
-DEFAULT_CONCURRENCY = 1024  # fschat vllm_worker's --limit-worker-concurrency
-# Open even with --api-key: the FastChat controller polls it and can send no
-# key (it tells only model names and queue length).
-CONTROLLER_PATHS = ("/worker_get_status",)
+# Open even with --api-key: the FastChat controller polls the status and can
+# send no key; load balancers probe readiness. Neither tells more than model
+# names, queue length and "ready".
+OPEN_PATHS = ("/worker_get_status", "/ready")
+READY_CHECK_TIMEOUT_S = 5.0
 ENGINE_STOPPED_GRACE_S = 2  # on SIGTERM, once the engine has stopped, open responses get this long to flush
 
 
@@ -85,10 +90,11 @@ class WorkerSettings:
     model_names: list[str]
     worker_address: str | None
     controller_address: str | None
-    limit_worker_concurrency: int
+    limit_worker_concurrency: int | None  # FastChat's flag: the admission limit when given
+    max_queued_requests: int | None  # None: as many as --max-num-seqs
     conv_template: str | None
-    local_health_url: str
-    api_key: str | None = None  # sent to the worker's own /health
+    local_ready_url: str
+    api_key: str | None = None  # sent to the worker's own /ready
 
     @classmethod
     def from_args(cls, args: Namespace) -> WorkerSettings:
@@ -98,9 +104,10 @@ class WorkerSettings:
             model_names=list(names),
             worker_address=getattr(args, "worker_address", None),
             controller_address=args.controller_address if register else None,
-            limit_worker_concurrency=getattr(args, "limit_worker_concurrency", DEFAULT_CONCURRENCY),
+            limit_worker_concurrency=getattr(args, "limit_worker_concurrency", None),
+            max_queued_requests=getattr(args, "max_queued_requests", None),
             conv_template=getattr(args, "conv_template", None),
-            local_health_url=http_url(args.host, args.port) + "/health",
+            local_ready_url=http_url(args.host, args.port) + "/ready",
             api_key=next(iter(api_keys(args)), None),
         )
 
@@ -116,28 +123,41 @@ def _hf_defaults(diff_sampling_param: dict[str, Any]) -> dict[str, Any]:
 class FastChatWorker:
     """FastChat's worker semantics over one vLLM engine client."""
 
-    def __init__(self, engine_client: Any, settings: WorkerSettings, app_state: Any) -> None:
+    def __init__(self, engine_client: Any, settings: WorkerSettings, gate: Gate, served_models: Any = None) -> None:
         model_config = engine_client.model_config
         self.engine = engine_client
         self.settings = settings
-        self.app_state = app_state
+        self.gate = gate
+        self.served_models = served_models  # vLLM's OpenAIServingModels: its LoRA adapters, loaded at run time too
         self.max_model_len = model_config.max_model_len
         self.chat_format = model_config.try_get_generation_config().get("chat_format", "chatml")
         self.defaults = _hf_defaults(model_config.get_diff_sampling_param())
         self.tokenizer = engine_client.renderer.get_tokenizer()
         self.conv = conv_template(settings.conv_template or default_conv_template(self.chat_format))
-        self.semaphore = asyncio.Semaphore(settings.limit_worker_concurrency)
         self.max_n = engine_client.vllm_config.scheduler_config.max_num_seqs
+        gate.capacity = capacity(self.max_n, settings.max_queued_requests, settings.limit_worker_concurrency)
 
-    def queue_length(self) -> int:
-        """Requests running or waiting here: FastChat routes (fschat's semaphore
-        formula) plus vLLM's /v1 routes (its server-load counter)."""
-        sem = self.semaphore
-        fastchat = self.settings.limit_worker_concurrency - sem._value + len(sem._waiters or ())
-        return fastchat + max(0, getattr(self.app_state, "server_load_metrics", 0))
+    def adapters(self) -> dict[str, Any]:
+        """LoRA adapter name -> vLLM LoRARequest, as vLLM's /v1 serves them now."""
+        return dict(getattr(self.served_models, "lora_requests", None) or {})
 
     def status(self) -> dict[str, Any]:
-        return {"model_names": self.settings.model_names, "speed": 1, "queue_length": self.queue_length()}
+        """What the controller routes and balances on: every name served here
+        (the model's and each LoRA adapter's, each a model of its own to
+        FastChat), and queue_length, the generation requests running or
+        waiting here on either protocol (admission.py)."""
+        names = [*self.settings.model_names, *self.adapters()]
+        return {"model_names": names, "speed": 1, "queue_length": self.gate.in_flight}
+
+    async def ready(self) -> str | None:
+        """None when the engine can generate, else why not."""
+        if self.engine.errored:
+            return f"the engine is dead ({self.engine.dead_error})"
+        try:
+            await asyncio.wait_for(self.engine.check_health(), READY_CHECK_TIMEOUT_S)
+        except Exception as exc:  # any failure of the probe means "not ready"
+            return f"the engine failed its health check ({type(exc).__name__}: {exc})"
+        return None
 
     def prompt_ids(self, prompt: Any) -> list[int]:
         if not isinstance(prompt, str):
@@ -146,39 +166,40 @@ class FastChatWorker:
 
     async def generate_stream(self, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """FastChat chunks for one request; a bad request yields one error chunk."""
-        async with self.semaphore:
-            try:
-                prompt = params.get("prompt")
-                ids = self.prompt_ids(prompt)
-                params_ = sampling_params(
-                    params,
-                    self.defaults,
-                    prompt_len=len(ids),
-                    max_model_len=self.max_model_len,
-                    max_n=self.max_n,
-                )
-                (engine_input,) = await self.engine.renderer.render_cmpl_async([{"prompt_token_ids": ids}])
-            except (QwenRequestError, VLLMClientError) as exc:
-                yield error_chunk(str(exc), getattr(exc, "code", PARAM_OUT_OF_RANGE))
-                return
-            chunks = ChunkBuilder(
-                prompt,
-                ids,
-                n=params_.n,
-                echo=bool(params.get("echo", True)),
-                logprobs=params_.logprobs,
-                first_token=self.tokenizer.decode(ids[:1]) if params_.prompt_logprobs is not None else "",
+        try:
+            prompt = params.get("prompt")
+            ids = self.prompt_ids(prompt)
+            params_ = sampling_params(
+                params,
+                self.defaults,
+                prompt_len=len(ids),
+                max_model_len=self.max_model_len,
+                max_n=self.max_n,
             )
-            try:
-                async for out in self.engine.generate(engine_input, params_, f"fastchat-{uuid.uuid4().hex}"):
-                    data = chunks.update(out)
-                    if data is not None:
-                        yield data
-            except Exception as exc:  # FastChat reports every failure in-band
-                if isinstance(exc, VLLMClientError):
-                    yield error_chunk(str(exc), PARAM_OUT_OF_RANGE)
-                else:
-                    yield error_chunk(f"{SERVER_ERROR_MSG}\n\n({type(exc).__name__}: {exc})", INTERNAL_ERROR)
+            (engine_input,) = await self.engine.renderer.render_cmpl_async([{"prompt_token_ids": ids}])
+        except (QwenRequestError, VLLMClientError) as exc:
+            yield error_chunk(str(exc), getattr(exc, "code", PARAM_OUT_OF_RANGE))
+            return
+        chunks = ChunkBuilder(
+            prompt,
+            ids,
+            n=params_.n,
+            echo=bool(params.get("echo", True)),
+            logprobs=params_.logprobs,
+            first_token=self.tokenizer.decode(ids[:1]) if params_.prompt_logprobs is not None else "",
+        )
+        try:
+            lora = self.adapters().get(params.get("model"))  # a request for an adapter's name runs it
+            request_id = f"fastchat-{uuid.uuid4().hex}"
+            async for out in self.engine.generate(engine_input, params_, request_id, lora_request=lora):
+                data = chunks.update(out)
+                if data is not None:
+                    yield data
+        except Exception as exc:  # FastChat reports every failure in-band
+            if isinstance(exc, VLLMClientError):
+                yield error_chunk(str(exc), PARAM_OUT_OF_RANGE)
+            else:
+                yield error_chunk(f"{SERVER_ERROR_MSG}\n\n({type(exc).__name__}: {exc})", INTERNAL_ERROR)
 
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
         """The last chunk (fschat's /worker_generate)."""
@@ -207,12 +228,8 @@ async def _params(request: Request) -> dict[str, Any]:
     return params
 
 
-def _frame(data: dict[str, Any]) -> bytes:
-    return json.dumps(data).encode() + b"\0"
-
-
 async def _one_error(exc: WorkerRequestError) -> AsyncIterator[bytes]:
-    yield _frame(error_chunk(str(exc), exc.code))
+    yield frame(error_chunk(str(exc), exc.code))
 
 
 @router.post("/worker_generate_stream")
@@ -224,7 +241,7 @@ async def worker_generate_stream(request: Request) -> StreamingResponse:
 
     async def frames() -> AsyncIterator[bytes]:
         async for data in _worker(request).generate_stream(params):
-            yield _frame(data)
+            yield frame(data)
 
     return StreamingResponse(frames())
 
@@ -236,6 +253,17 @@ async def worker_generate(request: Request) -> JSONResponse:
     except WorkerRequestError as exc:
         return JSONResponse(error_chunk(str(exc), exc.code))
     return JSONResponse(await until_disconnect(request, _worker(request).generate(params)))
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness for load balancers and the stack (``/health`` stays vLLM's
+    liveness): 200 once the engine can generate, 503 with the reason when it
+    is dead. While the engine loads nothing listens on the port yet."""
+    problem = await _worker(request).ready()
+    if problem is not None:
+        return error_response(f"not ready: {problem}", 503, headers={"Retry-After": "5"})
+    return JSONResponse({"ready": True})
 
 
 @router.post("/worker_get_status")
@@ -279,18 +307,20 @@ class FastChatWorkerPlugin:
 
     def __init__(self) -> None:
         self.link: ControllerLink | None = None
-        self.limits: dict[str, int] = {}  # RequestChecks' bounds, known once the engine is up
+        self.limits: dict[str, Any] = {}  # what RequestChecks checks against, known once the engine is up
+        self.gate = Gate()  # admission limit, known once the engine is up
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
         # vLLM's --api-key guards only /v1-style prefixes; with a key, guard
         # every route (FastChat's, /health, /metrics, /tokenize, /invocations, ...).
         args = app.state.args
+        app.add_middleware(Admission, gate=self.gate)  # innermost: counts only requests that passed the checks
         app.add_middleware(OpenAIRouteErrors)  # unknown routes: OpenAI-shaped 404/405
         app.add_middleware(RequestChecks, limits=self.limits)
         app.add_middleware(BodyLimit, limit=int(getattr(args, "max_body_mb", DEFAULT_MAX_BODY_MB) * 2**20))
         if keys := api_keys(args):
-            app.add_middleware(ApiKeys, keys=keys, open_paths=CONTROLLER_PATHS)
+            app.add_middleware(ApiKeys, keys=keys, open_paths=OPEN_PATHS)
         # vLLM gives plugins no shutdown hook: stop the controller link when
         # the server's lifespan ends.
         serve = app.router.lifespan_context
@@ -309,15 +339,18 @@ class FastChatWorkerPlugin:
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         settings = WorkerSettings.from_args(args)
-        worker = FastChatWorker(engine_client, settings, state)
-        self.limits["max_n"] = worker.max_n
+        worker = FastChatWorker(engine_client, settings, self.gate, getattr(state, "openai_serving_models", None))
+        lora = engine_client.vllm_config.lora_config
+        self.limits.update(
+            max_n=worker.max_n, model=engine_client.model_config.model, max_lora_rank=lora.max_lora_rank if lora else None
+        )
         state.fastchat_worker = worker
         if settings.controller_address:
             self.link = ControllerLink(
                 settings.controller_address,
                 settings.worker_address,
                 worker.status,
-                settings.local_health_url,
+                settings.local_ready_url,
                 local_api_key=settings.api_key,
             )
             self.link.start()

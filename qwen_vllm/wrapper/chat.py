@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from qwen_vllm.chat_template import DEFAULT_SYSTEM, History, make_context
+from qwen_vllm.checkpoints.lora import LORA_DEFAULTS, serving_dir
 from qwen_vllm.errors import QwenRequestError, QwenVLLMError
 from qwen_vllm.plugin.checkpoint import read_generation_config
 from qwen_vllm.plugin.checks import check_before_start
@@ -92,7 +93,7 @@ class _EngineLoop:
         self.queues: dict[str, deque] = {}
         self.ids = itertools.count()
 
-    def submit(self, prompt_ids: list[int], params: Any) -> str:
+    def submit(self, prompt_ids: list[int], params: Any, lora: Any = None) -> str:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
@@ -100,7 +101,7 @@ class _EngineLoop:
             request_id = f"qwen-{next(self.ids)}"
             try:
                 # Outputs carry this (external) id; add_request returns an internal one.
-                self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt_ids), params)
+                self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt_ids), params, lora_request=lora)
             except (ValueError, VLLMClientError) as exc:  # vLLM's validation (length, ids, params)
                 raise QwenRequestError(str(exc)) from exc
             self.queues[request_id] = deque()
@@ -128,14 +129,22 @@ class _EngineLoop:
                 if not finished:
                     self.engine.abort_request([request_id])
 
-    def run(self, requests: Sequence[tuple[list[int], Any]]) -> list[Any]:
-        """Submit all, then collect each final output (one continuous batch)."""
-        ids = [self.submit(p, sp) for p, sp in requests]
+    def run(self, requests: Sequence[tuple[list[int], Any, Any]]) -> list[Any]:
+        """Submit all (prompt ids, params, LoRA request or None), then collect
+        each final output (one continuous batch)."""
+        ids = [self.submit(*r) for r in requests]
         return [list(self.outputs(rid))[-1] for rid in ids]
 
 
 class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
-    """Qwen chat on vLLM: ``chat``, ``chat_stream``, ``batch_chat``, ``generate``."""
+    """Qwen chat on vLLM: ``chat``, ``chat_stream``, ``batch_chat``, ``generate``.
+
+    With ``enable_lora=True`` (``max_lora_rank`` defaults to 64, the rank
+    Qwen's finetune.py trains; ``max_loras`` to 4 adapters in one batch), every
+    call takes ``adapter=``: a PEFT LoRA adapter directory (checked against
+    the checkpoint, then loaded by vLLM on first use) or the name it was
+    loaded under; None is the base model.
+    """
 
     def __init__(
         self,
@@ -148,6 +157,8 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         **engine_kwargs: Any,
     ) -> None:
         model_dir = os.fspath(model_dir)
+        if engine_kwargs.get("enable_lora"):
+            engine_kwargs = {**LORA_DEFAULTS, **engine_kwargs}
         _check_engine_kwargs(engine_kwargs)
         quantization = check_before_start(
             model_dir,
@@ -157,6 +168,10 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
             max_model_len=engine_kwargs.get("max_model_len"),
             need_weights=engine_kwargs.get("load_format") != "dummy",
         )
+        self.model_dir = model_dir
+        self.max_lora_rank = engine_kwargs.get("max_lora_rank") if engine_kwargs.get("enable_lora") else None
+        self._adapters: dict[str, Any] = {}  # name -> vLLM LoRARequest
+        self._adapter_dirs: dict[str, str] = {}  # name -> the directory it was loaded from
         self.generation_config = read_generation_config(model_dir)
         self.chat_format = self.generation_config.get("chat_format", "chatml")
         apply_cpu_defaults(tensor_parallel_size)
@@ -186,7 +201,8 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         generation_config: Any,
         stop_words_ids: StopWords | None,
         gen_kwargs: Mapping[str, Any],
-    ) -> tuple[list[int], Any]:
+        adapter: str | os.PathLike | None = None,
+    ) -> tuple[list[int], Any, Any]:
         if self.chat_format != "chatml":
             raise QwenChatFormatError(
                 f"chat() needs a chat model; this checkpoint's chat_format is {self.chat_format!r} "
@@ -210,7 +226,41 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
             max_model_len=self.max_model_len,
             max_new_tokens=gen.get("max_new_tokens", 512),
         )
-        return context, self._params(gen, stop_words_ids)
+        return context, self._params(gen, stop_words_ids), self.lora_request(adapter)
+
+    def load_adapter(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Check a PEFT LoRA adapter directory against this checkpoint and make
+        it usable as ``adapter=name`` (default: the directory's name); vLLM
+        loads its weights on first use. Returns the name."""
+        from vllm.lora.request import LoRARequest
+
+        if self.max_lora_rank is None:
+            raise QwenRequestError("adapters need vLLMWrapper(..., enable_lora=True)")
+        path = os.path.abspath(os.fspath(path))
+        name = name or os.path.basename(path.rstrip(os.sep))
+        if name in self._adapters:
+            if self._adapter_dirs[name] != path:
+                raise QwenRequestError(f"adapter name {name!r} is already loaded from {self._adapter_dirs[name]}")
+            return name
+        served = serving_dir(self.model_dir, path, self.max_lora_rank)  # may be a checked copy of path
+        self._adapters[name] = LoRARequest(name, len(self._adapters) + 1, str(served))
+        self._adapter_dirs[name] = path
+        return name
+
+    def lora_request(self, adapter: str | os.PathLike | None) -> Any:
+        """vLLM's LoRARequest for ``adapter`` (a loaded name or a directory), None for the base model."""
+        if adapter is None:
+            return None
+        key = os.fspath(adapter)
+        if key in self._adapters:
+            return self._adapters[key]
+        for name, path in self._adapter_dirs.items():
+            if path == os.path.abspath(key):
+                return self._adapters[name]
+        if not os.path.isdir(key):
+            served = ", ".join(self._adapters) or "none"
+            raise QwenRequestError(f"adapter {key!r} is neither a loaded adapter name (loaded: {served}) nor a directory")
+        return self._adapters[self.load_adapter(key)]
 
     def _params(self, gen: Mapping[str, Any], stop_words_ids: StopWords | None) -> Any:
         """SamplingParams plus the caller's stop words. The checkpoint's own stops
@@ -266,10 +316,11 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         system: str = DEFAULT_SYSTEM,
         generation_config: Any = None,
         stop_words_ids: StopWords | None = None,
+        adapter: str | os.PathLike | None = None,
         **gen_kwargs: Any,
     ) -> tuple[str, list[tuple[str, str]]]:
-        prompt, params = self._chat_request(query, history, system, generation_config, stop_words_ids, gen_kwargs)
-        out = self._loop.run([(prompt, params)])[0]
+        request = self._chat_request(query, history, system, generation_config, stop_words_ids, gen_kwargs, adapter)
+        out = self._loop.run([request])[0]
         response = out.outputs[0].text
         return response, [*(history or []), (query, response)]
 
@@ -286,14 +337,15 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         system = kw.pop("system", DEFAULT_SYSTEM)
         generation_config = kw.pop("generation_config", None)
         stop_words_ids = kw.pop("stop_words_ids", None)
-        prompt, params = self._chat_request(query, history, system, generation_config, stop_words_ids, kw)
-        return self._stream(prompt, params, delta)
+        adapter = kw.pop("adapter", None)
+        request = self._chat_request(query, history, system, generation_config, stop_words_ids, kw, adapter)
+        return self._stream(*request, delta=delta)
 
-    def _stream(self, prompt: list[int], params: Any, delta: bool) -> Iterator[str]:
+    def _stream(self, prompt: list[int], params: Any, lora: Any, delta: bool) -> Iterator[str]:
         from vllm.sampling_params import RequestOutputKind
 
         params.output_kind = RequestOutputKind.CUMULATIVE
-        request_id = self._loop.submit(prompt, params)
+        request_id = self._loop.submit(prompt, params, lora)
         step = StreamDelta()
         for out in self._loop.outputs(request_id):
             new = step(out.outputs[0].text)
@@ -305,6 +357,7 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         prompt_ids: Sequence[int],
         generation_config: Any = None,
         stop_words_ids: StopWords | None = None,
+        adapter: str | os.PathLike | None = None,
         **gen_kwargs: Any,
     ) -> str:
         """The reply to a prompt already rendered as ChatML token ids, with
@@ -319,7 +372,7 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise QwenRequestError("prompt_ids must be a non-empty list of token ids")
         gen = merge_generation(self.generation_config, generation_config, gen_kwargs)
-        out = self._loop.run([(ids, self._params(gen, stop_words_ids))])[0]
+        out = self._loop.run([(ids, self._params(gen, stop_words_ids), self.lora_request(adapter))])[0]
         return out.outputs[0].text
 
     def batch_chat(
@@ -329,17 +382,23 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         system: str = DEFAULT_SYSTEM,
         generation_config: Any = None,
         stop_words_ids: StopWords | None = None,
+        adapter: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
         **gen_kwargs: Any,
     ) -> list[tuple[str, list[tuple[str, str]]]]:
-        """Many conversations in one continuous batch: ``[(response, history)]``."""
+        """Many conversations in one continuous batch: ``[(response, history)]``.
+        ``adapter`` is one for all, or a list with one per conversation (None:
+        the base model): different adapters share the batch."""
         if isinstance(queries, str):
             raise QwenRequestError("batch_chat() takes a list of queries; use chat() for one")
         histories = list(histories) if histories is not None else [None] * len(queries)
         if len(histories) != len(queries):
             raise QwenRequestError(f"{len(queries)} queries but {len(histories)} histories")
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(queries)
+        if len(adapters) != len(queries):
+            raise QwenRequestError(f"{len(queries)} queries but {len(adapters)} adapters")
         requests = [
-            self._chat_request(q, h, system, generation_config, stop_words_ids, gen_kwargs)
-            for q, h in zip(queries, histories)
+            self._chat_request(q, h, system, generation_config, stop_words_ids, gen_kwargs, a)
+            for q, h, a in zip(queries, histories, adapters)
         ]
         outs = self._loop.run(requests)
         return [
@@ -351,6 +410,7 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         prompts: str | Sequence[str],
         generation_config: Any = None,
         stop_words_ids: StopWords | None = None,
+        adapter: str | os.PathLike | None = None,
         **gen_kwargs: Any,
     ) -> str | list[str]:
         """Plain completion (base models, or raw prompts on chat models) with
@@ -362,11 +422,12 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         texts = [prompts] if single else list(prompts)
         gen = merge_generation(self.generation_config, generation_config, gen_kwargs)
         params = self._params(gen, stop_words_ids)
+        lora = self.lora_request(adapter)
         requests = []
         for text in texts:
             if not isinstance(text, str):
                 raise QwenRequestError(f"prompts must be strings, got {type(text).__name__}")
             _check_text("prompt", text)
-            requests.append((self.tokenizer.encode_text(text), params))
+            requests.append((self.tokenizer.encode_text(text), params, lora))
         outs = [o.outputs[0].text for o in self._loop.run(requests)]
         return outs[0] if single else outs

@@ -1,0 +1,116 @@
+"""LoRA adapters served unmerged, against the same adapter merged into the
+weights (merge-lora) and served as a plain checkpoint.
+
+The session's random fp32 wrapper runs with ``enable_lora=True`` (conftest);
+the merged checkpoint gets one engine of its own. Adapters are written by
+make-adapter in the layout Qwen's finetune.py + PEFT produce (checked against
+PEFT in test_lora_files.py): r=64 on all four targets, and r=8 on two.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwen_vllm.checkpoints.lora import make_adapter, merge_lora
+from qwen_vllm.errors import QwenAdapterError, QwenRequestError
+from qwen_vllm.wrapper.chat import vLLMWrapper
+
+QUERIES = ["Hello", "Tell me about Paris.", "你好，世界", "1 2 3 4 5"]
+
+
+@pytest.fixture(scope="module")
+def adapters(random_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": make_adapter(random_model, root / "adapter-a", seed=1),
+        "b": make_adapter(random_model, root / "adapter-b", rank=8, alpha=16, seed=2, targets=["c_attn", "w2"]),
+        # What finetune.py leaves for a base model: modules_to_save listed, not saved.
+        "finetune-style": make_adapter(random_model, root / "finetune-style", seed=1, modules_to_save_listed=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def merged(random_model: Path, adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    # float32: the fixture is bf16 on disk, and bf16 would round W + s·B·A (unmerged serving does not).
+    out = merge_lora(random_model, adapters["a"], tmp_path_factory.mktemp("merged") / "random-merged-a", torch.float32)
+    wrapper = vLLMWrapper(str(out), dtype="float32", enforce_eager=True, max_model_len=2048)
+    yield wrapper
+    wrapper.llm.llm_engine.engine_core.shutdown()
+
+
+def greedy(llm, prompts: list[list[int]], lora=None) -> list[list[tuple[int, float]]]:
+    """(token id, its log-prob) at each generated position, per prompt."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=0, ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora, use_tqdm=False)
+    return [[(t, lp[t].logprob) for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
+
+
+def chat_prompts(wrapper: vLLMWrapper) -> list[list[int]]:
+    from qwen_vllm.chat_template import make_context
+
+    return [make_context(wrapper.tokenizer, q, [], "You are a helpful assistant.")[0] for q in QUERIES]
+
+
+def test_unmerged_equals_merged(random_wrapper, merged, adapters) -> None:
+    """fp32: the same greedy tokens, and per position |delta log-prob| <= 1e-4."""
+    prompts = chat_prompts(random_wrapper)
+    unmerged = greedy(random_wrapper.llm, prompts, random_wrapper.lora_request(adapters["a"]))
+    reference = greedy(merged.llm, prompts)
+    base = greedy(random_wrapper.llm, prompts)
+    for got, want, plain in zip(unmerged, reference, base):
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) <= 1e-4
+        assert got != plain  # the adapter changes the output
+    assert [t for t, _ in unmerged[0]] != [t for t, _ in base[0]]
+
+
+def test_adapters_and_the_base_share_a_batch(random_wrapper, adapters) -> None:
+    """batch_chat with a different adapter per conversation equals each alone;
+    conversations without an adapter equal the base model."""
+    names = [None, "adapter-a", str(adapters["b"]), None, "adapter-a"]
+    random_wrapper.load_adapter(adapters["a"])
+    queries = ["Hello", "Hello", "Hello", "Tell me about Paris.", "Tell me about Paris."]
+    batch = random_wrapper.batch_chat(queries, adapter=names, do_sample=False, max_new_tokens=16)
+    alone = [random_wrapper.chat(q, adapter=a, do_sample=False, max_new_tokens=16)[0] for q, a in zip(queries, names)]
+    assert [r for r, _ in batch] == alone
+    assert len({alone[0], alone[1], alone[2]}) == 3  # base, a and b each answer as themselves
+    streamed = list(random_wrapper.chat_stream("Hello", adapter="adapter-a", do_sample=False, max_new_tokens=16))
+    assert streamed[-1] == alone[1]
+
+
+def test_finetune_style_adapter_serves_with_base_embeddings(random_wrapper, adapters) -> None:
+    """modules_to_save listed but not saved (finetune.py's files): served as PEFT
+    serves it, with the base wte/lm_head -- the same as the adapter without the list."""
+    with pytest.warns(UserWarning, match="finetune.py never saved them"):
+        name = random_wrapper.load_adapter(adapters["finetune-style"])
+    with_list = random_wrapper.chat("Hello", adapter=name, do_sample=False, max_new_tokens=16)[0]
+    assert with_list == random_wrapper.chat("Hello", adapter=adapters["a"], do_sample=False, max_new_tokens=16)[0]
+
+
+def test_bad_adapters_fail_before_the_engine_sees_them(random_wrapper, random_model, scripted_model, adapters, tmp_path) -> None:
+    too_big = make_adapter(random_model, tmp_path / "r128", rank=128, seed=4)
+    with pytest.raises(QwenAdapterError, match=r"LoRA rank 128 is above the engine's max_lora_rank 64; start it with --max-lora-rank 128"):
+        random_wrapper.load_adapter(too_big)
+    other = make_adapter(scripted_model, tmp_path / "for-scripted", rank=8)
+    with pytest.raises(QwenAdapterError, match="is the adapter for another base model"):  # hidden 256 vs 128
+        random_wrapper.load_adapter(other)
+    qwen2_named = tmp_path / "qwen2-named"
+    shutil.copytree(adapters["b"], qwen2_named)
+    tensors = load_file(qwen2_named / "adapter_model.safetensors")
+    tensors = {k.replace("attn.c_attn", "self_attn.q_proj"): v for k, v in tensors.items()}
+    save_file(tensors, qwen2_named / "adapter_model.safetensors")
+    with pytest.raises(QwenAdapterError, match=r"unknown tensor .*self_attn\.q_proj\.lora_A"):
+        random_wrapper.load_adapter(qwen2_named)
+    full = make_adapter(random_model, tmp_path / "with-embeddings", rank=8, with_modules_to_save=True)
+    with pytest.raises(QwenAdapterError, match=r"trains \['lm_head', 'transformer.wte'\] in full .* qwen-vllm merge-lora"):
+        random_wrapper.load_adapter(full)
+    with pytest.raises(QwenRequestError, match=r"'nope' is neither a loaded adapter name \(loaded: .*adapter-a"):
+        random_wrapper.chat("Hello", adapter="nope")
+    assert random_wrapper.chat("Hello", adapter="adapter-a", max_new_tokens=4)[0]  # the engine still serves
