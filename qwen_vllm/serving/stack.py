@@ -226,6 +226,7 @@ class Stack:
             worker_args += ["--api-key", keys[0]]
         key = worker_args[worker_args.index("--api-key") + 1] if "--api-key" in worker_args else None
         self.worker_headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.front_headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
         count = len(args.model) * args.workers
         self.workers: list[Child] = []
         for m, model in enumerate(args.model):
@@ -291,9 +292,8 @@ class Stack:
             return False
 
     def _front_models(self) -> list[str]:
-        headers = {"Authorization": f"Bearer {self.keys[0]}"} if self.keys else {}
         try:
-            return [m["id"] for m in self.client.get(f"{self.api_url}/models", headers=headers).json()["data"]]
+            return [m["id"] for m in self.client.get(f"{self.api_url}/models", headers=self.front_headers).json()["data"]]
         except (httpx.HTTPError, ValueError, KeyError):
             return []
 
@@ -327,7 +327,7 @@ class Stack:
         """Probe ``child`` (once ready, it stays so until it exits or restarts)."""
         if not child.ready:
             method, url = child.probe.split(" ", 1)
-            headers = self.worker_headers if child in self.workers else {}
+            headers = self.worker_headers if child in self.workers else self.front_headers if child is self.front else {}
             if self._answers(method, url, headers=headers):
                 child.ready_at = time.monotonic()
         return child.ready
