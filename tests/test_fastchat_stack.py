@@ -60,10 +60,13 @@ class StackProcess:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self.changed:
-                self.lines.append(line.rstrip("\n"))
-                self.changed.notify_all()
+        with open(self.ready_file.with_name("stack.out"), "a", encoding="utf-8") as copy:  # kept for a person
+            for line in self.proc.stdout:
+                copy.write(line)
+                copy.flush()
+                with self.changed:
+                    self.lines.append(line.rstrip("\n"))
+                    self.changed.notify_all()
         with self.changed:
             self.changed.notify_all()
 
