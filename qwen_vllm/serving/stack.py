@@ -71,6 +71,7 @@ class Child:
     log: Path
     url: str
     probe: str  # "METHOD URL" that answers 200 once the child is ready
+    probe_headers: dict[str, str] = field(default_factory=dict)  # its API key, if it needs one
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
     proc: subprocess.Popen | None = None
@@ -248,6 +249,7 @@ class Stack:
                         self.log_dir / f"worker-{name}-{k}.log",
                         http_url(host, port),
                         f"GET {http_url(host, port)}/ready",  # readiness: false while loading or dead
+                        self.worker_headers,
                         env=device_env(index, count, args.tensor_parallel_size),
                     )
                 )
@@ -259,7 +261,7 @@ class Stack:
         if key:
             front_cmd += ["--worker-api-key", key]
         front_health = f"GET {http_url(host, args.port)}/health"
-        self.front = Child("openai-api", front_cmd, self.log_dir / "openai-api.log", self.api_url, front_health)
+        self.front = Child("openai-api", front_cmd, self.log_dir / "openai-api.log", self.api_url, front_health, self.front_headers)
         self.web: Child | None = None
         if args.web:
             web_cmd = [py, "-m", "qwen_vllm.ui.web", "--api-url", self.api_url, "--host", host,
@@ -327,8 +329,7 @@ class Stack:
         """Probe ``child`` (once ready, it stays so until it exits or restarts)."""
         if not child.ready:
             method, url = child.probe.split(" ", 1)
-            headers = self.worker_headers if child in self.workers else self.front_headers if child is self.front else {}
-            if self._answers(method, url, headers=headers):
+            if self._answers(method, url, headers=child.probe_headers):
                 child.ready_at = time.monotonic()
         return child.ready
 
