@@ -21,8 +21,8 @@ _registered = False
 
 def register() -> None:
     """Teach vLLM and transformers about Qwen v1 (config, model, tokenizer,
-    tool parser, default ChatML stops, GPTQ checks, and the CPU Int4 kernel
-    where vLLM's build lacks it)."""
+    tool parser, default ChatML stops, GPTQ checks, the CPU Int4 kernel
+    where vLLM's build lacks it, and the CPU LoRA ops)."""
     global _registered
     if _registered:
         return
@@ -36,7 +36,7 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils import config as vllm_config
 
-    from qwen_vllm.plugin import cpu_gptq
+    from qwen_vllm.plugin import cpu_gptq, cpu_lora
     from qwen_vllm.plugin.config import QWenConfig
     from qwen_vllm.plugin.engine_config import QWenEngineConfig
     from qwen_vllm.plugin.tokenizer import QWenTokenizer
@@ -53,6 +53,8 @@ def register() -> None:
     MODELS_CONFIG_MAP["QWenLMHeadModel"] = QWenEngineConfig
     # GPTQ Int4 on CPUs whose vLLM build lacks the kernel (AVX2): a torch op.
     cpu_gptq.install()
+    # LoRA on CPU: base-model rows without the last slot's adapter, one matmul per adapter.
+    cpu_lora.install()
     _register_serving()
     _registered = True
 

@@ -39,13 +39,14 @@ def transformers_greedy(qwen2_dir: Path, prompt_ids: list[list[int]], new_tokens
     return out
 
 
-def vllm_greedy(llm, prompt_ids: list[list[int]], new_tokens: int) -> Result:
-    """The same from a vllm.LLM (token-id prompts, no chat template)."""
+def vllm_greedy(llm, prompt_ids: list[list[int]], new_tokens: int, lora=None) -> Result:
+    """The same from a vllm.LLM (token-id prompts, no chat template), with a LoRARequest if given."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, prompt_logprobs=0, ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+    outs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
     return [
         ([o.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))], list(o.outputs[0].token_ids))
         for ids, o in zip(prompt_ids, outs)

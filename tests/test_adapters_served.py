@@ -7,7 +7,9 @@ worker A) joins the controller's list. Driven by the official openai SDK.
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -19,6 +21,18 @@ from reliability_stack import (  # noqa: F401
     RUNTIME_ADAPTER,
     WORKER_KEY,
     topology,
+)
+from test_chat_ui import (  # noqa: F401 (browser is a fixture)
+    PROMPT,
+    browser,
+    cli_do,
+    open_ui,
+    send,
+    setting_box,
+    spawn_cli,
+    start_process,
+    stop_process,
+    wait_last_bot,
 )
 
 from qwen_vllm.checkpoints.fixtures import CHAT_REPLY
@@ -66,6 +80,53 @@ def test_unknown_adapter_is_a_404_naming_what_is_served(topology) -> None:
         reply(topology.front_url, "lora-z")
     assert "'lora-z' is not served here" in info.value.message
     assert all(name in info.value.message for name in (MODEL, *ADAPTERS))
+
+
+def test_web_ui_and_cli_list_the_adapters_and_answer_as_them(topology, browser, tmp_path: Path) -> None:
+    """The web UI's model menu and the CLI's ``:model`` list the adapters
+    (from the front's /v1/models); picking one gets that adapter's reply."""
+
+    import pexpect
+
+    from qwen_vllm.runtime.ports import free_port
+
+    front, served = topology.front_url, sorted([MODEL, *ADAPTERS])
+    want = reply(front, ADAPTERS[0])[0]
+    assert want != CHAT_REPLY
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    proc = start_process([sys.executable, "-m", "qwen_vllm.ui.web", "--api-url", front, "--port", str(port)],
+                         tmp_path / "web-ui.log", url, timeout=180)  # fmt: skip
+    try:
+        page = open_ui(browser, url)
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Connected')")
+        assert f"{len(served)} models" in page.inner_text("#status")
+        page.click("#model input")
+        options = page.locator('#model [role="option"]')
+        assert sorted(t.strip() for t in options.all_inner_texts()) == served
+        options.filter(has_text=ADAPTERS[0]).click()
+        assert page.locator("#model input").input_value() == ADAPTERS[0]
+        setting_box(page, "temperature").fill("0")
+        setting_box(page, "max_new_tokens").fill("64")  # as reply() asks
+        send(page, "Hello")
+        wait_last_bot(page, lambda t: t == want.strip(), f"{ADAPTERS[0]}'s reply")
+        page.close()
+    finally:
+        stop_process(proc)
+
+    child = spawn_cli("--api", front + "/v1", timeout=120)
+    child.expect_exact(PROMPT)
+    listing = cli_do(child, ":model")
+    assert sorted(line.rstrip()[2:] for line in listing.splitlines() if line.startswith(("* ", "  "))) == served, listing
+    cli_do(child, ":model lora-z", "'lora-z' is not served here; served:")
+    cli_do(child, f":model {ADAPTERS[0]}", f"model set: {ADAPTERS[0]}")
+    cli_do(child, ":conf temperature=0 max_new_tokens=64", "set temperature=0")
+    assert want in cli_do(child, "Hello", "Qwen: ")
+    assert f"* {ADAPTERS[0]}" in cli_do(child, ":model")
+    child.sendline(":exit")
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    assert child.exitstatus == 0
 
 
 def test_adapter_loaded_at_run_time_joins_the_controller_list(topology, random_model) -> None:

@@ -543,10 +543,10 @@ class StartingCli:
     while the API server starts (the slowest part of this module, twice); a
     thread drains its output until the first prompt so the pty never fills."""
 
-    def __init__(self, model: Path) -> None:
+    def __init__(self, model: Path, adapter: Path) -> None:
         self.child = spawn_cli(
             "--model", str(model), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-            timeout=900,
+            "--lora-modules", f"tuned={adapter}", timeout=900,
         )  # fmt: skip
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._wait_prompt, daemon=True)
@@ -566,11 +566,15 @@ class StartingCli:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def inprocess_cli(request, scripted_model: Path) -> Iterator[StartingCli | None]:
+def inprocess_cli(request, scripted_model: Path, tmp_path_factory) -> Iterator[StartingCli | None]:
+    from qwen_vllm.checkpoints.lora import make_adapter
+
     if not any(item.name == "test_cli_in_process_model" for item in request.session.items):
         yield None  # not selected: start no engine
         return
-    cli = StartingCli(scripted_model)
+    # strength 2: the scripted model's margins are wide; the adapter must change its words
+    adapter = make_adapter(scripted_model, tmp_path_factory.mktemp("cli-adapter") / "tuned", rank=8, seed=1, strength=2.0)
+    cli = StartingCli(scripted_model, adapter)
     yield cli
     cli.child.close(force=True)
 
@@ -589,6 +593,14 @@ def test_cli_in_process_model(inprocess_cli, scripted_model):
     cli_do(child, "still there?", CHAT_REPLY)
     cli_do(child, ":clh", "conversation forgotten")
     cli_max_tokens_take_effect(child)
+    # --lora-modules: the adapter is listed beside the model and answers in its own words.
+    listing = cli_do(child, ":model", "* scripted-chat", "  tuned")
+    cli_do(child, ":model tuned", "model set: tuned")
+    cli_do(child, ":conf do_sample=false", "set do_sample=False")
+    tuned = cli_do(child, "hello", "Qwen: ").strip()
+    assert tuned and CHAT_REPLY not in tuned, (listing, tuned)
+    cli_do(child, ":model scripted-chat", "model set: scripted-chat")
+    cli_do(child, "hello", CHAT_REPLY)
     child.sendline(":exit")
     child.expect(pexpect.EOF, timeout=120)
     child.close()

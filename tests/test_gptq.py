@@ -3,7 +3,9 @@ kernel, the hardware errors, and real engines on a GPTQ Int4 fixture compared
 with transformers on the exact float weights the fixture encodes.
 
 Engines: one at TP=1 (through vLLMWrapper, no ``quantization=``), one at TP=2,
-one after the other. Then, without engines: the worker's and the stack's
+one after the other, both with LoRA on: a Q-LoRA adapter (trained on the Int4
+model, as Qwen's finetune.py does) served unmerged against transformers on the
+float weights with the adapter merged, and TP=2 against TP=1 with and without it. Then, without engines: the worker's and the stack's
 flags turned into vLLM's engine config as its API server does, and the
 errors vLLM's own entry point (vllm.LLM) gets from the plugin's config hook.
 """
@@ -388,46 +390,84 @@ def reference(gptq_dirs, fixtures_root, prompt_ids):
 
 
 @pytest.fixture(scope="module")
-def int4_tp1(gptq_dirs, prompt_ids):
-    """The wrapper on the Int4 fixture, no quantization= (auto-detected):
-    ((quantization, dtype, KV-cache dtype), outputs on the prompts, a chat reply). The engine
-    is shut down before the TP=2 one starts."""
+def qlora(gptq_dirs, fixtures_root, prompt_ids):
+    """(a Q-LoRA adapter for the Int4 fixture, transformers' greedy results on
+    the float reference weights with that adapter merged in float32)."""
+    from qwen_vllm.checkpoints.convert import convert_to_qwen2
+    from qwen_vllm.checkpoints.lora import make_adapter, merge_lora
+
+    int4, ref, _ = gptq_dirs
+    adapter = make_adapter(int4, fixtures_root / "gptq-int4-qlora", seed=3)
+    merged = merge_lora(ref, adapter, fixtures_root / "gptq-int4-reference-qlora", torch.float32)
+    qwen2 = convert_to_qwen2(merged, fixtures_root / "gptq-int4-reference-qlora-qwen2")
+    return adapter, transformers_greedy(qwen2, prompt_ids, NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def int4_tp1(gptq_dirs, prompt_ids, qlora):
+    """The wrapper on the Int4 fixture, no quantization= (auto-detected), LoRA on:
+    ((quantization, dtype, KV-cache dtype), outputs on the prompts, a chat reply,
+    outputs with the Q-LoRA adapter). The engine is shut down before the TP=2 one starts."""
     from qwen_vllm.wrapper.chat import vLLMWrapper
 
     int4, _, _ = gptq_dirs
-    wrapper = vLLMWrapper(str(int4), dtype="float16", kv_cache_dtype="auto", enforce_eager=True, max_model_len=1024)
+    wrapper = vLLMWrapper(
+        str(int4), dtype="float16", kv_cache_dtype="auto", enforce_eager=True, max_model_len=1024, enable_lora=True
+    )
     try:
         config = wrapper.llm.llm_engine.vllm_config
         settings = (config.model_config.quantization, config.model_config.dtype, config.cache_config.cache_dtype)
-        return settings, vllm_greedy(wrapper.llm, prompt_ids, NEW_TOKENS), wrapper.chat("Hi", max_new_tokens=8)[0]
+        base = vllm_greedy(wrapper.llm, prompt_ids, NEW_TOKENS)
+        adapted = vllm_greedy(wrapper.llm, prompt_ids, NEW_TOKENS, wrapper.lora_request(qlora[0]))
+        return settings, base, wrapper.chat("Hi", max_new_tokens=8)[0], adapted
     finally:
         wrapper.llm.llm_engine.engine_core.shutdown()
+
+
+def assert_close(reference, got) -> float:
+    """Same greedy tokens, prompt log-probs within LOGPROB_TOL; the worst difference."""
+    worst = 0.0
+    for (ref_lp, ref_gen), (lp, gen) in zip(reference, got, strict=True):
+        assert gen == ref_gen
+        worst = max(worst, max(abs(a - b) for a, b in zip(ref_lp, lp)))
+    assert worst <= LOGPROB_TOL, f"max |logprob diff| {worst}"
+    return worst
 
 
 # Engine start-up on the shared 2-core machine has taken 13 minutes under load.
 @pytest.mark.timeout(1800)
 def test_int4_auto_detected_and_equals_dequantized_reference(int4_tp1, reference) -> None:
-    settings, got, reply = int4_tp1
+    settings, got, reply, _ = int4_tp1
     assert settings == ("auto_gptq", torch.float16, "auto")
-    worst = 0.0
-    for (ref_lp, ref_gen), (lp, gen) in zip(reference, got):
-        assert gen == ref_gen
-        worst = max(worst, max(abs(a - b) for a, b in zip(ref_lp, lp)))
-    assert worst <= LOGPROB_TOL, f"max |logprob diff| {worst}"
+    assert_close(reference, got)  # LoRA on, no adapter asked for: the base model
     assert min(min(lp) for lp, _ in reference) < -5  # the model is far from uniform
     assert isinstance(reply, str) and reply  # chat() works on the quantized engine
 
 
 @pytest.mark.timeout(1800)
-def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1) -> None:
+def test_qlora_adapter_equals_the_merged_dequantized_reference(int4_tp1, qlora) -> None:
+    """Q-LoRA cannot be merged into Int4 weights (Qwen's README): served
+    unmerged on the Int4 model it equals the float weights with it merged."""
+    _, base, _, adapted = int4_tp1
+    assert_close(qlora[1], adapted)
+    assert [gen for _, gen in adapted] != [gen for _, gen in base]  # the adapter changes the words
+
+
+@pytest.mark.timeout(1800)
+def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1, qlora) -> None:
+    """TP=2 equals TP=1 on the Int4 model, and with the adapter served unmerged."""
     from vllm import LLM
+    from vllm.lora.request import LoRARequest
+
+    from qwen_vllm.checkpoints.lora import LORA_DEFAULTS
 
     int4, _, _ = gptq_dirs
-    _, tp1, _ = int4_tp1
+    _, tp1, _, tp1_adapted = int4_tp1
     old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     try:
-        llm = LLM(str(int4), tensor_parallel_size=2, dtype="float16", enforce_eager=True, max_model_len=1024)
+        llm = LLM(str(int4), tensor_parallel_size=2, dtype="float16", enforce_eager=True, max_model_len=1024,
+                  enable_lora=True, **LORA_DEFAULTS)  # fmt: skip
     finally:
         if old is None:
             os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
@@ -435,11 +475,11 @@ def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1) -> Non
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
     try:
         tp2 = vllm_greedy(llm, prompt_ids, NEW_TOKENS)
+        tp2_adapted = vllm_greedy(llm, prompt_ids, NEW_TOKENS, LoRARequest("qlora", 1, str(qlora[0])))
     finally:
         llm.llm_engine.engine_core.shutdown()
-    for (lp1, gen1), (lp2, gen2) in zip(tp1, tp2):
-        assert gen2 == gen1
-        assert max(abs(a - b) for a, b in zip(lp1, lp2)) <= LOGPROB_TOL
+    assert_close(tp1, tp2)
+    assert_close(tp1_adapted, tp2_adapted)  # each rank's slice of the fused qkv and gate_up LoRA
 
 
 # -- flags reach vLLM from the worker and the stack; vLLM's own entry point -------------

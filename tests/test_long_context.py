@@ -176,13 +176,14 @@ def engine(model_dir: Path, env: dict[str, str] | None = None, **kwargs):
                 os.environ[key] = value
 
 
-def run(llm, prompts: list[list[int]], max_tokens: int = NEW_TOKENS) -> list[dict]:
-    """One generate call: greedy tokens, their logprobs and the prompt logprobs."""
+def run(llm, prompts: list[list[int]], max_tokens: int = NEW_TOKENS, lora=None) -> list[dict]:
+    """One generate call: greedy tokens, their logprobs and the prompt logprobs
+    (``lora``: a LoRARequest, or one per prompt, None for the base model)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, prompt_logprobs=0, logprobs=0, ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora, use_tqdm=False)
     results = []
     for prompt, out in zip(prompts, outs):
         sample = out.outputs[0]

@@ -94,6 +94,61 @@ def test_finetune_style_adapter_serves_with_base_embeddings(random_wrapper, adap
     assert with_list == random_wrapper.chat("Hello", adapter=adapters["a"], do_sample=False, max_new_tokens=16)[0]
 
 
+def test_base_requests_stay_base_with_every_adapter_slot_in_use(random_wrapper, random_model, adapters, tmp_path) -> None:
+    """max_loras (4) adapters and the base in one batch: the base rows get no
+    adapter, in the batch and after it (vLLM's CPU ops read "no adapter", index
+    -1, as the last slot: plugin/cpu_lora.py)."""
+    prompt = chat_prompts(random_wrapper)[0]
+    base = greedy(random_wrapper.llm, [prompt])[0]
+    extra = [make_adapter(random_model, tmp_path / f"adapter-{seed}", seed=seed) for seed in (5, 6)]
+    loras = [None, *(random_wrapper.lora_request(a) for a in (adapters["a"], adapters["b"], *extra))]
+    assert random_wrapper.llm.llm_engine.vllm_config.lora_config.max_loras == len(loras) - 1
+    batch = greedy(random_wrapper.llm, [prompt] * len(loras), loras)
+    after = greedy(random_wrapper.llm, [prompt])[0]
+    for got in (batch[0], after):
+        assert [t for t, _ in got] == [t for t, _ in base]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(got, base)) <= 1e-4
+    assert len({tuple(t for t, _ in out) for out in batch}) == len(loras)  # each adapter answers as itself
+
+
+def test_cpu_lora_ops_equal_vllms_on_adapter_rows_and_leave_base_rows_alone() -> None:
+    """plugin/cpu_lora.py against vLLM's own torch ops: the same product on
+    rows with an adapter; nothing on rows without one (index -1), where vLLM's
+    ops apply the last slot."""
+    from vllm.lora.ops.torch_ops import lora_ops as vllm_ops
+
+    from qwen_vllm.plugin import cpu_lora
+
+    gen = torch.Generator().manual_seed(0)
+    slots, rank, hidden, out = 3, 8, 32, 48
+    lora_a = torch.randn(slots, 1, rank, hidden, generator=gen).bfloat16()
+    lora_b = torch.randn(slots, 1, out, rank, generator=gen).bfloat16()
+    x = torch.randn(7, hidden, generator=gen).bfloat16()
+    seq_lens, seq_loras = torch.tensor([2, 1, 3, 1]), torch.tensor([2, -1, 0, 1])
+    idx = torch.repeat_interleave(seq_loras, seq_lens)  # [2, 2, -1, 0, 0, 0, 1]
+    lora_rows, base_rows = idx >= 0, idx < 0
+    meta = (None, seq_lens, seq_loras, 4, 3, 7)  # b_seq_start_loc (unused), lens, loras, batches, max len, tokens
+
+    ours, theirs = torch.full((7, rank), 5.0), torch.zeros(7, rank)
+    cpu_lora.sgmv_shrink(x, lora_a, ours, *meta, 0.5)
+    vllm_ops.sgmv_shrink(x, lora_a, theirs, *meta, 0.5)
+    torch.testing.assert_close(ours[lora_rows], theirs[lora_rows])
+    assert not ours[base_rows].any() and theirs[base_rows].any()
+
+    shrunk = theirs.masked_fill(base_rows[:, None], 0.0)
+    y0 = torch.randn(7, 2 * out, generator=gen).bfloat16()
+    for op, args in (("bgmv_expand", ()), ("bgmv_expand_slice", (out, out))):
+        ours, theirs = y0.clone(), y0.clone()
+        getattr(cpu_lora, op)(shrunk, lora_b, ours, idx, *args, True)
+        getattr(vllm_ops, op)(shrunk, lora_b, theirs, idx, *args, True)
+        torch.testing.assert_close(ours[lora_rows], theirs[lora_rows])
+        assert torch.equal(ours[base_rows], y0[base_rows])
+    ours, theirs = torch.zeros(7, out).bfloat16(), torch.zeros(7, out).bfloat16()
+    cpu_lora.sgmv_expand(shrunk, lora_b, ours, *meta, False)
+    vllm_ops.sgmv_expand(shrunk, lora_b, theirs, *meta, False)
+    torch.testing.assert_close(ours, theirs)  # base rows: a zero shrink gives zero either way
+
+
 def test_bad_adapters_fail_before_the_engine_sees_them(random_wrapper, random_model, scripted_model, adapters, tmp_path) -> None:
     too_big = make_adapter(random_model, tmp_path / "r128", rank=128, seed=4)
     with pytest.raises(QwenAdapterError, match=r"LoRA rank 128 is above the engine's max_lora_rank 64; start it with --max-lora-rank 128"):

@@ -45,6 +45,7 @@ Commands:
   :seed [N|none]             show or set the sampling seed (same seed, same reply)
   :conf [key=value ...]      show or change generation settings, e.g. :conf temperature=0.7 top_p=0.9
   :reset-conf                back to the model's settings and the start-up seed
+  :model [NAME]              list the served models and LoRA adapters, or switch to one
 A line starting with '::' is sent as a message starting with ':'."""
 
 
@@ -54,6 +55,7 @@ class ChatAPIError(QwenVLLMError):
 
 class Backend(Protocol):
     description: str
+    model: str | None  # what replies come from: a served model or adapter name
     # For :conf listings: settings applied when the person has not changed
     # them, and what applies to the others.
     defaults: dict[str, Any]
@@ -62,24 +64,38 @@ class Backend(Protocol):
     def stream(self, query: str, history: History, system: str, settings: dict[str, Any]) -> Iterator[str]:
         """Yield the reply's new text piece by piece; closing it abandons the request."""
 
+    def models(self) -> list[str]:
+        """What ``model`` may be set to: the served model(s), then LoRA adapters."""
+
 
 class WrapperBackend:
-    """vLLM in this process, through vLLMWrapper.chat_stream."""
+    """vLLM in this process, through vLLMWrapper.chat_stream; ``adapters``
+    (name -> PEFT directory) are served unmerged beside the base model."""
 
-    def __init__(self, model_dir: str, **engine_kwargs: Any) -> None:
+    def __init__(self, model_dir: str, adapters: dict[str, str] | None = None, **engine_kwargs: Any) -> None:
         from qwen_vllm.runtime.processes import OWN_PROCESS_GROUP_ENV
         from qwen_vllm.wrapper.chat import vLLMWrapper
 
         # Ctrl-C must stop a reply, not the engine: see OWN_PROCESS_GROUP_ENV.
         os.environ[OWN_PROCESS_GROUP_ENV] = "1"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # a chat, not a server log
+        if adapters:
+            engine_kwargs["enable_lora"] = True
         self.wrapper = vLLMWrapper(model_dir, **engine_kwargs)
+        for name, path in (adapters or {}).items():
+            self.wrapper.load_adapter(path, name)
+        self.base = os.path.basename(os.path.normpath(model_dir))
+        self.model: str | None = self.base
         self.description = f"in-process vLLM, model {model_dir}"
         self.defaults = {k: v for k, v in self.wrapper.generation_config.items() if k in UI_SETTINGS}
         self.unset_label = "(vLLM default)"
 
+    def models(self) -> list[str]:
+        return [self.base, *self.wrapper.adapters]
+
     def stream(self, query: str, history: History, system: str, settings: dict[str, Any]) -> Iterator[str]:
-        return self.wrapper.chat_stream(query, history, system=system, delta=True, **settings)
+        adapter = None if self.model == self.base else self.model
+        return self.wrapper.chat_stream(query, history, system=system, delta=True, adapter=adapter, **settings)
 
 
 class ApiBackend:
@@ -95,13 +111,17 @@ class ApiBackend:
         self.defaults: dict[str, Any] = {}
         self.unset_label = "(server default)"
 
+    def models(self) -> list[str]:
+        """GET /v1/models: the stack lists each LoRA adapter as a model of its own."""
+        try:
+            return list_models(self.client)
+        except openai.OpenAIError as exc:
+            raise ChatAPIError(describe_api_error(exc, self.url)) from exc
+
     def resolve_model(self) -> str:
         """The model to ask: --api-model, else the first one the server lists."""
         if not self.model:
-            try:
-                models = list_models(self.client)
-            except openai.OpenAIError as exc:
-                raise ChatAPIError(describe_api_error(exc, self.url)) from exc
+            models = self.models()
             if not models:
                 raise ChatAPIError(f"no model is served at {self.url} yet (GET /v1/models lists none): start a worker")
             self.model = models[0]
@@ -274,6 +294,17 @@ class ChatRepl:
         self.conf = dict(self.start_conf)
         self.say("settings reset to the model's defaults")
 
+    def cmd_model(self, arg: str) -> None:
+        served = self.backend.models()
+        if arg:
+            if arg not in served:
+                raise ChatAPIError(f"{arg!r} is not served here; served: {', '.join(served) or 'none'}")
+            self.backend.model = arg
+            self.say(f"model set: {arg} (from the next reply; the conversation is kept)")
+            return
+        for name in served:
+            self.say(f"{'*' if name == self.backend.model else ' '} {name}")
+
 
 _COMMANDS = {
     **dict.fromkeys((":help", ":h"), "help"),
@@ -285,6 +316,7 @@ _COMMANDS = {
     ":seed": "seed",
     ":conf": "conf",
     ":reset-conf": "reset_conf",
+    ":model": "model",
 }
 
 
@@ -305,6 +337,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     eng.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     eng.add_argument("--enforce-eager", action="store_true", help="skip graph capture (faster start)")
+    eng.add_argument(
+        "--lora-modules", nargs="+", type=_name_path, default=[], metavar="NAME=PATH",
+        help="LoRA adapters (PEFT directories, e.g. from Qwen's finetune.py) to serve beside the model; :model switches",
+    )  # fmt: skip
+
+
+def _name_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 def _backend(args: argparse.Namespace) -> Backend:
@@ -321,7 +364,7 @@ def _backend(args: argparse.Namespace) -> Backend:
     engine = dict(dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
     if args.max_model_len:
         engine["max_model_len"] = args.max_model_len
-    return WrapperBackend(args.model, **engine)
+    return WrapperBackend(args.model, dict(args.lora_modules), **engine)
 
 
 def run(args: argparse.Namespace) -> int:

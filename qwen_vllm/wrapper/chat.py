@@ -247,6 +247,11 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         self._adapter_dirs[name] = path
         return name
 
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the adapters loaded so far, in load order."""
+        return list(self._adapters)
+
     def lora_request(self, adapter: str | os.PathLike | None) -> Any:
         """vLLM's LoRARequest for ``adapter`` (a loaded name or a directory), None for the base model."""
         if adapter is None:
