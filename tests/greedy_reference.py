@@ -4,6 +4,7 @@ can compare them position by position."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,3 +52,34 @@ def vllm_greedy(llm, prompt_ids: list[list[int]], new_tokens: int, lora=None) ->
         ([o.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))], list(o.outputs[0].token_ids))
         for ids, o in zip(prompt_ids, outs)
     ]
+
+
+def transformers_scorer(qwen2_dir: Path) -> Callable[[list[int]], torch.Tensor]:
+    """ids -> log_softmax of transformers' Qwen2 logits (float32 weights, float64 softmax) at every position."""
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(str(qwen2_dir), dtype=torch.float32).eval()
+
+    def score(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+
+    return score
+
+
+def check_teacher_forced(score: Callable[[list[int]], torch.Tensor], prompt_ids: list[list[int]], got: Result, tol: float) -> float:
+    """The reference scoring the engine's own sequences: prompt log-probs
+    within ``tol``, and each greedy token the reference's argmax up to 2 * tol
+    (random fixtures have near-ties a low-precision engine may resolve the
+    other way, after which the sequences differ yet stay comparable). Returns
+    the worst prompt log-prob difference."""
+    worst = 0.0
+    for ids, (prompt_lp, gen) in zip(prompt_ids, got, strict=True):
+        lp = score(ids + gen)
+        want = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+        worst = max(worst, max(abs(a - b) for a, b in zip(prompt_lp, want, strict=True)))
+        rows = lp[len(ids) - 1 : len(ids) + len(gen) - 1]
+        chosen = rows.gather(1, torch.tensor(gen)[:, None])[:, 0]
+        assert torch.all(rows.max(-1).values - chosen <= 2 * tol), (rows.max(-1).values - chosen).max()
+    assert worst <= tol, f"max |logprob diff| {worst}"
+    return worst

@@ -18,7 +18,13 @@ import re
 
 import pytest
 import torch
-from greedy_reference import PROMPTS, transformers_greedy, vllm_greedy
+from greedy_reference import (
+    PROMPTS,
+    check_teacher_forced,
+    transformers_greedy,
+    transformers_scorer,
+    vllm_greedy,
+)
 
 from qwen_vllm.errors import QwenQuantizationError
 
@@ -391,8 +397,8 @@ def reference(gptq_dirs, fixtures_root, prompt_ids):
 
 @pytest.fixture(scope="module")
 def qlora(gptq_dirs, fixtures_root, prompt_ids):
-    """(a Q-LoRA adapter for the Int4 fixture, transformers' greedy results on
-    the float reference weights with that adapter merged in float32)."""
+    """(a Q-LoRA adapter for the Int4 fixture, transformers scoring on the
+    float reference weights with that adapter merged in float32)."""
     from qwen_vllm.checkpoints.convert import convert_to_qwen2
     from qwen_vllm.checkpoints.lora import make_adapter, merge_lora
 
@@ -400,7 +406,7 @@ def qlora(gptq_dirs, fixtures_root, prompt_ids):
     adapter = make_adapter(int4, fixtures_root / "gptq-int4-qlora", seed=3)
     merged = merge_lora(ref, adapter, fixtures_root / "gptq-int4-reference-qlora", torch.float32)
     qwen2 = convert_to_qwen2(merged, fixtures_root / "gptq-int4-reference-qlora-qwen2")
-    return adapter, transformers_greedy(qwen2, prompt_ids, NEW_TOKENS)
+    return adapter, transformers_scorer(qwen2)
 
 
 @pytest.fixture(scope="module")
@@ -445,24 +451,25 @@ def test_int4_auto_detected_and_equals_dequantized_reference(int4_tp1, reference
 
 
 @pytest.mark.timeout(1800)
-def test_qlora_adapter_equals_the_merged_dequantized_reference(int4_tp1, qlora) -> None:
+def test_qlora_adapter_equals_the_merged_dequantized_reference(int4_tp1, qlora, prompt_ids) -> None:
     """Q-LoRA cannot be merged into Int4 weights (Qwen's README): served
     unmerged on the Int4 model it equals the float weights with it merged."""
     _, base, _, adapted = int4_tp1
-    assert_close(qlora[1], adapted)
+    check_teacher_forced(qlora[1], prompt_ids, adapted, LOGPROB_TOL)
     assert [gen for _, gen in adapted] != [gen for _, gen in base]  # the adapter changes the words
 
 
 @pytest.mark.timeout(1800)
 def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1, qlora) -> None:
-    """TP=2 equals TP=1 on the Int4 model, and with the adapter served unmerged."""
+    """TP=2 equals TP=1 on the Int4 model; with the Q-LoRA adapter both equal
+    the merged reference (the TP=1 check is the test above)."""
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
     from qwen_vllm.checkpoints.lora import LORA_DEFAULTS
 
     int4, _, _ = gptq_dirs
-    _, tp1, _, tp1_adapted = int4_tp1
+    _, tp1, _, _ = int4_tp1
     old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     try:
@@ -479,7 +486,8 @@ def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1, qlora)
     finally:
         llm.llm_engine.engine_core.shutdown()
     assert_close(tp1, tp2)
-    assert_close(tp1_adapted, tp2_adapted)  # each rank's slice of the fused qkv and gate_up LoRA
+    # Each rank applies its slice of the fused qkv and gate_up LoRA.
+    check_teacher_forced(qlora[1], prompt_ids, tp2_adapted, LOGPROB_TOL)
 
 
 # -- flags reach vLLM from the worker and the stack; vLLM's own entry point -------------
