@@ -28,7 +28,6 @@ from test_chat_ui import (  # noqa: F401 (browser is a fixture)
     cli_do,
     open_ui,
     send,
-    setting_box,
     spawn_cli,
     start_process,
     stop_process,
@@ -103,11 +102,13 @@ def test_web_ui_and_cli_list_the_adapters_and_answer_as_them(topology, browser, 
         assert f"{len(served)} models" in page.inner_text("#status")
         page.click("#model input")
         options = page.locator('#model [role="option"]')
-        assert sorted(t.strip() for t in options.all_inner_texts()) == served
+        assert sorted(t.replace("✓", "").strip() for t in options.all_inner_texts()) == served  # ✓ marks the choice
         options.filter(has_text=ADAPTERS[0]).click()
         assert page.locator("#model input").input_value() == ADAPTERS[0]
-        setting_box(page, "temperature").fill("0")
-        setting_box(page, "max_new_tokens").fill("64")  # as reply() asks
+        for slider, value in (("temperature", "0"), ("max_new_tokens", "64")):  # as reply() asks
+            number = page.locator(f"#{slider} input[type=number]")
+            number.fill(value)
+            number.press("Enter")
         send(page, "Hello")
         wait_last_bot(page, lambda t: t == want.strip(), f"{ADAPTERS[0]}'s reply")
         page.close()

@@ -257,7 +257,7 @@ def test_full_worker_refuses_with_429_and_the_front_uses_the_other(topology):
             client(a_url).chat.completions.create(model=MODEL, messages=hello(), max_tokens=4)
         assert time.monotonic() - start < 2
         assert info.value.response.headers["retry-after"] == "1"
-        assert f"limit (--max-num-seqs + --max-queued-requests, or --limit-worker-concurrency) is {A_LIMIT}" in info.value.message
+        assert f"{A_LIMIT} requests running or queued on this worker, its limit is {A_LIMIT};" in info.value.message
         inband = httpx.post(a_url + "/worker_generate", json={"prompt": "hi", "max_new_tokens": 2}, timeout=10).json()
         assert inband["error_code"] == 42903 and inband["text"].startswith("server busy"), inband  # ENGINE_OVERLOADED
         with httpx.stream("POST", a_url + "/worker_generate_stream", json={"prompt": "hi"}, timeout=10) as r:

@@ -75,6 +75,13 @@ RETRY_AFTER_S = 5  # what a 503 for a model without a live worker tells clients
 STOP_GRACE_S = 10  # on SIGTERM, in-flight responses get this long to finish, then are closed
 RELAYED_PATHS = ("/v1/chat/completions", "/v1/completions")
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "host", "authorization"}
+# A relayed response gets the front's own server's date and server headers.
+NOT_RELAYED = HOP_BY_HOP | {"date", "server"}
+
+
+def relayed_headers(upstream: httpx.Response) -> dict[str, str]:
+    """The worker's response headers that the front passes on."""
+    return {k: v for k, v in upstream.headers.items() if k.lower() not in NOT_RELAYED}
 
 
 class NoWorker(Exception):
@@ -112,7 +119,7 @@ class Dispatcher:
         self._inflight: dict[str, int] = {}  # address -> requests this front has running there
         self._chosen: dict[str, float] = {}  # address -> when a request last went there
         self._down: dict[str, float] = {}  # address -> skip until
-        self._served: dict[str, float] = {}  # model -> last time the controller listed it
+        self._served: dict[str, float] = {}  # model -> last time a worker was known for it
         self._refresh: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # background questions to the controller
 
@@ -139,7 +146,7 @@ class Dispatcher:
         self._asked[model] = time.monotonic()
         address = (await self._post("/get_worker_address", {"model": model}))["address"]
         if address:
-            self._pool.setdefault(model, {})[address] = time.monotonic()
+            self._pool.setdefault(model, {})[address] = self._served[model] = time.monotonic()
         return address
 
     def _candidates(self, model: str, exclude: set[str]) -> list[str]:
@@ -178,6 +185,7 @@ class Dispatcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if candidates := self._candidates(model, exclude):
+            self._served[model] = time.monotonic()
             return self._least_busy(candidates)
         if known_only:
             raise NoWorker(f"no other worker known for model {model!r}", 503)
@@ -253,8 +261,7 @@ class RelayedResponse(StreamingResponse):
     (finished, client gone, cancelled), so the worker aborts what it still runs."""
 
     def __init__(self, upstream: httpx.Response, on_close: Callable[[], None], on_broken: Callable[[], None]) -> None:
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-        super().__init__(_relay_body(upstream, on_broken), status_code=upstream.status_code, headers=headers)
+        super().__init__(_relay_body(upstream, on_broken), status_code=upstream.status_code, headers=relayed_headers(upstream))
         self.upstream = upstream
         self.on_close = on_close
 
@@ -311,11 +318,12 @@ def create_app(
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> Response:
         try:
-            if model in await dispatcher.models():
-                return JSONResponse(model_card(model))
+            served = await dispatcher.models()
         except NoWorker as exc:
             return exc.response()
-        return error_response(f"model {model!r} is not served here", 404)
+        if model in served:
+            return JSONResponse(model_card(model))
+        return error_response(f"model {model!r} is not served here; available models: {', '.join(served) or 'none'}", 404)
 
     async def relay(request: Request) -> Response:
         body = await request.body()
@@ -346,8 +354,7 @@ def create_app(
                 if upstream.status_code == 429:  # its queue is full: another worker may admit it
                     content = await upstream.aread()
                     await upstream.aclose()
-                    kept = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-                    busy = Response(content, status_code=429, headers=kept)
+                    busy = Response(content, status_code=429, headers=relayed_headers(upstream))
                     continue
                 relayed = True
                 return RelayedResponse(

@@ -12,9 +12,11 @@ left behind. Any child that exits is restarted with the same command (the
 controller holds no state: workers re-register within one heartbeat; a
 worker's model is served by its other workers meanwhile, and the front
 answers 503 + Retry-After while none is live): at once after a run that came
-up and stayed up STABLE_S, else after a backoff doubling from BACKOFF_S; after
-MAX_FAST_FAILURES such failures in a row it is left down, with the reason and
-its log's tail. Each exit is reported with its cause (signal, exit code, the
+up and stayed up STABLE_S, after BACKOFF_S if it died sooner after coming up;
+one that dies before it is up is restarted after a backoff doubling from
+BACKOFF_S, and after MAX_START_FAILURES such start-ups in a row it is left
+down, with the reason and its log's tail (a worker that came up and served is
+always restarted: an OOM kill under load is not a broken configuration). Each exit is reported with its cause (signal, exit code, the
 OOM killer). Arguments after ``--`` go to every worker (vLLM engine flags:
 ``--dtype float16 --quantization gptq --kv-cache-dtype auto`` ...); each
 worker's command line is parsed and checked before anything starts.
@@ -49,13 +51,14 @@ STOP_GRACE_S = 30.0
 # A worker still loading its engine is killed after this (nothing to finish;
 # vLLM's server only handles SIGTERM once the engine is up).
 LOADING_STOP_GRACE_S = 3.0
-# Supervision: a child that dies before it is ready, or within STABLE_S of
-# becoming ready, failed fast; restarts after fast failures wait BACKOFF_S,
-# doubling up to MAX_BACKOFF_S; MAX_FAST_FAILURES in a row end the retries.
+# Supervision: a child that dies before it is ready failed to start; restarts
+# after failed start-ups wait BACKOFF_S, doubling up to MAX_BACKOFF_S, and
+# MAX_START_FAILURES in a row end the retries. One that dies within STABLE_S of
+# becoming ready restarts after BACKOFF_S, later than that at once.
 STABLE_S = 30.0
 BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
-MAX_FAST_FAILURES = 3
+MAX_START_FAILURES = 3
 
 
 def say(message: str) -> None:
@@ -78,7 +81,7 @@ class Child:
     started: float = 0.0
     ready_at: float | None = None  # when it last became ready (None: not since its start)
     restarts: int = 0
-    fast_failures: int = 0  # in a row
+    start_failures: int = 0  # start-ups in a row that ended before it was ready
     restart_at: float | None = None  # set while a restart is pending
     given_up: bool = False
     oom_kills_at_start: int | None = None
@@ -353,7 +356,8 @@ class Stack:
         engines = f"{len(self.workers)} worker engine{'s' * (len(self.workers) > 1)} to load"
         if not self._wait(engines, self._workers_ready, [self.controller, *self.workers, self.front]):
             return False
-        if not self._wait(self._registration_status, lambda: set(self.model_names) <= set(self._front_models()), self.children):
+        registered = lambda: self._check_ready(self.front) and set(self.model_names) <= set(self._front_models())  # noqa: E731
+        if not self._wait(self._registration_status, registered, self.children):
             return False
         if self.web is not None:
             self.web.start()
@@ -424,16 +428,18 @@ class Stack:
         if child.restart_at is None:  # just found dead
             cause = exit_cause(child.proc.returncode, child.oom_kills_at_start)
             child.signal_group(signal.SIGKILL)  # engine processes left in its group
-            fast = child.ready_at is None or now - child.ready_at < STABLE_S
-            child.fast_failures = child.fast_failures + 1 if fast else 0
-            if child.fast_failures >= MAX_FAST_FAILURES:
+            child.start_failures = child.start_failures + 1 if child.ready_at is None else 0
+            if child.start_failures >= MAX_START_FAILURES:
                 child.given_up = True
-                say(f"{child.name} exited ({cause}): {child.fast_failures} failures in a row, none up for "
-                    f"{STABLE_S:.0f} s; not restarting it. Its log {child.log} ends:")  # fmt: skip
+                say(f"{child.name} exited ({cause}): {child.start_failures} start-ups in a row ended before it was "
+                    f"ready; not restarting it. Its log {child.log} ends:")  # fmt: skip
                 print(child.tail(), flush=True)
                 self.write_ready_file()
                 return
-            delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (child.fast_failures - 1)) if fast else 0.0
+            if child.start_failures:
+                delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (child.start_failures - 1))
+            else:
+                delay = 0.0 if now - child.ready_at >= STABLE_S else BACKOFF_S
             child.restart_at = now + delay
             say(f"{child.name} (pid {child.proc.pid}) exited ({cause}); restarting it in {delay:.0f} s; log {child.log}")
         if now >= child.restart_at:

@@ -37,9 +37,9 @@ class Gate:
     refused: int = 0
 
     def busy_message(self) -> str:
+        running = f"{self.in_flight} request{'' if self.in_flight == 1 else 's'}"
         return (
-            f"server busy: {self.in_flight} requests are running or queued on this worker, its limit "
-            f"(--max-num-seqs + --max-queued-requests, or --limit-worker-concurrency) is {self.capacity}; "
+            f"server busy: {running} running or queued on this worker, its limit is {self.capacity}; "
             f"retry in {RETRY_AFTER_S} s"
         )
 
