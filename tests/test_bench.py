@@ -109,7 +109,7 @@ def recorded(mode: str) -> dict:
     return json.loads((RECORDED / f"{mode}.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults"])
+@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora"])
 def test_recorded_reports_render_as_recorded(mode: str, tmp_path: Path) -> None:
     from qwen_vllm.bench.report import markdown, plot
 
@@ -129,6 +129,23 @@ def test_stress_reports_render_as_recorded(mode: str, tmp_path: Path) -> None:
     result = recorded(mode)
     assert markdown(result) + "\n" == (RECORDED / f"{mode}.md").read_text()
     assert plot(result, tmp_path / "plot.png") is False and not (tmp_path / "plot.png").exists()
+
+
+def test_lora_report() -> None:
+    """The recorded Qwen-1.8B-shape run: every target at every batch, ratios
+    and the per-slot memory computed from the rows and peaks they cite."""
+    data = recorded("lora")["data"]
+    n = data["adapters"]
+    targets = ["merged", "lora-0", "lora-1", f"lora-{n}"]
+    batches = sorted({r["batch"] for r in data["rows"]})
+    tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
+    assert sorted(tok) == sorted((t, b) for t in targets for b in batches)
+    for t in targets[1:]:
+        for b in batches:
+            assert data["ratios"][f"{t}/merged batch {b}"] == pytest.approx(tok[t, b] / tok["merged", b])
+    mem = data["memory_gib"]
+    assert mem["per adapter slot"] == pytest.approx(mem["LoRA engine over plain"] / n)
+    assert 0 < mem["one adapter's file"] < mem["plain engine peak"]
 
 
 def test_admission_report() -> None:
