@@ -16,8 +16,8 @@ up and stayed up STABLE_S, after BACKOFF_S if it died sooner after coming up;
 one that dies before it is up is restarted after a backoff doubling from
 BACKOFF_S, and after MAX_START_FAILURES such start-ups in a row it is left
 down, with the reason and its log's tail (a worker that came up and served is
-always restarted: an OOM kill under load is not a broken configuration). Each exit is reported with its cause (signal, exit code, the
-OOM killer). Arguments after ``--`` go to every worker (vLLM engine flags:
+always restarted: an OOM kill under load is not a broken configuration). Each
+exit is reported with its cause (signal, exit code, the OOM killer). Arguments after ``--`` go to every worker (vLLM engine flags:
 ``--dtype float16 --quantization gptq --kv-cache-dtype auto`` ...); each
 worker's command line is parsed and checked before anything starts.
 On a CPU machine the cores are split between workers (VLLM_CPU_OMP_THREADS_BIND);
