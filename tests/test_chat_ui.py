@@ -538,6 +538,24 @@ def test_cli_api_server_down():
         child.close(force=True)
 
 
+def test_cli_bad_adapter_fails_before_the_engine(scripted_model, random_model, tmp_path):
+    """An adapter that does not fit the checkpoint ends ``chat --model`` with
+    the reason before any engine starts (exit 2, no traceback)."""
+    from qwen_vllm.checkpoints.lora import make_adapter
+    from qwen_vllm.runtime.processes import ENGINE_LOG_ENV
+
+    engines = Path(os.environ[ENGINE_LOG_ENV])  # each engine process appends its pid (tests/conftest.py)
+    started = engines.read_text() if engines.exists() else ""
+    other = make_adapter(random_model, tmp_path / "for-random", rank=8)
+    for spec, reason in ((f"x={other}", "is the adapter for another base model"), ("x", "expected NAME=PATH")):
+        out = subprocess.run(
+            [sys.executable, "-m", "qwen_vllm.cli", "chat", "--model", str(scripted_model), "--lora-modules", spec],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 2 and reason in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert (engines.read_text() if engines.exists() else "") == started  # no engine was started
+
+
 class StartingCli:
     """``qwen-vllm chat --model`` started at module set-up, so its engine loads
     while the API server starts (the slowest part of this module, twice); a
