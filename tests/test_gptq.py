@@ -20,11 +20,11 @@ import pytest
 import torch
 from greedy_reference import (
     PROMPTS,
-    check_teacher_forced,
     transformers_greedy,
     transformers_scorer,
     vllm_greedy,
 )
+from test_long_context import check_teacher_forced_greedy, run
 
 from qwen_vllm.errors import QwenQuantizationError
 
@@ -424,7 +424,7 @@ def int4_tp1(gptq_dirs, prompt_ids, qlora):
         config = wrapper.llm.llm_engine.vllm_config
         settings = (config.model_config.quantization, config.model_config.dtype, config.cache_config.cache_dtype)
         base = vllm_greedy(wrapper.llm, prompt_ids, NEW_TOKENS)
-        adapted = vllm_greedy(wrapper.llm, prompt_ids, NEW_TOKENS, wrapper.lora_request(qlora[0]))
+        adapted = run(wrapper.llm, prompt_ids, NEW_TOKENS, lora=wrapper.lora_request(qlora[0]))
         return settings, base, wrapper.chat("Hi", max_new_tokens=8)[0], adapted
     finally:
         wrapper.llm.llm_engine.engine_core.shutdown()
@@ -451,12 +451,12 @@ def test_int4_auto_detected_and_equals_dequantized_reference(int4_tp1, reference
 
 
 @pytest.mark.timeout(1800)
-def test_qlora_adapter_equals_the_merged_dequantized_reference(int4_tp1, qlora, prompt_ids) -> None:
+def test_qlora_adapter_equals_the_merged_dequantized_reference(int4_tp1, qlora) -> None:
     """Q-LoRA cannot be merged into Int4 weights (Qwen's README): served
     unmerged on the Int4 model it equals the float weights with it merged."""
     _, base, _, adapted = int4_tp1
-    check_teacher_forced(qlora[1], prompt_ids, adapted, LOGPROB_TOL)
-    assert [gen for _, gen in adapted] != [gen for _, gen in base]  # the adapter changes the words
+    check_teacher_forced_greedy(qlora[1], adapted, LOGPROB_TOL)
+    assert [r["tokens"] for r in adapted] != [gen for _, gen in base]  # the adapter changes the words
 
 
 @pytest.mark.timeout(1800)
@@ -482,12 +482,12 @@ def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1, qlora)
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
     try:
         tp2 = vllm_greedy(llm, prompt_ids, NEW_TOKENS)
-        tp2_adapted = vllm_greedy(llm, prompt_ids, NEW_TOKENS, LoRARequest("qlora", 1, str(qlora[0])))
+        tp2_adapted = run(llm, prompt_ids, NEW_TOKENS, lora=LoRARequest("qlora", 1, str(qlora[0])))
     finally:
         llm.llm_engine.engine_core.shutdown()
     assert_close(tp1, tp2)
     # Each rank applies its slice of the fused qkv and gate_up LoRA.
-    check_teacher_forced(qlora[1], prompt_ids, tp2_adapted, LOGPROB_TOL)
+    check_teacher_forced_greedy(qlora[1], tp2_adapted, LOGPROB_TOL)
 
 
 # -- flags reach vLLM from the worker and the stack; vLLM's own entry point -------------

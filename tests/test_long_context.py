@@ -198,6 +198,29 @@ def run(llm, prompts: list[list[int]], max_tokens: int = NEW_TOKENS, lora=None) 
     return results
 
 
+def check_teacher_forced_greedy(score, outputs: list[dict], tol: float) -> None:
+    """A reference (``score``: ids -> log-probs at every position) scoring the
+    engine's own sequences (``run``'s outputs): prompt and sampled-token
+    log-probs within ``tol``, each greedy token the reference's argmax up to
+    2 * tol (random fixtures have near-ties a low-precision engine may resolve
+    the other way, after which the sequences differ yet stay comparable)."""
+    worst, lowest = 0.0, 0.0
+    for result in outputs:
+        prompt, tokens = result["prompt"], result["tokens"]
+        lp = score(prompt + tokens)
+        worst = max(
+            worst,
+            max_delta(result["prompt_lp"], scored(lp, prompt, 1)),
+            max_delta(result["lp"], scored(lp, prompt + tokens, len(prompt))),
+        )
+        rows = lp[len(prompt) - 1 : len(prompt) + len(tokens) - 1]
+        chosen = rows.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        assert torch.all(rows.max(-1).values - chosen <= 2 * tol)
+        lowest = min(lowest, *scored(lp, prompt, 1))
+    assert lowest < -5  # the model is far from uniform: the bound means something
+    assert worst <= tol, f"max |logprob diff| {worst} > {tol}"
+
+
 class CapturedWarnings(logging.Filter):
     """A filter, not a handler: vLLM's logging set-up (dictConfig, run again
     when an engine is built) clears the handlers of every ``vllm.*`` logger."""

@@ -295,6 +295,20 @@ def adapter_edits(
     return deltas, replaced
 
 
+def _warn_unsaved_modules(where: str, adapter_cfg: dict[str, Any], replaced: dict[str, torch.Tensor], then: str) -> bool:
+    """Warn when ``modules_to_save`` lists modules the adapter holds no tensors
+    for (what Qwen's finetune.py leaves), saying what is done ``then``; True if so."""
+    saved = [name.removesuffix(".weight") for name in replaced]
+    absent = [m for m in adapter_cfg.get("modules_to_save") or [] if not any(_peft_match(n, m) for n in saved)]
+    if absent:
+        warnings.warn(
+            f"{where}: modules_to_save lists {absent} but the adapter has no such tensors "
+            f"(Qwen's finetune.py never saved them); {then}",
+            stacklevel=3,
+        )
+    return bool(absent)
+
+
 def _check_shape(key: str, got: tuple[int, ...], want: tuple[int, ...], cfg: dict[str, Any], where: str) -> None:
     if got != want:
         raise QwenAdapterError(
@@ -325,14 +339,7 @@ def merge_lora(
         raise QwenAdapterError(f"{out_dir}: is the base checkpoint; merge into another directory")
     adapter_cfg, tensors = read_adapter(adapter)
     deltas, replaced = adapter_edits(cfg, adapter_cfg, tensors, str(adapter))
-    saved = [name.removesuffix(".weight") for name in replaced]
-    absent = [m for m in adapter_cfg.get("modules_to_save") or [] if not any(_peft_match(n, m) for n in saved)]
-    if absent:
-        warnings.warn(
-            f"{adapter}: modules_to_save lists {absent} but the adapter has no such tensors (Qwen's finetune.py "
-            "never saved them); keeping the base checkpoint's",
-            stacklevel=2,
-        )
+    _warn_unsaved_modules(str(adapter), adapter_cfg, replaced, "keeping the base checkpoint's")
     shutil.copytree(base_dir, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*(p.name for p in weights)))
     pending = set(deltas) | set(replaced)
     for path in weights:
@@ -397,13 +404,8 @@ def serving_dir(base: str | os.PathLike, adapter: str | os.PathLike, max_lora_ra
             f"{where}: trains {names} in full (modules_to_save); vLLM applies only LoRA deltas, so serve it merged: "
             f"qwen-vllm merge-lora {base} {adapter} OUT_DIR, then serve OUT_DIR"
         )
-    if not adapter_cfg.get("modules_to_save"):
+    if not _warn_unsaved_modules(where, adapter_cfg, replaced, "serving it with the base checkpoint's, as PEFT does"):
         return adapter
-    warnings.warn(
-        f"{where}: modules_to_save lists {adapter_cfg['modules_to_save']} but the adapter has no such tensors "
-        "(Qwen's finetune.py never saved them); serving it with the base checkpoint's, as PEFT does",
-        stacklevel=2,
-    )
     digest = hashlib.sha256(str(adapter.resolve()).encode()).hexdigest()[:16]
     shadow = Path(tempfile.gettempdir()) / f"qwen-vllm-adapter-{digest}"
     shadow.mkdir(exist_ok=True)

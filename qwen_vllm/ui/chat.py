@@ -73,20 +73,13 @@ class WrapperBackend:
     (name -> PEFT directory) are served unmerged beside the base model."""
 
     def __init__(self, model_dir: str, adapters: dict[str, str] | None = None, **engine_kwargs: Any) -> None:
-        from qwen_vllm.checkpoints.lora import LORA_DEFAULTS, serving_dir
         from qwen_vllm.runtime.processes import OWN_PROCESS_GROUP_ENV
         from qwen_vllm.wrapper.chat import vLLMWrapper
 
-        for path in (adapters or {}).values():  # a bad adapter fails now, not after the engine loads
-            serving_dir(model_dir, path, engine_kwargs.get("max_lora_rank", LORA_DEFAULTS["max_lora_rank"]))
         # Ctrl-C must stop a reply, not the engine: see OWN_PROCESS_GROUP_ENV.
         os.environ[OWN_PROCESS_GROUP_ENV] = "1"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # a chat, not a server log
-        if adapters:
-            engine_kwargs["enable_lora"] = True
-        self.wrapper = vLLMWrapper(model_dir, **engine_kwargs)
-        for name, path in (adapters or {}).items():
-            self.wrapper.load_adapter(path, name)
+        self.wrapper = vLLMWrapper(model_dir, adapters=adapters, **engine_kwargs)  # adapters checked before the engine
         self.base = os.path.basename(os.path.normpath(model_dir))
         self.model: str | None = self.base
         self.description = f"in-process vLLM, model {model_dir}"

@@ -74,8 +74,8 @@ class ControllerLink:
             if not exist:
                 logger.info("controller %s does not know this worker (restarted?); registering again", self.controller)
                 await self._retry("register with the controller", self._register)
-            elif self.status()["model_names"] != self._registered_names:
-                logger.info("serving %s now; registering again", ", ".join(self.status()["model_names"]))
+            elif (names := self.status()["model_names"]) != self._registered_names:
+                logger.info("serving %s now; registering again", ", ".join(names))
                 await self._retry("register with the controller", self._register)
 
     async def _retry(self, what: str, step: Callable[[], Any], first_warning: int = 1) -> Any:

@@ -143,7 +143,8 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
     Qwen's finetune.py trains; ``max_loras`` to 4 adapters in one batch), every
     call takes ``adapter=``: a PEFT LoRA adapter directory (checked against
     the checkpoint, then loaded by vLLM on first use) or the name it was
-    loaded under; None is the base model.
+    loaded under; None is the base model. ``adapters`` (name -> directory)
+    enables LoRA and loads them, checked before the engine starts.
     """
 
     def __init__(
@@ -154,9 +155,12 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         gpu_memory_utilization: float = 0.90,
         dtype: str = "bfloat16",
         quantization: str | None = None,
+        adapters: Mapping[str, str | os.PathLike] | None = None,
         **engine_kwargs: Any,
     ) -> None:
         model_dir = os.fspath(model_dir)
+        if adapters:
+            engine_kwargs = {"enable_lora": True, **engine_kwargs}
         if engine_kwargs.get("enable_lora"):
             engine_kwargs = {**LORA_DEFAULTS, **engine_kwargs}
         _check_engine_kwargs(engine_kwargs)
@@ -172,6 +176,8 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         self.max_lora_rank = engine_kwargs.get("max_lora_rank") if engine_kwargs.get("enable_lora") else None
         self._adapters: dict[str, Any] = {}  # name -> vLLM LoRARequest
         self._adapter_dirs: dict[str, str] = {}  # name -> the directory it was loaded from
+        for name, path in (adapters or {}).items():  # needs no engine: vLLM loads them on first use
+            self.load_adapter(path, name)
         self.generation_config = read_generation_config(model_dir)
         self.chat_format = self.generation_config.get("chat_format", "chatml")
         apply_cpu_defaults(tensor_parallel_size)

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 from test_gptq import LOGPROB_TOL, NEW_TOKENS, prompt_ids  # noqa: F401 (prompt_ids is a fixture)
-from test_long_context import QwenReference, max_delta, run, scored
+from test_long_context import QwenReference, check_teacher_forced_greedy, run
 
 HIDDEN, HEADS, MLP, LAYERS = 256, 4, 512, 2
 GROUP = 64
@@ -165,25 +165,8 @@ def check_fallback_absent(run_data: dict) -> None:
 
 
 def check_against_reference(run_data: dict, reference: QwenReference) -> None:
-    """Prompt and sampled-token logprobs within the dtype's tolerance of the
-    reference scoring vLLM's own sequence; each greedy token the reference's
-    argmax up to that tolerance (a near-tie may flip)."""
-    tol = TOL[run_data["dtype"]]
-    worst, lowest = 0.0, 0.0
-    for result in run_data["outputs"]:
-        prompt, tokens = result["prompt"], result["tokens"]
-        lp = reference.logprobs(prompt + tokens, 1)  # far below seq_length: plain RoPE
-        worst = max(
-            worst,
-            max_delta(result["prompt_lp"], scored(lp, prompt, 1)),
-            max_delta(result["lp"], scored(lp, prompt + tokens, len(prompt))),
-        )
-        rows = lp[len(prompt) - 1 : len(prompt) + len(tokens) - 1]
-        chosen = rows.gather(1, torch.tensor(tokens)[:, None])[:, 0]
-        assert torch.all(rows.max(-1).values - chosen <= 2 * tol)
-        lowest = min(lowest, *scored(lp, prompt, 1))
-    assert lowest < -5  # the model is far from uniform: the bound means something
-    assert worst <= tol, f"max |logprob diff| {worst} > {tol}"
+    """The reference scoring vLLM's own sequences, within the dtype's tolerance."""
+    check_teacher_forced_greedy(lambda ids: reference.logprobs(ids, 1), run_data["outputs"], TOL[run_data["dtype"]])
 
 
 def test_kernel_is_the_one_selected(tp1: dict) -> None:
