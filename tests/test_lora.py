@@ -1,8 +1,8 @@
 """LoRA adapters served unmerged, against the same adapter merged into the
-weights (merge-lora) and served as a plain checkpoint.
+weights (merge-lora) and run as a plain checkpoint.
 
 The session's random fp32 wrapper runs with ``enable_lora=True`` (conftest);
-the merged checkpoint gets one engine of its own. Adapters are written by
+the merged checkpoint is scored by transformers (no second engine). Adapters are written by
 make-adapter in the layout Qwen's finetune.py + PEFT produce (checked against
 PEFT in test_lora_files.py): r=64 on all four targets, and r=8 on two.
 """
@@ -36,11 +36,16 @@ def adapters(random_model: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 @pytest.fixture(scope="module")
 def merged(random_model: Path, adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    # float32: the fixture is bf16 on disk, and bf16 would round W + s·B·A (unmerged serving does not).
-    out = merge_lora(random_model, adapters["a"], tmp_path_factory.mktemp("merged") / "random-merged-a", torch.float32)
-    wrapper = vLLMWrapper(str(out), dtype="float32", enforce_eager=True, max_model_len=2048)
-    yield wrapper
-    wrapper.llm.llm_engine.engine_core.shutdown()
+    """transformers' Qwen2 scoring the adapter merged into the weights (merge-lora, then
+    convert): ids -> log-probs at every position. float32: the fixture is bf16 on disk,
+    and bf16 would round W + s·B·A (unmerged serving does not)."""
+    from greedy_reference import transformers_scorer
+
+    from qwen_vllm.checkpoints.convert import convert_to_qwen2
+
+    root = tmp_path_factory.mktemp("merged")
+    out = merge_lora(random_model, adapters["a"], root / "random-merged-a", torch.float32)
+    return transformers_scorer(convert_to_qwen2(out, root / "random-merged-a-qwen2"))
 
 
 def greedy(llm, prompts: list[list[int]], lora=None) -> list[list[tuple[int, float]]]:
@@ -59,14 +64,16 @@ def chat_prompts(wrapper: vLLMWrapper) -> list[list[int]]:
 
 
 def test_unmerged_equals_merged(random_wrapper, merged, adapters) -> None:
-    """fp32: the same greedy tokens, and per position |delta log-prob| <= 1e-4."""
+    """fp32: the adapter served unmerged gives the greedy tokens of the merged
+    weights (transformers), and per position |delta log-prob| <= 1e-4."""
     prompts = chat_prompts(random_wrapper)
     unmerged = greedy(random_wrapper.llm, prompts, random_wrapper.lora_request(adapters["a"]))
-    reference = greedy(merged.llm, prompts)
     base = greedy(random_wrapper.llm, prompts)
-    for got, want, plain in zip(unmerged, reference, base):
-        assert [t for t, _ in got] == [t for t, _ in want]
-        assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) <= 1e-4
+    for prompt, got, plain in zip(prompts, unmerged, base):
+        tokens = [t for t, _ in got]
+        lp = merged(prompt + tokens)[len(prompt) - 1 : -1]
+        assert tokens == lp.argmax(-1).tolist()
+        assert max(abs(a - lp[i, t].item()) for i, (t, a) in enumerate(got)) <= 1e-4
         assert got != plain  # the adapter changes the output
     assert [t for t, _ in unmerged[0]] != [t for t, _ in base[0]]
 
