@@ -51,7 +51,7 @@ def register() -> None:
     # vLLM's per-architecture config hook: long-context set-up (max_model_len
     # default, M-RoPE positions, prefix caching) and GPTQ/KV-cache checks.
     MODELS_CONFIG_MAP["QWenLMHeadModel"] = QWenEngineConfig
-    # GPTQ Int4 on CPUs whose vLLM build lacks the kernel (AVX2): a torch op.
+    # GPTQ Int4/Int8 on CPU: PyTorch's weight-only kernels, ahead of vLLM's CPUWNA16.
     cpu_gptq.install()
     # LoRA on CPU: base-model rows without the last slot's adapter, one matmul per adapter.
     cpu_lora.install()

@@ -17,6 +17,11 @@ class QwenContextError(QwenRequestError):
     """A prompt does not fit the context window; the message names both lengths."""
 
 
+class QwenSettingsError(QwenVLLMError, ValueError):
+    """Engine settings this machine cannot honour (e.g. more tensor-parallel
+    ranks than CPU cores); the message names the limit."""
+
+
 class QwenQuantizationError(QwenVLLMError, ValueError):
     """A quantized checkpoint or KV-cache dtype cannot run on this hardware or
     tensor-parallel size; the message names what can."""

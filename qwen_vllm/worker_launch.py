@@ -151,12 +151,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         resolve_args(args)
+        apply_cpu_defaults(args.tensor_parallel_size)
     except QwenVLLMError as exc:
         print(f"qwen-vllm worker: error: {exc}", file=sys.stderr)
         return 2
     os.environ["VLLM_PLUGINS"] = plugin_allowlist(os.environ.get("VLLM_PLUGINS"))
     os.environ[DIE_WITH_PARENT_ENV] = "1"  # engine processes exit if this server is killed
-    apply_cpu_defaults(args.tensor_parallel_size)
     cli_env_setup()
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)

@@ -1,17 +1,17 @@
-"""GPTQ Int4 benchmark: memory and speed of the Int4 fixture on the
-CPU fallback kernel (qwen_vllm.plugin.cpu_gptq) vs the same model in float.
+"""GPTQ benchmark on CPU: memory and speed of Int4 and Int8 fixtures vs the
+same model in float.
 
-1. Kernel: one linear at a Qwen-1.8B MLP shape, fallback op vs torch's float
-   matmul, median of N calls per batch size M.
+1. Kernel: one linear at a Qwen-1.8B MLP shape, qwen-vllm's GPTQ kernel
+   (plugin/cpu_gptq.py) vs vLLM's CPUWNA16 (where this CPU's vLLM library has
+   it) vs torch's float linear, per activation dtype and batch size M.
 2. Engine: a Qwen-1.8B-shaped fixture (hidden 2048, 16 heads, MLP 5504, a few
-   layers; random weights, GPTQ group 128 like Qwen's) written as GPTQ Int4
-   and as float16; each engine (Int4 in float16, float16, float32) in a
-   fresh process, started once: weight bytes on disk, process-tree RSS
-   after start-up, then N rounds of decode tokens/s at batch 1 and 8 and
+   layers; random weights, GPTQ group 128 like Qwen's) written as GPTQ Int4,
+   Int8 and float16; each engine (Int4 and Int8 in bfloat16, float bf16 and
+   fp32) in a fresh process, started once: weight bytes on disk, process-tree
+   RSS after start-up, then N rounds of decode tokens/s at batch 1 and 8 and
    prefill tokens/s (medians of the N rounds).
 
-Prints a ratio table (Int4 / float16, Int4 / float32) and writes
-results/bench_gptq.json.
+Prints ratio tables and writes results/bench_gptq.json.
     python scripts/bench_gptq.py [--runs 3] [--layers 4] [--new-tokens 16] [--prefill 512] [--skip-engine]
 """
 
@@ -67,8 +67,9 @@ if __name__ == "__main__":
 """
 
 ENGINES = {  # name -> (checkpoint key, dtype)
-    "int4_fp16": ("int4", "float16"),
-    "float_fp16": ("float", "float16"),
+    "int4_bf16": ("int4", "bfloat16"),  # vLLM's W4A8 on AMX, W4A16 on AVX-512, qwen-vllm's on AVX2
+    "int8_bf16": ("int8", "bfloat16"),  # qwen-vllm's kernel on every CPU
+    "float_bf16": ("float", "bfloat16"),
     "float_fp32": ("float", "float32"),
 }
 
@@ -84,48 +85,45 @@ def median_ms(fn, runs: int) -> float:
 
 
 def bench_kernel(runs: int, k: int = 2048, n: int = 5504, group: int = 128) -> dict:
-    """Fallback op vs torch matmul for one [k -> n] linear (Qwen-1.8B's MLP up)."""
+    """qwen-vllm's kernel (plugin/cpu_gptq.py: Int4 as on AVX2, Int8) vs vLLM's
+    CPUWNA16 Int4 (where this CPU's vLLM library has it; W4A8 for bf16 on AMX)
+    vs torch's float linear, for one [k -> n] linear (Qwen-1.8B's MLP up)."""
     import torch
+    from vllm.model_executor.kernels.linear.mixed_precision.cpu import (
+        CPUWNA16LinearKernel,
+    )
 
-    from qwen_vllm.checkpoints.gptq_pack import quantize_rtn, unpack_int32
+    from qwen_vllm.checkpoints.gptq_pack import quantize_rtn, vllm_gptq_layer
     from qwen_vllm.plugin import cpu_gptq
 
-    cpu_gptq.install()
-    torch.manual_seed(0)
-    t = quantize_rtn(torch.randn(n, k) / 45, 4, group)
-    q = unpack_int32(t.qweight, 4, dim=0)  # [k, n]
-    # The CPUWNA16 layout the op receives: blocks of 16 output channels.
-    from vllm.model_executor.layers.quantization.utils.quant_utils import (
-        pack_quantized_values_into_int32,
-    )
-    from vllm.scalar_type import scalar_types
+    def prepared(kernel_cls, t, bits):
+        kernel, layer = vllm_gptq_layer(kernel_cls, t, bits, group, dtype)
+        return lambda x: kernel.apply_weights(layer, x)
 
-    packed = pack_quantized_values_into_int32(q, scalar_types.uint4b8, 1)
-    q_weight = packed.view(k, -1, 2).permute(1, 0, 2).reshape(-1, 2 * k).contiguous()
-    scales = t.scales.half()
-    w32 = ((q - 8).float() * scales.float().repeat_interleave(group, 0)).contiguous()  # [k, n]
-    # torch's float layers as vLLM runs them: F.linear on [n, k] weights (x @ w
-    # on a [k, n] half weight takes a slow path on AVX2, 20x slower).
-    linear = torch.nn.functional.linear
-    wt32 = w32.t().contiguous()
-    wt16 = wt32.half()
+    native = cpu_gptq.vllm_native_int4()
+    torch._C._cpu._init_amx()  # vLLM's AMX kernels need the permission an engine's oneDNN asks for
+    torch.manual_seed(0)
+    weight = torch.randn(n, k) / 45
+    t4, t8 = quantize_rtn(weight, 4, group), quantize_rtn(weight, 8, group)
     out = {}
-    for m in (1, 8, 128):
-        x16 = torch.randn(m, k).half()
-        x32 = x16.float()
-        y = torch.empty(m, n, dtype=torch.float16)
-        row = {
-            "fallback_int4_fp16_ms": median_ms(
-                lambda: torch.ops._C.cpu_gemm_wna16(x16, q_weight, y, scales, None, None, 8, "vec"), runs
-            ),
-            "torch_fp16_ms": median_ms(lambda: linear(x16, wt16), runs),
-            "torch_fp32_ms": median_ms(lambda: linear(x32, wt32), runs),
-        }
-        torch.ops._C.cpu_gemm_wna16(x16, q_weight, y, scales, None, None, 8, "vec")
-        row["max_abs_err_vs_fp32"] = (y.float() - linear(x32, wt32)).abs().max().item()
-        out[f"m{m}"] = row
-        print(f"kernel m={m}: {row}", file=sys.stderr)
-    return {"shape": [k, n], "group_size": group, "rows": out}
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        theirs = prepared(CPUWNA16LinearKernel, t4, 4) if native and dtype != torch.float32 else None  # no fp32 op
+        cpu_gptq.vllm_native_int4 = lambda: False  # ours, as it runs on AVX2
+        int4 = prepared(cpu_gptq.TorchGPTQLinearKernel, t4, 4)
+        int8 = prepared(cpu_gptq.TorchGPTQLinearKernel, t8, 8)
+        dense = weight.to(dtype)
+        for m in (1, 8, 32, 128, 512):
+            x = torch.randn(m, k).to(dtype)
+            row = {
+                "ours_int4_ms": median_ms(lambda: int4(x), runs),
+                "ours_int8_ms": median_ms(lambda: int8(x), runs),
+                "vllm_int4_ms": median_ms(lambda: theirs(x), runs) if theirs else None,
+                "float_linear_ms": median_ms(lambda: torch.nn.functional.linear(x, dense), runs),
+            }
+            out[f"{name} m{m}"] = row
+            print(f"kernel {name} m={m}: {row}", file=sys.stderr)
+    return {"shape": [k, n], "group_size": group, "vllm_native_int4": native, "rows": out}
 
 
 def weight_bytes(model_dir: Path) -> dict[str, int]:
@@ -172,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
 
         work = Path(args.fixtures) if args.fixtures else Path(tempfile.mkdtemp(prefix="bench-gptq-"))
         shape = dict(hidden_size=2048, num_layers=args.layers, num_heads=16, mlp_width=5504, seq_length=2048)
-        kinds = {"int4": dict(gptq_bits=4, gptq_group_size=128), "float": dict(dtype=__import__("torch").float16)}
+        kinds = {
+            "int4": dict(gptq_bits=4, gptq_group_size=128),
+            "int8": dict(gptq_bits=8, gptq_group_size=128),
+            "float": dict(dtype=__import__("torch").float16),
+        }
         dirs = {}
         for key, kwargs in kinds.items():
             d = work / f"{key}-l{args.layers}"
@@ -200,20 +202,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(result: dict) -> None:
     k = result["kernel"]
-    print(f"\nKernel, one linear {k['shape'][0]} -> {k['shape'][1]} (group {k['group_size']}), median ms:")
-    print("| M | Int4 fallback (fp16 in/out) | torch fp16 | torch fp32 | Int4 / fp16 | Int4 / fp32 |\n|---|---|---|---|---|---|")
-    for m, row in k["rows"].items():
-        q, h, f = row["fallback_int4_fp16_ms"], row["torch_fp16_ms"], row["torch_fp32_ms"]
-        print(f"| {m[1:]} | {q:.2f} | {h:.2f} | {f:.2f} | {q / h:.2f} | {q / f:.2f} |")
+    print(f"\nKernel, one linear {k['shape'][0]} -> {k['shape'][1]} (group {k['group_size']}), median ms; "
+          "ratios are float / quantized:")  # fmt: skip
+    print("| dtype, M | Int4 qwen-vllm | Int4 vLLM | Int8 qwen-vllm | float linear | float / Int4 ours | "
+          "float / Int4 vLLM | float / Int8 |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for key, row in k["rows"].items():
+        o4, v4, o8, f = row["ours_int4_ms"], row["vllm_int4_ms"], row["ours_int8_ms"], row["float_linear_ms"]
+        v_ms, v_ratio = ("-", "-") if v4 is None else (f"{v4:.2f}", f"{f / v4:.2f}")
+        print(f"| {key.replace(' m', ', ')} | {o4:.2f} | {v_ms} | {o8:.2f} | {f:.2f} | {f / o4:.2f} | {v_ratio} | {f / o8:.2f} |")
     if "engine" not in result:
         return
     e, med = result["engine"], result["engine"]["median"]
     w = e["weight_bytes"]
-    print(f"\nEngine, {e['shape']}, medians; ratio columns are Int4 / float:")
-    print("| measure | Int4 (fp16) | float16 | float32 | Int4/fp16 | Int4/fp32 |\n|---|---|---|---|---|---|")
+    names = list(ENGINES)
+    print(f"\nEngine, {e['shape']}, medians; ratio columns are quantized / float bf16:")
+    print("| measure | " + " | ".join(names) + " | Int4/bf16 | Int8/bf16 |\n|---|" + "---|" * (len(names) + 2))
     for part, label in (("total", "weights on disk MB"), ("layers", "  of which layers MB")):
-        a, b = w["int4"][part], w["float"][part]
-        print(f"| {label} | {a / 1e6:.0f} | {b / 1e6:.0f} | {2 * b / 1e6:.0f}* | {a / b:.2f} | {a / (2 * b):.2f} |")
+        a, b, c = w["int4"][part], w["int8"][part], w["float"][part]
+        print(f"| {label} | {a / 1e6:.0f} | {b / 1e6:.0f} | {c / 1e6:.0f} | {2 * c / 1e6:.0f}* | {a / c:.2f} | {b / c:.2f} |")
     for metric, label, scale in (
         ("rss_bytes", "process-tree RSS MB", 1e6),
         ("decode_b1_tok_s", "decode tok/s, batch 1", 1),
@@ -221,10 +227,10 @@ def print_table(result: dict) -> None:
         ("prefill_tok_s", f"prefill tok/s, {e['prefill_tokens']} tokens", 1),
         ("startup_s", "engine start-up s", 1),
     ):
-        a, b, c = (med[n][metric] for n in ("int4_fp16", "float_fp16", "float_fp32"))
-        print(f"| {label} | {a / scale:.1f} | {b / scale:.1f} | {c / scale:.1f} | {a / b:.2f} | {a / c:.2f} |")
-    print("* float32 weights: twice the float16 checkpoint (it is loaded from float16)")
-
+        v = {n: med[n][metric] for n in names}
+        cells = " | ".join(f"{v[n] / scale:.1f}" for n in names)
+        print(f"| {label} | {cells} | {v['int4_bf16'] / v['float_bf16']:.2f} | {v['int8_bf16'] / v['float_bf16']:.2f} |")
+    print("* float32 weights: twice the float16 checkpoint (it is loaded from float16); weights on disk are bf16-equivalent")
 
 if __name__ == "__main__":
     sys.exit(main())

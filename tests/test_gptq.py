@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,12 +38,16 @@ NEW_TOKENS = 24
 # layout mistake is far larger: the reference with each word's nibbles
 # reversed differs by 12. 0.05 sits 5x above the noise, 240x below the error.
 LOGPROB_TOL = 0.05
+# CPU engines: qwen-vllm's kernel decodes in bf16 (plugin/cpu_gptq.py), rounding
+# activations and scales to 8 bits, far below Int4's own error (measured 0.057
+# with the Q-LoRA adapter on the Int4 fixture, AVX-512 + AMX).
+CPU_LOGPROB_TOL = 0.1
 
 
 # -- fixture checkpoints (no engine) ------------------------------------------------
 @pytest.fixture(scope="module")
 def gptq_dirs(fixtures_root):
-    """(int4 dir, its float32 reference dir, int8 dir)."""
+    """(int4 dir, its float32 reference dir, int8 dir); the int8 reference is beside it (int8_reference)."""
     from qwen_vllm.checkpoints.fixtures import make_model
 
     int4 = fixtures_root / "gptq-int4"
@@ -51,7 +56,7 @@ def gptq_dirs(fixtures_root):
         make_model(int4, "random", gptq_bits=4, gptq_group_size=GROUP, gptq_reference=ref)
     int8 = fixtures_root / "gptq-int8"
     if not int8.exists():
-        make_model(int8, "random", gptq_bits=8, gptq_group_size=GROUP)
+        make_model(int8, "random", gptq_bits=8, gptq_group_size=GROUP, gptq_reference=fixtures_root / "gptq-int8-reference")
     return int4, ref, int8
 
 
@@ -84,106 +89,84 @@ def test_packer_matches_vllm_layout_and_rounds_to_nearest() -> None:
     assert bits == 8 and err.max() < 0.02  # 8 bits are finer than 4
 
 
-def _cpuwna16_layer(t, k: int, n: int, group: int, dtype: torch.dtype, zeros=None, bias=None, *, native: bool):
-    """A GPTQ layer in vLLM's CPUWNA16LinearKernel (the kernel vLLM picks for
-    GPTQ on CPU). ``native``: prepared as vLLM prepares it on this CPU (W4A8
-    for bfloat16 on AMX, else W4A16 for ``cpu_gemm_wna16``); otherwise in the
-    W4A16 layout our fallback op reads, whatever this CPU is."""
-    from vllm.model_executor.kernels.linear import MPLinearLayerConfig
-    from vllm.model_executor.kernels.linear.mixed_precision.cpu import (
-        CPUWNA16LinearKernel,
-    )
-    from vllm.scalar_type import scalar_types
-
-    cfg = MPLinearLayerConfig(
-        full_weight_shape=(k, n),
-        partition_weight_shape=(k, n),
-        weight_type=scalar_types.uint4b8 if zeros is None else scalar_types.uint4,
-        act_type=dtype,
-        group_size=group,
-        zero_points=zeros is not None,
-    )
-    kernel = CPUWNA16LinearKernel(cfg, "qweight", "scales", "qzeros")
-    layer = torch.nn.Module()
-    # The kernel prepares the layer's own bias (W4A8 keeps it in float32).
-    layer.bias = None if bias is None else torch.nn.Parameter(bias.clone(), requires_grad=False)
-    for name, data, attrs in (
-        ("qweight", t.qweight, {"input_dim": 0, "output_dim": 1, "packed_dim": 0}),
-        ("scales", t.scales.to(dtype), {"input_dim": 0, "output_dim": 1}),
-        ("qzeros", t.qzeros if zeros is None else zeros, {"input_dim": 0, "output_dim": 1, "packed_dim": 1}),
-    ):
-        param = torch.nn.Parameter(data.clone(), requires_grad=False)
-        for key, value in attrs.items():
-            setattr(param, key, value)
-        layer.register_parameter(name, param)
-    if native:
-        kernel.process_weights_after_loading(layer)
-    else:
-        kernel._process_gptq_weights_w4a16(layer)
-    return kernel, layer
-
-
-def _fallback(layer, x: torch.Tensor, n: int, bias=None, zeros=None) -> torch.Tensor:
-    """Our op, called directly (on every CPU kind, whichever op vLLM has)."""
-    from qwen_vllm.plugin.cpu_gptq import gemm_wna16
-
-    out = torch.empty(x.shape[0], n, dtype=x.dtype)
-    gemm_wna16(x, layer.qweight, out, layer.scales, zeros, bias, 8, layer.isa_hint)
-    return out
-
-
-def _dequantized_product(t, x: torch.Tensor, bias=None) -> torch.Tensor:
+def _dequantized_product(t, x: torch.Tensor, bias=None, bits: int = 4) -> torch.Tensor:
     """x @ W (+ bias) in float32 for the exact dequantized W; vLLM keeps the
     scales in the activation dtype (bfloat16 rounds fp16 scales)."""
     from qwen_vllm.checkpoints.gptq_pack import unpack_int32
 
-    rows = t.qweight.shape[0] * 8 // t.scales.shape[0]
-    q = unpack_int32(t.qweight, 4, dim=0)
-    w = (q - 8).float() * t.scales.to(x.dtype).float().repeat_interleave(rows, 0)
+    rows = t.qweight.shape[0] * (32 // bits) // t.scales.shape[0]
+    q = unpack_int32(t.qweight, bits, dim=0)
+    w = (q - 2 ** (bits - 1)).float() * t.scales.to(x.dtype).float().repeat_interleave(rows, 0)
     return x.float() @ w + (0 if bias is None else bias.float())
 
 
-@pytest.mark.parametrize(("group", "dtype", "m"), [(32, torch.float16, 1), (64, torch.bfloat16, 7), (-1, torch.float16, 33)])
-def test_fallback_kernel_equals_dequantized_matmul(group, dtype, m) -> None:
-    """Our op computes x @ W for the exact dequantized W (float32 inside, one
-    rounding to the output dtype): within one ulp of the output."""
-    from qwen_vllm.checkpoints.gptq_pack import quantize_rtn
+# qwen-vllm's kernel (plugin/cpu_gptq.py), relative to the largest output. Below
+# DENSE_FROM_M rows PyTorch's int4pack/int8pack kernels compute in bf16 (activations
+# and scales rounded to 8 bits: 2**-8 = 0.004 each); from it, a dense GEMM in the
+# activation dtype (fp32: float32 rounding only; fp16/bf16: one rounding of the weight).
+TORCH_KERNEL_TOL = {"packed": 0.012, torch.float32: 1e-5, torch.float16: 0.002, torch.bfloat16: 0.012}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("group", "dtype"), [(128, torch.float16), (32, torch.bfloat16), (-1, torch.float32), (64, torch.float32)])
+def test_torch_kernel_equals_dequantized_matmul(bits, group, dtype, monkeypatch) -> None:
+    """Both paths (decode-sized and prefill-sized batches) against x @ W for the
+    exact dequantized W, on this CPU's ATen capability."""
+    from qwen_vllm.checkpoints.gptq_pack import quantize_rtn, vllm_gptq_layer
+    from qwen_vllm.plugin import cpu_gptq
+    from qwen_vllm.plugin.cpu_gptq import DENSE_FROM_M, TorchGPTQLinearKernel
+
+    monkeypatch.setattr(cpu_gptq, "vllm_native_int4", lambda: False)  # as on AVX2, whatever this CPU is
 
     torch.manual_seed(1)
-    k, n = 256, 384
-    t = quantize_rtn(torch.randn(n, k) / 16, 4, group)
-    _, layer = _cpuwna16_layer(t, k, n, group, dtype, native=False)
-    x = torch.randn(m, k).to(dtype)
+    k, n = 256, 640  # 640: several dense blocks, the last one partial
+    t = quantize_rtn(torch.randn(n, k) / 16, bits, group)
     bias = torch.randn(n).to(dtype)
-    got = _fallback(layer, x, n, bias)
-    want = _dequantized_product(t, x, bias)
-    assert got.dtype == dtype and got.shape == (m, n)
-    ulp = torch.finfo(dtype).eps * want.abs().clamp(min=1.0)
-    assert torch.all((got.float() - want).abs() <= ulp), (got.float() - want).abs().max()
+    kernel, layer = vllm_gptq_layer(TorchGPTQLinearKernel, t, bits, group, dtype, bias)
+    assert layer.qzeros is None and layer.qweight.dtype == (torch.uint8 if bits == 4 else torch.int8)
+    dense = DENSE_FROM_M[bits]
+    for m, path in ((1, "packed"), (dense - 1, "packed"), (dense, dtype), (130, dtype)):
+        x = torch.randn(m, k).to(dtype)
+        got = kernel.apply_weights(layer, x[None], layer.bias)  # [1, M, K] as vLLM may pass it
+        want = _dequantized_product(t, x, bias, bits)
+        rel = ((got[0].float() - want).abs().max() / want.abs().max()).item()
+        assert got.shape == (1, m, n) and got.dtype == dtype
+        assert rel <= TORCH_KERNEL_TOL[path], (m, path, rel)
 
 
-def test_fallback_kernel_zero_points() -> None:
-    """The asymmetric variant (``zeros`` given, vLLM's uint4 + zero points)."""
-    from vllm.model_executor.layers.quantization.utils.quant_utils import (
-        pack_quantized_values_into_int32,
+def test_torch_kernel_is_vllms_choice_where_vllm_has_none(monkeypatch) -> None:
+    """After install(), vLLM's kernel selection picks qwen-vllm's kernel for
+    GPTQ Int8 on every CPU and for Int4 except bf16 Int4 where vLLM's library
+    has its own (AVX-512); both branches forced on every CPU."""
+    from vllm.model_executor.kernels.linear import (
+        MPLinearLayerConfig,
+        choose_mp_linear_kernel,
     )
     from vllm.scalar_type import scalar_types
 
-    from qwen_vllm.checkpoints.gptq_pack import GPTQTensors, pack_int32
+    from qwen_vllm.plugin import cpu_gptq
 
-    torch.manual_seed(2)
-    k, n, group = 128, 64, 32
-    q = torch.randint(0, 16, (k, n), dtype=torch.int32)
-    z = torch.randint(0, 16, (k // group, n), dtype=torch.int32)
-    s = (torch.rand(k // group, n) / 10 + 0.01).half()
-    t = GPTQTensors(pack_int32(q, 4, 0), torch.empty(0), s, torch.empty(0))
-    zeros = pack_quantized_values_into_int32(z, scalar_types.uint4, packed_dim=1)
-    _, layer = _cpuwna16_layer(t, k, n, group, torch.float16, zeros=zeros, native=False)
-    x = torch.randn(3, k).half()
-    got = _fallback(layer, x, n, zeros=layer.qzeros)
-    w = (q - z.repeat_interleave(group, 0)).float() * s.float().repeat_interleave(group, 0)
-    want = x.float() @ w
-    assert torch.allclose(got.float(), want, rtol=2e-3, atol=2e-3)
+    assert cpu_gptq.install() and cpu_gptq.install()  # idempotent
+
+    def chosen(dtype, bits=4):
+        wt = scalar_types.uint4b8 if bits == 4 else scalar_types.uint8b128
+        return choose_mp_linear_kernel(MPLinearLayerConfig((2048, 6144), (2048, 6144), wt, dtype, 128, False)).__name__
+
+    for native in (True, False):
+        monkeypatch.setattr(cpu_gptq, "vllm_native_int4", lambda native=native: native)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            vllms = native and dtype == torch.bfloat16
+            assert chosen(dtype) == ("CPUWNA16LinearKernel" if vllms else "TorchGPTQLinearKernel")
+            assert chosen(dtype, 8) == "TorchGPTQLinearKernel"
+            assert ("qwen-vllm" in cpu_caps_for(avx512=native).int4_path(str(dtype)[6:])) == (not vllms)
+
+
+def cpu_caps_for(avx512: bool):
+    import dataclasses
+
+    from qwen_vllm.runtime.cpu import cpu_caps
+
+    return dataclasses.replace(cpu_caps(), avx512=avx512, amx=avx512 and cpu_caps().amx)
 
 
 # vLLM's native kernel, relative to the largest output: W4A16 rounds the output
@@ -195,25 +178,26 @@ NATIVE_TOL = {"W4A16": 0.01, "W4A8": 0.02}
 
 @pytest.mark.parametrize(("dtype", "w4a8"), [(torch.float16, "1"), (torch.bfloat16, "1"), (torch.bfloat16, "0")])
 def test_native_kernel_equals_dequantized_matmul(dtype, w4a8, monkeypatch) -> None:
-    """vLLM's own cpu_gemm_wna16 / int4_scaled_mm_cpu, as this CPU runs them
-    (and bfloat16 with vLLM's W4A8 switched off, the W4A16 path AVX-512 runs)."""
-    from qwen_vllm.checkpoints.gptq_pack import quantize_rtn
-    from qwen_vllm.plugin.cpu_gptq import native_kernel_available
+    """vLLM's own cpu_gemm_wna16 / int4_scaled_mm_cpu where this CPU's vLLM
+    library has them (AVX-512; W4A8 is what bf16 Int4 runs on AMX)."""
+    from vllm.model_executor.kernels.linear.mixed_precision.cpu import (
+        CPUWNA16LinearKernel,
+    )
+    from vllm.platforms import current_platform
+
+    from qwen_vllm.checkpoints.gptq_pack import quantize_rtn, vllm_gptq_layer
     from qwen_vllm.runtime.cpu import cpu_caps
 
     monkeypatch.setenv("VLLM_CPU_INT4_W4A8", w4a8)
     caps = cpu_caps()
-    if not caps.native_int4:
-        pytest.skip(f"{caps.isa}: vLLM's library here has no native Int4 kernel (the fallback tests cover it)")
-    from vllm.platforms import current_platform
-
     current_platform.import_kernels()
-    assert native_kernel_available()
+    if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        pytest.skip(f"{caps.isa}: vLLM's library here has no Int4 kernel (qwen-vllm's runs GPTQ)")
     torch.manual_seed(3)
     k, n, m, group = 256, 384, 9, 64
     t = quantize_rtn(torch.randn(n, k) / 16, 4, group)
     bias = torch.randn(n).to(dtype)
-    kernel, layer = _cpuwna16_layer(t, k, n, group, dtype, bias=bias, native=True)
+    kernel, layer = vllm_gptq_layer(CPUWNA16LinearKernel, t, 4, group, dtype, bias)
     path = "W4A8" if layer.use_w4a8 else "W4A16"
     assert ("W4A8" in caps.int4_path(str(dtype).removeprefix("torch."))) == layer.use_w4a8
     x = torch.randn(m, k).to(dtype)
@@ -222,19 +206,6 @@ def test_native_kernel_equals_dequantized_matmul(dtype, w4a8, monkeypatch) -> No
     rel = ((got.float() - want).abs().max() / want.abs().max()).item()
     print(f"{caps.isa}, {dtype}: {path}, max error {rel:.4f} of the largest output")
     assert got.shape == (m, n) and rel <= NATIVE_TOL[path], (path, rel)
-
-
-def test_fallback_is_installed_only_without_the_native_kernel() -> None:
-    from qwen_vllm.plugin import cpu_gptq
-    from qwen_vllm.runtime.cpu import cpu_caps
-
-    if cpu_caps().native_int4:
-        assert cpu_gptq.install() is False and cpu_gptq._library is None  # vLLM's own op stays
-        assert cpu_gptq.native_kernel_available()
-        return
-    assert cpu_gptq.install() is True and cpu_gptq.install() is True  # idempotent
-    assert cpu_gptq.native_kernel_available()  # torch.ops._C.cpu_gemm_wna16 resolves now
-    assert torch.ops._C.cpu_gemm_wna16.default._schema.arguments[2].alias_info.is_write
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -271,15 +242,14 @@ def test_make_model_cli_writes_qwen_gptq_layout(tmp_path, bits) -> None:
 
 
 # -- clear errors (no engine) ----------------------------------------------------------
-def test_int8_gptq_on_cpu_names_the_hardware(gptq_dirs) -> None:
-    from qwen_vllm.plugin.quantization import check_engine_settings
-    from qwen_vllm.wrapper.chat import vLLMWrapper
+def test_gptq_bits_the_cpu_cannot_run_are_named(gptq_dirs) -> None:
+    from qwen_vllm.checkpoints.fixtures import gptq_quantize_config, qwen_config
+    from qwen_vllm.plugin.quantization import check_engine_settings, check_gptq
 
     _, _, int8 = gptq_dirs
-    with pytest.raises(QwenQuantizationError, match=r"Int8.*NVIDIA GPU with compute capability 7\.5.*only 4-bit"):
-        check_engine_settings(int8)
-    with pytest.raises(QwenQuantizationError, match="compute capability 7.5"):
-        vLLMWrapper(str(int8), dtype="float16")
+    check_engine_settings(int8)  # Int8 runs on CPU (qwen-vllm's kernel)
+    with pytest.raises(QwenQuantizationError, match=r"GPTQ Int3 checkpoints do not run on CPU \(4-bit and 8-bit do\)"):
+        check_gptq(gptq_quantize_config(3, 128), qwen_config(4096, 32, 32, 11008), tensor_parallel_size=1, on_cpu=True, where="3-bit")
 
 
 @pytest.fixture
@@ -395,18 +365,21 @@ def reference(gptq_dirs, fixtures_root, prompt_ids):
     return transformers_greedy(qwen2, prompt_ids, NEW_TOKENS)
 
 
-@pytest.fixture(scope="module")
-def qlora(gptq_dirs, fixtures_root, prompt_ids):
-    """(a Q-LoRA adapter for the Int4 fixture, transformers scoring on the
-    float reference weights with that adapter merged in float32)."""
+def qlora_for(model: Path, reference: Path, root: Path):
+    """(a Q-LoRA adapter for the GPTQ fixture ``model``, transformers scoring on
+    its float ``reference`` weights with that adapter merged in float32)."""
     from qwen_vllm.checkpoints.convert import convert_to_qwen2
     from qwen_vllm.checkpoints.lora import make_adapter, merge_lora
 
+    adapter = make_adapter(model, root / f"{model.name}-qlora", seed=3)
+    merged = merge_lora(reference, adapter, root / f"{model.name}-reference-qlora", torch.float32)
+    return adapter, transformers_scorer(convert_to_qwen2(merged, root / f"{model.name}-reference-qlora-qwen2"))
+
+
+@pytest.fixture(scope="module")
+def qlora(gptq_dirs, fixtures_root):
     int4, ref, _ = gptq_dirs
-    adapter = make_adapter(int4, fixtures_root / "gptq-int4-qlora", seed=3)
-    merged = merge_lora(ref, adapter, fixtures_root / "gptq-int4-reference-qlora", torch.float32)
-    qwen2 = convert_to_qwen2(merged, fixtures_root / "gptq-int4-reference-qlora-qwen2")
-    return adapter, transformers_scorer(qwen2)
+    return qlora_for(int4, ref, fixtures_root)
 
 
 @pytest.fixture(scope="module")
@@ -436,7 +409,7 @@ def assert_close(reference, got) -> float:
     for (ref_lp, ref_gen), (lp, gen) in zip(reference, got, strict=True):
         assert gen == ref_gen
         worst = max(worst, max(abs(a - b) for a, b in zip(ref_lp, lp)))
-    assert worst <= LOGPROB_TOL, f"max |logprob diff| {worst}"
+    assert worst <= CPU_LOGPROB_TOL, f"max |logprob diff| {worst}"
     return worst
 
 
@@ -455,25 +428,29 @@ def test_qlora_adapter_equals_the_merged_dequantized_reference(int4_tp1, qlora) 
     """Q-LoRA cannot be merged into Int4 weights (Qwen's README): served
     unmerged on the Int4 model it equals the float weights with it merged."""
     _, base, _, adapted = int4_tp1
-    check_teacher_forced_greedy(qlora[1], adapted, LOGPROB_TOL)
+    check_teacher_forced_greedy(qlora[1], adapted, CPU_LOGPROB_TOL)
     assert [r["tokens"] for r in adapted] != [gen for _, gen in base]  # the adapter changes the words
 
 
 @pytest.mark.timeout(1800)
-def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1, qlora) -> None:
-    """TP=2 equals TP=1 on the Int4 model; with the Q-LoRA adapter both equal
-    the merged reference (the TP=1 check is the test above)."""
+def test_int8_tensor_parallel_2_equals_dequantized_reference(gptq_dirs, fixtures_root, prompt_ids, int4_tp1) -> None:
+    """GPTQ Int8 on CPU (qwen-vllm's kernel), at TP=2: the base model and a
+    Q-LoRA adapter served unmerged on it equal transformers on the float weights
+    the fixture encodes (each rank's slice of the weights, scales and fused LoRA)."""
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
+    from qwen_vllm.checkpoints.convert import convert_to_qwen2
     from qwen_vllm.checkpoints.lora import LORA_DEFAULTS
 
-    int4, _, _ = gptq_dirs
-    _, tp1, _, _ = int4_tp1
+    _, _, int8 = gptq_dirs
+    reference = fixtures_root / "gptq-int8-reference"
+    adapter, adapted_score = qlora_for(int8, reference, fixtures_root)
+    base_score = transformers_scorer(convert_to_qwen2(reference, fixtures_root / "gptq-int8-reference-qwen2"))
     old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     try:
-        llm = LLM(str(int4), tensor_parallel_size=2, dtype="float16", enforce_eager=True, max_model_len=1024,
+        llm = LLM(str(int8), tensor_parallel_size=2, dtype="float16", enforce_eager=True, max_model_len=1024,
                   enable_lora=True, **LORA_DEFAULTS)  # fmt: skip
     finally:
         if old is None:
@@ -481,13 +458,14 @@ def test_int4_tensor_parallel_2_equals_1(gptq_dirs, prompt_ids, int4_tp1, qlora)
         else:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
     try:
-        tp2 = vllm_greedy(llm, prompt_ids, NEW_TOKENS)
-        tp2_adapted = run(llm, prompt_ids, NEW_TOKENS, lora=LoRARequest("qlora", 1, str(qlora[0])))
+        assert llm.llm_engine.vllm_config.model_config.quantization == "auto_gptq"
+        base = run(llm, prompt_ids, NEW_TOKENS)
+        adapted = run(llm, prompt_ids, NEW_TOKENS, lora=LoRARequest("qlora", 1, str(adapter)))
     finally:
         llm.llm_engine.engine_core.shutdown()
-    assert_close(tp1, tp2)
-    # Each rank applies its slice of the fused qkv and gate_up LoRA.
-    check_teacher_forced_greedy(qlora[1], tp2_adapted, LOGPROB_TOL)
+    check_teacher_forced_greedy(base_score, base, CPU_LOGPROB_TOL)
+    check_teacher_forced_greedy(adapted_score, adapted, CPU_LOGPROB_TOL)
+    assert [r["tokens"] for r in adapted] != [r["tokens"] for r in base]
 
 
 # -- flags reach vLLM from the worker and the stack; vLLM's own entry point -------------
@@ -544,25 +522,29 @@ def test_worker_selects_gptq_for_quantize_config_json_alone(legacy_int4) -> None
     assert cfg.model_config.quantization in ("gptq_marlin", "auto_gptq") and cfg.model_config.dtype == torch.bfloat16
 
 
-def test_worker_and_stack_refuse_int8_and_fp8_kv_before_starting(gptq_dirs, random_model, tmp_path, capsys, avx2_only) -> None:
+def test_worker_and_stack_refuse_what_the_cpu_cannot_run_before_starting(gptq_dirs, random_model, tmp_path, capsys, avx2_only, monkeypatch) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     from qwen_vllm import worker_launch
 
-    _, _, int8 = gptq_dirs
+    int4, _, _ = gptq_dirs
     parse = worker_launch.build_parser().parse_args
-    assert worker_launch.run(parse(["--model-path", str(int8), "--dtype", "float16"])) == 2
-    assert re.search(r"qwen-vllm worker: error: .*GPTQ Int8 checkpoints need an NVIDIA GPU", capsys.readouterr().err)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)  # an engine set up earlier may have set it
+    assert worker_launch.run(parse(["--model-path", str(random_model), "--tensor-parallel-size", str(len(os.sched_getaffinity(0)) * 2)])) == 2
+    assert "needs at least that many CPU cores" in capsys.readouterr().err
+    too_thin = ["--dtype", "float16", "--tensor-parallel-size", "8"]  # 384 / 8 = 48 qkv outputs per rank
+    assert worker_launch.run(parse(["--model-path", str(int4), *too_thin])) == 2
+    assert re.search(r"qwen-vllm worker: error: .*48 per rank \(tensor_parallel_size=8\); the CPU GPTQ kernels need both a multiple of 32", capsys.readouterr().err)
     # The flag itself reaches vLLM's engine args ...
     kv_args = parse(["--model", str(random_model), "--kv-cache-dtype", "fp8"])
     assert AsyncEngineArgs.from_cli_args(kv_args).kv_cache_dtype == "fp8"
     # ... and on an AVX2-only CPU the worker says it cannot hold it instead of starting.
     assert worker_launch.run(kv_args) == 2
     assert "kv_cache_dtype='fp8' (FP8 KV cache) needs an x86 CPU with AVX-512 or AMX" in capsys.readouterr().err
-    stack, args = _stack(["--model", str(int8), "--log-dir", str(tmp_path), "--", "--dtype", "float16"])
+    stack, args = _stack(["--model", str(int4), "--log-dir", str(tmp_path), "--", *too_thin])
     assert stack.run(args) == 2
     out = capsys.readouterr()
-    assert "qwen-vllm stack: error:" in out.err and "compute capability 7.5" in out.err
+    assert "qwen-vllm stack: error:" in out.err and "multiple of 32" in out.err
     assert "controller" not in out.out and not list(tmp_path.iterdir())  # nothing was started
 
 
@@ -572,11 +554,8 @@ def test_vllm_own_entry_point_gets_the_same_errors(gptq_dirs, legacy_int4, rando
     starts (pydantic reports it as a ValueError of VllmConfig)."""
     from vllm import LLM
 
-    _, _, int8 = gptq_dirs
     with pytest.raises(ValueError, match=r"declares GPTQ only in quantize_config.json.*pass --quantization gptq"):
         LLM(str(legacy_int4), dtype="float16", enforce_eager=True, max_model_len=512)
-    with pytest.raises(ValueError, match=r"VllmConfig\n.*GPTQ Int8 checkpoints need an NVIDIA GPU with compute capability 7\.5"):
-        LLM(str(int8), dtype="float16", enforce_eager=True, max_model_len=512)
     with pytest.raises(ValueError, match="FP8 KV cache.*AVX-512 or AMX"):
         LLM(str(random_model), kv_cache_dtype="fp8", enforce_eager=True, max_model_len=512)
 

@@ -21,6 +21,7 @@ unpacking can be checked against a float run of the same numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -103,3 +104,33 @@ def dequantize(t: GPTQTensors, bits: int) -> torch.Tensor:
     g = t.g_idx.long()
     w = (q - zeros[g]).to(torch.float32) * t.scales.to(torch.float32)[g]
     return w.t().contiguous()
+
+
+def vllm_gptq_layer(
+    kernel_cls: type, t: GPTQTensors, bits: int, group_size: int, dtype: torch.dtype, bias: torch.Tensor | None = None
+) -> tuple[Any, torch.nn.Module]:
+    """One GPTQ layer as vLLM's ``AutoGPTQLinearMethod`` builds it on one rank
+    (``qweight``/``scales``/``qzeros`` parameters with vLLM's dim attributes),
+    prepared by the mixed-precision kernel class ``kernel_cls``: returns
+    ``(kernel, layer)``; ``kernel.apply_weights(layer, x, layer.bias)`` runs it.
+    For kernel tests and benchmarks without an engine."""
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig
+    from vllm.scalar_type import scalar_types
+
+    k, n = t.qweight.shape[0] * 32 // bits, t.qweight.shape[1]
+    weight_type = scalar_types.uint4b8 if bits == 4 else scalar_types.uint8b128
+    kernel = kernel_cls(MPLinearLayerConfig((k, n), (k, n), weight_type, dtype, group_size, False), "qweight", "scales", "qzeros")
+    layer = torch.nn.Module()
+    # The kernel prepares the layer's own bias (vLLM's W4A8 keeps it in float32).
+    layer.bias = None if bias is None else torch.nn.Parameter(bias.clone(), requires_grad=False)
+    for name, data, attrs in (
+        ("qweight", t.qweight, {"input_dim": 0, "output_dim": 1, "packed_dim": 0}),
+        ("scales", t.scales.to(dtype), {"input_dim": 0, "output_dim": 1}),
+        ("qzeros", t.qzeros, {"input_dim": 0, "output_dim": 1, "packed_dim": 1}),
+    ):
+        param = torch.nn.Parameter(data.clone(), requires_grad=False)
+        for key, value in attrs.items():
+            setattr(param, key, value)
+        layer.register_parameter(name, param)
+    kernel.process_weights_after_loading(layer)
+    return kernel, layer

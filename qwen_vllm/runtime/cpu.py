@@ -3,7 +3,8 @@ wrapper, worker and stack.
 
 vLLM loads a different kernel library per x86 CPU kind (``vllm/platforms/
 cpu.py`` ``import_kernels``): ``_C`` (AVX-512 with BF16) or ``_C_AVX512``,
-both with the native Int4 GEMM ``cpu_gemm_wna16``, or ``_C_AVX2`` without it.
+both with the native Int4 GEMM ``cpu_gemm_wna16``, or ``_C_AVX2`` without it
+(GPTQ runs on PyTorch's kernels instead: plugin/cpu_gptq.py).
 Its CPU attention stores an FP8 KV cache only with AVX-512 or AMX, and its
 GPTQ kernel runs bf16 Int4 layers with int8 activations (W4A8) on AMX.
 :func:`cpu_caps` says which of these hold here, for the checks, the tests
@@ -39,19 +40,15 @@ class CpuCaps:
         return "AVX-512 + AMX" if self.amx else "AVX-512" if self.avx512 else "AVX2 only"
 
     @property
-    def native_int4(self) -> bool:
-        """vLLM's loaded library has ``cpu_gemm_wna16`` (else qwen_vllm.plugin.cpu_gptq)."""
-        return self.avx512
-
-    @property
     def fp8_kv_cache(self) -> bool:
         return self.avx512 or self.amx
 
     def int4_path(self, dtype: str) -> str:
-        """Which kernel runs a GPTQ Int4 layer with activations in ``dtype``."""
-        if not self.native_int4:
-            return "qwen-vllm's torch fallback (cpu_gptq)"
-        if self.amx and dtype == "bfloat16" and os.environ.get("VLLM_CPU_INT4_W4A8", "1") != "0":
+        """Which kernel runs a GPTQ Int4 layer with activations in ``dtype``
+        (plugin/cpu_gptq.py where vLLM's library has none)."""
+        if not self.avx512 or dtype != "bfloat16":
+            return "qwen-vllm int4pack (PyTorch)"
+        if self.amx and os.environ.get("VLLM_CPU_INT4_W4A8", "1") != "0":
             return "vLLM W4A8 (int8 activations, AMX)"
         return "vLLM W4A16 (cpu_gemm_wna16)"
 
@@ -60,7 +57,7 @@ class CpuCaps:
         library = "_C_AVX512" if self.avx512 else "_C_AVX2" if self.x86 else "_C"
         return (
             f"CPU: {self.isa}; vLLM kernels {library}; Int4 GEMM "
-            f"{'native' if self.native_int4 else 'qwen-vllm fallback'}; FP8 KV cache "
+            f"{'bf16 vLLM, fp16/fp32 qwen-vllm' if self.avx512 else 'qwen-vllm'}; Int8 GEMM qwen-vllm; FP8 KV cache "
             f"{'yes' if self.fp8_kv_cache else 'no'}"
         )
 
@@ -92,7 +89,9 @@ def on_cpu() -> bool:
 def thread_binding(tensor_parallel_size: int, cores: list[int]) -> str:
     """VLLM_CPU_OMP_THREADS_BIND value giving each TP rank an equal share of ``cores``."""
     if tensor_parallel_size < 1 or tensor_parallel_size > len(cores):
-        raise ValueError(
+        from qwen_vllm.errors import QwenSettingsError
+
+        raise QwenSettingsError(
             f"tensor_parallel_size={tensor_parallel_size} needs at least that many CPU cores "
             f"(this process may use {len(cores)})"
         )

@@ -2,14 +2,14 @@
 and Machete kernels vs the exact float weights they encode.
 
 The CPU suite (tests/test_gptq.py) proves the packing and qwen-vllm's CPU
-Int4 fallback op. On a GPU, vLLM's ``auto_gptq`` method picks a
+GPTQ kernel (PyTorch's int4pack/int8pack). On a GPU, vLLM's ``auto_gptq`` method picks a
 mixed-precision kernel per layer (choose_mp_linear_kernel, in CUDA priority
 order CutlassW4A8 > Machete > Marlin > ...; CutlassW4A8 needs FP8
 activations, Machete compute capability exactly 9.0) and
 ``VLLM_DISABLED_KERNELS`` (class names) takes kernels out of the running, so
 each kernel is selected on purpose and then checked to be the one that ran.
-qwen-vllm's CPU fallback (qwen_vllm/plugin/cpu_gptq.py) must never be
-installed on a GPU, in any process.
+qwen-vllm's CPU kernel (qwen_vllm/plugin/cpu_gptq.py) must never be
+registered on a GPU, in any process.
 
 The fixture is the CPU suite's random GPTQ fixture made wider (hidden 256,
 group 64): Machete takes group sizes -1/64/128 only and per-rank shapes in
@@ -66,13 +66,11 @@ def references(gptq_models: dict[int, tuple[Path, Path]]) -> dict[int, QwenRefer
 def kernel_probe() -> Callable[[torch.nn.Module], dict]:
     """A function for ``LLM.apply_model`` (run in every worker): the linear
     method and kernel of each quantized layer, and whether qwen-vllm's CPU
-    fallback exists in that process. A closure, so it is pickled by value and
+    kernel is registered in that process. A closure, so it is pickled by value and
     the workers need not import this test module."""
 
     def probe(model: torch.nn.Module) -> dict:
-        import sys
-
-        import torch
+        from vllm.model_executor.kernels import linear
 
         layers = [
             (type(m.quant_method).__name__, type(m.quant_method.kernel).__name__)
@@ -80,13 +78,8 @@ def kernel_probe() -> Callable[[torch.nn.Module], dict]:
             if getattr(getattr(m, "quant_method", None), "kernel", None) is not None
             and "Unquantized" not in type(m.quant_method).__name__
         ]
-        try:
-            torch.ops._C.cpu_gemm_wna16  # noqa: B018 - defined only by vLLM's CPU build or the fallback
-            cpu_op = True
-        except (AttributeError, RuntimeError):
-            cpu_op = False
-        fallback = [n for n, mod in list(sys.modules.items()) if n.endswith("cpu_gptq") and getattr(mod, "_library", None)]
-        return {"layers": layers, "cpu_gemm_wna16": cpu_op, "fallback_modules": fallback}
+        ours = [k.__name__ for kernels in linear._POSSIBLE_KERNELS.values() for k in kernels if k.__module__.startswith("qwen_vllm")]
+        return {"layers": layers, "cpu_kernels": ours}
 
     return probe
 
@@ -155,13 +148,13 @@ def check_kernels(run_data: dict, tp: int) -> None:
         assert set(layers) == {("AutoGPTQLinearMethod", run_data["expected"])}, layers
 
 
-def check_fallback_absent(run_data: dict) -> None:
+def check_cpu_kernel_absent(run_data: dict) -> None:
     for worker in run_data["workers"]:
-        assert worker["cpu_gemm_wna16"] is False and worker["fallback_modules"] == [], worker
+        assert worker["cpu_kernels"] == [], worker
     # ... and not in this process either (the plugin ran here too).
-    import sys
+    from vllm.model_executor.kernels import linear
 
-    assert not [n for n, mod in list(sys.modules.items()) if n.endswith("cpu_gptq") and getattr(mod, "_library", None)]
+    assert not [k for kernels in linear._POSSIBLE_KERNELS.values() for k in kernels if k.__module__.startswith("qwen_vllm")]
 
 
 def check_against_reference(run_data: dict, reference: QwenReference) -> None:
@@ -175,8 +168,8 @@ def test_kernel_is_the_one_selected(tp1: dict) -> None:
     check_kernels(tp1, tp=1)
 
 
-def test_cpu_fallback_never_installed(tp1: dict) -> None:
-    check_fallback_absent(tp1)
+def test_cpu_kernel_never_registered(tp1: dict) -> None:
+    check_cpu_kernel_absent(tp1)
 
 
 def test_equals_dequantized_reference(tp1: dict, references: dict[int, QwenReference]) -> None:
@@ -186,7 +179,7 @@ def test_equals_dequantized_reference(tp1: dict, references: dict[int, QwenRefer
 @pytest.mark.gpus(2)
 def test_tensor_parallel_2(tp2: dict, references: dict[int, QwenReference]) -> None:
     """TP=2: the fused c_attn split per rank, row-parallel scales sharded;
-    both ranks on Marlin, no fallback, output within tolerance of the reference."""
+    both ranks on Marlin, no CPU kernel, output within tolerance of the reference."""
     check_kernels(tp2, tp=2)
-    check_fallback_absent(tp2)
+    check_cpu_kernel_absent(tp2)
     check_against_reference(tp2, references[tp2["bits"]])
