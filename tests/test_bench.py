@@ -109,7 +109,7 @@ def recorded(mode: str) -> dict:
     return json.loads((RECORDED / f"{mode}.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora"])
+@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant"])
 def test_recorded_reports_render_as_recorded(mode: str, tmp_path: Path) -> None:
     from qwen_vllm.bench.report import markdown, plot
 
@@ -146,6 +146,41 @@ def test_lora_report() -> None:
     mem = data["memory_gib"]
     assert mem["per adapter slot"] == pytest.approx(mem["LoRA engine over plain"] / n)
     assert 0 < mem["one adapter's file"] < mem["plain engine peak"]
+
+
+def test_quant_report() -> None:
+    """The recorded Qwen-1.8B-shape run: float, Int4 and Int8 at every batch
+    size, ratios and goals computed from the rows and peaks they cite, and the
+    kernel each ran named for the machine's CPU kind."""
+    result = recorded("quant")
+    data = result["data"]
+    batches = sorted({r["batch"] for r in data["rows"]})
+    tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
+    assert sorted(tok) == sorted((t, b) for t in ("float", "int4", "int8") for b in batches) and 1 in batches
+    for bits in (4, 8):
+        for b in batches:
+            assert data["ratios"][f"int{bits}/float batch {b}"] == pytest.approx(tok[f"int{bits}", b] / tok["float", b])
+        peak = data["ratios"][f"int{bits}/float peak memory"]
+        assert peak == pytest.approx(data["memory_gib"][f"int{bits}"] / data["memory_gib"]["float"]) and 0 < peak < 1
+    assert data["goals"]["Int4 decode at batch 1 >= 2x float"] == (data["ratios"]["int4/float batch 1"] >= 2)
+    assert data["kernels"]["int8"].startswith("qwen-vllm") and result["size"] == "1.8B"
+
+
+def test_quant_shape_models_declare_gptq_as_qwens_do(tmp_path: Path) -> None:
+    """``bench quant``'s GPTQ layouts: Qwen's quantization_config (group 128), and
+    every size that runs Int4/Int8 at TP=1 on CPU passes the pre-start check."""
+    from qwen_vllm.bench.report import SIZES, write_shape_model
+    from qwen_vllm.plugin.quantization import (
+        check_engine_settings,
+        read_quantization_config,
+    )
+
+    for bits in (4, 8):
+        model = write_shape_model("1.8B", tmp_path / f"int{bits}", gptq_bits=bits)
+        qcfg = read_quantization_config(model)
+        assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == ("gptq", bits, 128, True, False)
+        check_engine_settings(model)
+    assert set(SIZES) == {"1.8B", "7B", "14B", "72B"}
 
 
 def test_admission_report() -> None:
@@ -251,6 +286,7 @@ def test_shape_model_has_the_real_config(size: str, tmp_path: Path) -> None:
         (["profile", "--model", "/nonexistent/qwen"], "not a directory"),
         (["profile", "--size", "14B", "--new-tokens", "4096"], "does not fit the model's 2048-token context"),
         (["versus", "--size", "1.8B", "--batches", "0"], "must be at least 1"),
+        (["quant", "--new-tokens", "4"], "give --size"),
     ],
 )
 def test_bad_arguments_fail_before_any_engine(argv: list[str], message: str, capsys) -> None:

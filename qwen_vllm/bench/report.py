@@ -57,17 +57,28 @@ SIZES: dict[str, dict[str, int]] = {
 # Goals the report checks (same machine, Qwen-1.8B shape fp32; docs/performance.md).
 GOAL_VS_SERIAL = 4.0  # serving at concurrency 8 vs transformers one request at a time
 GOAL_VS_STATIC = 2.0  # vLLMWrapper vs transformers static batching, batch 8-32
+GOAL_INT4_DECODE = 2.0  # Int4 vs float decode tokens/s at batch 1 (bandwidth-bound: a quarter of the bytes)
+GOAL_INT4_MEMORY = 0.5  # Int4 vs float peak memory
+GPTQ_GROUP_SIZE = 128  # Qwen's Int4/Int8 checkpoints
 
 
-def write_shape_model(size: str, out_dir: Path) -> Path:
-    """A weightless Qwen v1 chat directory with ``size``'s real config shapes."""
-    from qwen_vllm.checkpoints.fixtures import qwen_config, write_model_files
+def write_shape_model(size: str, out_dir: Path, gptq_bits: int | None = None) -> Path:
+    """A weightless Qwen v1 chat directory with ``size``'s real config shapes;
+    with ``gptq_bits``, declared GPTQ as Qwen's Int4/Int8 checkpoints are (group 128)."""
+    from qwen_vllm.checkpoints.fixtures import (
+        gptq_quantize_config,
+        qwen_config,
+        write_model_files,
+    )
 
     s = SIZES[size]
     cfg = qwen_config(
         s["hidden"], s["layers"], s["heads"], s["intermediate"] // 2,
         seq_length=s["seq"], vocab_size=s["vocab"], rotary_emb_base=s["rope"],
     )  # fmt: skip
+    if gptq_bits is not None:
+        qcfg = dict(gptq_quantize_config(gptq_bits, GPTQ_GROUP_SIZE), quant_method="gptq")
+        cfg = dict(cfg, fp16=True, bf16=False, torch_dtype="float16", quantization_config=qcfg)
     return write_model_files(out_dir, cfg)
 
 
@@ -261,6 +272,42 @@ def lora(args: argparse.Namespace, model: Path) -> dict:
     }
 
 
+def quant(args: argparse.Namespace, model: Path) -> dict:
+    """GPTQ Int4/Int8 against the float model of the same shape (``--size``,
+    dummy weights in GPTQ layout: the kernels and memory are the real ones),
+    all in ``--dtype``: decode tokens/s at each batch size and peak memory,
+    each engine in a fresh process."""
+    spec = {**base_spec(args, model), "kind": "vllm", "targets": ["raw"], "batches": args.batches}
+    jobs = {"float": run_job(spec)}
+    with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
+        for bits in args.bits:
+            gptq = write_shape_model(args.size, Path(tmp) / f"int{bits}", gptq_bits=bits)
+            jobs[f"int{bits}"] = run_job({**spec, "model": str(gptq)})
+    rows = [dict(r, target=name) for name, job in jobs.items() for r in job["rows"]]
+    tok = {(r["target"], r["batch"]): r["tok_s"] for r in rows}
+    memory = {name: job["peak_rss_gib"] for name, job in jobs.items()}
+    ratios: dict[str, float] = {}
+    goals: dict[str, bool] = {}
+    for bits in args.bits:
+        for b in args.batches:
+            ratios[f"int{bits}/float batch {b}"] = tok[f"int{bits}", b] / tok["float", b]
+        ratios[f"int{bits}/float peak memory"] = memory[f"int{bits}"] / memory["float"]
+    if 4 in args.bits and 1 in args.batches:
+        goals["Int4 decode at batch 1 >= 2x float"] = ratios["int4/float batch 1"] >= GOAL_INT4_DECODE
+        goals["Int4 peak memory <= 0.5x float"] = ratios["int4/float peak memory"] <= GOAL_INT4_MEMORY
+    kernels = {"float": "torch (oneDNN)", **{f"int{b}": gptq_kernel(args.dtype, b) for b in args.bits}}
+    return {"rows": rows, "memory_gib": memory, "kernels": kernels, "ratios": ratios, "goals": goals}
+
+
+def gptq_kernel(dtype: str, bits: int) -> str:
+    """Which kernel runs this machine's GPTQ layers (plugin/cpu_gptq.py decides)."""
+    from qwen_vllm.runtime.cpu import cpu_caps, on_cpu
+
+    if not on_cpu():
+        return "vLLM Marlin"
+    return cpu_caps().int4_path(dtype) if bits == 4 else "qwen-vllm int8pack (PyTorch)"
+
+
 def admission(args: argparse.Namespace, model: Path) -> dict:
     from qwen_vllm.bench import stress
 
@@ -278,6 +325,7 @@ MODES = {
     "versus": versus,
     "cpu-defaults": cpu_defaults,
     "lora": lora,
+    "quant": quant,
     "admission": admission,
     "chaos": chaos,
 }
@@ -366,6 +414,14 @@ def markdown(result: dict) -> str:
         parts.append(table(["batch", *names], [[b, *[tok[n, b] for n in names]] for b in batches]))
         parts.append("\nHost memory (GiB, RSS of the engine process tree):\n")
         parts.append(table(["", "GiB"], [[k, v] for k, v in data["memory_gib"].items()]))
+    elif mode == "quant":
+        batches = sorted({r["batch"] for r in data["rows"]})
+        tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
+        parts.append("Decode output tokens/s (raw vllm.LLM, greedy) and peak host memory (GiB, engine process tree):\n")
+        parts.append(
+            table(["model", "kernel", *[f"batch {b}" for b in batches], "peak GiB"],
+                  [[n, k, *[tok[n, b] for b in batches], data["memory_gib"][n]] for n, k in data["kernels"].items()])
+        )  # fmt: skip
     elif mode == "admission":
         parts.append(
             f"One worker, `--max-num-seqs {data['max_num_seqs']}`, a burst of {data['requests']} equal requests "
@@ -464,6 +520,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "versus": "raw vLLM vs vLLMWrapper vs transformers; native vLLM server vs worker vs front",
         "cpu-defaults": "our CPU defaults (thread binding, KV space, max batched tokens) vs vLLM's",
         "lora": "tokens/s with 0, 1 and 4 LoRA adapters per batch vs the merged model; memory per adapter",
+        "quant": "GPTQ Int4/Int8 vs the float model of the same --size: decode tokens/s and peak memory",
         "admission": "latency by queue position on one worker (what --max-queued-requests bounds)",
         "chaos": "the stack with 2 workers under streaming clients, calm vs a worker kill -9'ed every N s",
     }
@@ -478,7 +535,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--out", type=Path, default=Path("results") / "bench", help="results folder")
         if mode == "profile":
             p.add_argument("--batch", type=int, default=8, help="the batch size besides 1 (default 8)")
-        elif mode in ("versus", "cpu-defaults", "lora"):
+        elif mode in ("versus", "cpu-defaults", "lora", "quant"):
             p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32] if mode == "versus" else [1, 8])
         if mode == "versus":
             p.add_argument("--only", choices=["offline", "serving"], help="run one half only")
@@ -490,6 +547,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--max-batched-tokens", type=int, nargs="*", default=[],
                            help="also measure ours with these max_num_batched_tokens")  # fmt: skip
             p.add_argument("--prompt-tokens", type=int, default=0, help="pad prompts to about this many tokens")
+        if mode == "quant":
+            p.add_argument("--bits", type=int, nargs="+", choices=[4, 8], default=[4, 8], help="GPTQ widths to run")
         if mode == "lora":
             p.add_argument("--rank", type=int, default=64, help="adapters' LoRA rank (finetune.py's default: 64)")
         if mode == "admission":
@@ -508,6 +567,8 @@ def check_args(args: argparse.Namespace) -> None:
     sizes += getattr(args, "concurrency", [])
     if min(sizes) < 1:
         raise ValueError("--new-tokens, --rounds, batch sizes and concurrencies must be at least 1")
+    if args.mode == "quant" and not args.size:
+        raise ValueError("quant compares GPTQ and float layouts of one shape: give --size (dummy weights)")
     if args.new_tokens + 64 > args.seq_length:
         raise ValueError(f"--new-tokens {args.new_tokens} does not fit the model's {args.seq_length}-token context")
 

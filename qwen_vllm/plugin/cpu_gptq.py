@@ -35,8 +35,6 @@ from vllm.model_executor.kernels.linear import MPLinearKernel, MPLinearLayerConf
 from vllm.model_executor.layers.quantization.utils import replace_parameter
 from vllm.scalar_type import scalar_types
 
-from qwen_vllm.checkpoints.gptq_pack import unpack_int32
-
 # Rows from which a layer dequantizes its weight and runs a dense GEMM instead of
 # the weight-only kernel, by bits (docs/quantization.md, "GPTQ on CPU"): int4pack
 # beats dequantize + GEMM up to ~96 rows on AVX2; per-group int8pack only at M = 1-4.
@@ -184,6 +182,9 @@ class TorchGPTQLinearKernel(MPLinearKernel):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Once per layer: GPTQ's row-packed int32 weight -> int4pack (Int4) or
         int8 ``[N, K]`` (Int8); scales to the activation dtype."""
+        # auto-gptq's bit order has one definition (checkpoints/gptq_pack.py)
+        from qwen_vllm.checkpoints.gptq_pack import unpack_int32
+
         bits = BITS[self.config.weight_type]
         act = self.config.act_type
         q = unpack_int32(getattr(layer, self.w_q_name).data, bits, dim=0).t().to(torch.uint8).contiguous()  # [N, K]
