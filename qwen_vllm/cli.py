@@ -36,7 +36,7 @@ SUBCOMMANDS = {
     "worker": ("qwen_vllm.worker_launch", "FastChat model worker on vLLM's OpenAI server (FastChat + vLLM flags)"),
     "openai-api": ("qwen_vllm.serving.front", "OpenAI API in front of FastChat-controller workers"),
     "stack": ("qwen_vllm.serving.stack", "controller + workers + OpenAI API (+ web UI) in one command"),
-    "bench": ("qwen_vllm.bench.report", "performance report: profile, versus (transformers, native vLLM), cpu-defaults"),
+    "bench": ("qwen_vllm.bench.report", "performance report: profile, versus (transformers, native vLLM), cpu-defaults, lora, quant, admission, chaos"),
     "demo": ("qwen_vllm.serving.demo", "the whole stack and web UI on a scripted fixture model (make demo)"),
 }
 

@@ -85,9 +85,10 @@ def median_ms(fn, runs: int) -> float:
 
 
 def bench_kernel(runs: int, k: int = 2048, n: int = 5504, group: int = 128) -> dict:
-    """qwen-vllm's kernel (plugin/cpu_gptq.py: Int4 as on AVX2, Int8) vs vLLM's
-    CPUWNA16 Int4 (where this CPU's vLLM library has it; W4A8 for bf16 on AMX)
-    vs torch's float linear, for one [k -> n] linear (Qwen-1.8B's MLP up)."""
+    """qwen-vllm's Int4 kernel (plugin/cpu_gptq.py) vs vLLM's CPUWNA16 (where
+    this CPU's vLLM library has it; W4A8 for bf16 on AMX) vs torch's float
+    linear, for one [k -> n] linear (Qwen-1.8B's MLP up). (Int8 is a float
+    linear on dequantized weights: the float column.)"""
     import torch
     from vllm.model_executor.kernels.linear.mixed_precision.cpu import (
         CPUWNA16LinearKernel,
@@ -104,20 +105,18 @@ def bench_kernel(runs: int, k: int = 2048, n: int = 5504, group: int = 128) -> d
     torch._C._cpu._init_amx()  # vLLM's AMX kernels need the permission an engine's oneDNN asks for
     torch.manual_seed(0)
     weight = torch.randn(n, k) / 45
-    t4, t8 = quantize_rtn(weight, 4, group), quantize_rtn(weight, 8, group)
+    t4 = quantize_rtn(weight, 4, group)
     out = {}
-    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+    for dtype in (torch.bfloat16, torch.float16):  # vLLM runs GPTQ in these only
         name = str(dtype).removeprefix("torch.")
         theirs = prepared(CPUWNA16LinearKernel, t4, 4) if native and dtype != torch.float32 else None  # no fp32 op
         cpu_gptq.vllm_native_int4 = lambda: False  # ours, as it runs on AVX2
         int4 = prepared(cpu_gptq.TorchGPTQLinearKernel, t4, 4)
-        int8 = prepared(cpu_gptq.TorchGPTQLinearKernel, t8, 8)
         dense = weight.to(dtype)
         for m in (1, 8, 32, 128, 512):
             x = torch.randn(m, k).to(dtype)
             row = {
                 "ours_int4_ms": median_ms(lambda: int4(x), runs),
-                "ours_int8_ms": median_ms(lambda: int8(x), runs),
                 "vllm_int4_ms": median_ms(lambda: theirs(x), runs) if theirs else None,
                 "float_linear_ms": median_ms(lambda: torch.nn.functional.linear(x, dense), runs),
             }
@@ -204,12 +203,12 @@ def print_table(result: dict) -> None:
     k = result["kernel"]
     print(f"\nKernel, one linear {k['shape'][0]} -> {k['shape'][1]} (group {k['group_size']}), median ms; "
           "ratios are float / quantized:")  # fmt: skip
-    print("| dtype, M | Int4 qwen-vllm | Int4 vLLM | Int8 qwen-vllm | float linear | float / Int4 ours | "
-          "float / Int4 vLLM | float / Int8 |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| dtype, M | Int4 qwen-vllm | Int4 vLLM | float linear | float / Int4 ours | float / Int4 vLLM |\n"
+          "|---|---|---|---|---|---|")  # fmt: skip
     for key, row in k["rows"].items():
-        o4, v4, o8, f = row["ours_int4_ms"], row["vllm_int4_ms"], row["ours_int8_ms"], row["float_linear_ms"]
+        o4, v4, f = row["ours_int4_ms"], row["vllm_int4_ms"], row["float_linear_ms"]
         v_ms, v_ratio = ("-", "-") if v4 is None else (f"{v4:.2f}", f"{f / v4:.2f}")
-        print(f"| {key.replace(' m', ', ')} | {o4:.2f} | {v_ms} | {o8:.2f} | {f:.2f} | {f / o4:.2f} | {v_ratio} | {f / o8:.2f} |")
+        print(f"| {key.replace(' m', ', ')} | {o4:.2f} | {v_ms} | {f:.2f} | {f / o4:.2f} | {v_ratio} |")
     if "engine" not in result:
         return
     e, med = result["engine"], result["engine"]["median"]

@@ -161,9 +161,15 @@ def test_quant_report() -> None:
         for b in batches:
             assert data["ratios"][f"int{bits}/float batch {b}"] == pytest.approx(tok[f"int{bits}", b] / tok["float", b])
         peak = data["ratios"][f"int{bits}/float peak memory"]
-        assert peak == pytest.approx(data["memory_gib"][f"int{bits}"] / data["memory_gib"]["float"]) and 0 < peak < 1
+        assert peak == pytest.approx(data["memory_gib"][f"int{bits}"] / data["memory_gib"]["float"]) and peak > 0
+    assert data["ratios"]["int4/float peak memory"] < 1  # Int8 is dequantized at load on CPU: no saving
     assert data["goals"]["Int4 decode at batch 1 >= 2x float"] == (data["ratios"]["int4/float batch 1"] >= 2)
     assert data["kernels"]["int8"].startswith("qwen-vllm") and result["size"] == "1.8B"
+    assert 1 < data["read_gib_s"] < 1000
+    for name, roof in data["roofline"].items():
+        assert roof["tok_s"] == pytest.approx(data["read_gib_s"] / roof["gib_per_step"])
+        assert roof["achieved"] == pytest.approx(tok[name, 1] / roof["tok_s"])
+    assert data["roofline"]["int4"]["gib_per_step"] < 0.5 * data["roofline"]["float"]["gib_per_step"]
 
 
 def test_quant_shape_models_declare_gptq_as_qwens_do(tmp_path: Path) -> None:
@@ -287,6 +293,7 @@ def test_shape_model_has_the_real_config(size: str, tmp_path: Path) -> None:
         (["profile", "--size", "14B", "--new-tokens", "4096"], "does not fit the model's 2048-token context"),
         (["versus", "--size", "1.8B", "--batches", "0"], "must be at least 1"),
         (["quant", "--new-tokens", "4"], "give --size"),
+        (["quant", "--size", "1.8B", "--dtype", "float32"], "vLLM runs GPTQ in float16 or bfloat16, not float32"),
     ],
 )
 def test_bad_arguments_fail_before_any_engine(argv: list[str], message: str, capsys) -> None:

@@ -101,9 +101,10 @@ def _dequantized_product(t, x: torch.Tensor, bias=None, bits: int = 4) -> torch.
 
 
 # qwen-vllm's kernel (plugin/cpu_gptq.py), relative to the largest output. Below
-# DENSE_FROM_M rows PyTorch's int4pack/int8pack kernels compute in bf16 (activations
-# and scales rounded to 8 bits: 2**-8 = 0.004 each); from it, a dense GEMM in the
-# activation dtype (fp32: float32 rounding only; fp16/bf16: one rounding of the weight).
+# DENSE_FROM_M rows PyTorch's int4pack kernel computes in bf16 (activations and
+# scales rounded to 8 bits: 2**-8 = 0.004 each); from it, and for Int8 always, a
+# dense GEMM in the activation dtype (fp32: float32 rounding only; fp16/bf16: one
+# rounding of the weight).
 TORCH_KERNEL_TOL = {"packed": 0.012, torch.float32: 1e-5, torch.float16: 0.002, torch.bfloat16: 0.012}
 
 
@@ -123,9 +124,9 @@ def test_torch_kernel_equals_dequantized_matmul(bits, group, dtype, monkeypatch)
     t = quantize_rtn(torch.randn(n, k) / 16, bits, group)
     bias = torch.randn(n).to(dtype)
     kernel, layer = vllm_gptq_layer(TorchGPTQLinearKernel, t, bits, group, dtype, bias)
-    assert layer.qzeros is None and layer.qweight.dtype == (torch.uint8 if bits == 4 else torch.int8)
-    dense = DENSE_FROM_M[bits]
-    for m, path in ((1, "packed"), (dense - 1, "packed"), (dense, dtype), (130, dtype)):
+    assert layer.qzeros is None and layer.qweight.dtype == (torch.uint8 if bits == 4 else dtype)
+    packed = "packed" if bits == 4 else dtype  # Int8 is dequantized at load: a float linear at every M
+    for m, path in ((1, packed), (DENSE_FROM_M - 1, packed), (DENSE_FROM_M, dtype), (130, dtype)):
         x = torch.randn(m, k).to(dtype)
         got = kernel.apply_weights(layer, x[None], layer.bias)  # [1, M, K] as vLLM may pass it
         want = _dequantized_product(t, x, bias, bits)

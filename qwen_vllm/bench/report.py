@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -296,7 +297,42 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
         goals["Int4 decode at batch 1 >= 2x float"] = ratios["int4/float batch 1"] >= GOAL_INT4_DECODE
         goals["Int4 peak memory <= 0.5x float"] = ratios["int4/float peak memory"] <= GOAL_INT4_MEMORY
     kernels = {"float": "torch (oneDNN)", **{f"int{b}": gptq_kernel(args.dtype, b) for b in args.bits}}
-    return {"rows": rows, "memory_gib": memory, "kernels": kernels, "ratios": ratios, "goals": goals}
+    bandwidth = read_bandwidth_gib_s()
+    roofline = {}
+    for name in jobs:
+        step = decode_step_gib(model, args.dtype, 4 if name == "int4" else None)
+        roofline[name] = {"gib_per_step": step, "tok_s": bandwidth / step, "achieved": tok[name, 1] / (bandwidth / step) if 1 in args.batches else None}
+    return {"rows": rows, "memory_gib": memory, "kernels": kernels, "read_gib_s": bandwidth, "roofline": roofline,
+            "ratios": ratios, "goals": goals}  # fmt: skip
+
+
+def read_bandwidth_gib_s(gib: float = 1.0, reps: int = 7) -> float:
+    """This machine's memory read bandwidth as torch sees it: the median time to
+    sum a ``gib`` float32 tensor (far larger than any cache) on every core."""
+    import torch
+
+    x = torch.ones(int(gib * 2**30) // 4)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return gib / statistics.median(times)
+
+
+def decode_step_gib(model: Path, dtype: str, gptq_bits: int | None) -> float:
+    """Bytes one decode step at batch 1 must read (GiB): every layer's weights
+    and the lm_head (the embedding reads one row). Int4 layers: half a byte per
+    weight plus an fp16-sized scale per 128 (vLLM and qwen-vllm alike); Int8 is
+    dequantized at load on CPU, so it reads what float does."""
+    from qwen_vllm.plugin.checkpoint import read_config
+
+    cfg = read_config(model)
+    h, mlp = cfg["hidden_size"], cfg["intermediate_size"] // 2
+    layer_weights = cfg["num_hidden_layers"] * (4 * h * h + 3 * h * mlp)
+    width = 2 if dtype in ("bfloat16", "float16") else 4
+    layers = layer_weights * (0.5 + 2 / GPTQ_GROUP_SIZE) if gptq_bits == 4 else layer_weights * width
+    return (layers + cfg["vocab_size"] * h * width) / 2**30
 
 
 def gptq_kernel(dtype: str, bits: int) -> str:
@@ -305,7 +341,7 @@ def gptq_kernel(dtype: str, bits: int) -> str:
 
     if not on_cpu():
         return "vLLM Marlin"
-    return cpu_caps().int4_path(dtype) if bits == 4 else "qwen-vllm int8pack (PyTorch)"
+    return cpu_caps().int4_path(dtype) if bits == 4 else "qwen-vllm (dequantized at load)"
 
 
 def admission(args: argparse.Namespace, model: Path) -> dict:
@@ -417,10 +453,17 @@ def markdown(result: dict) -> str:
     elif mode == "quant":
         batches = sorted({r["batch"] for r in data["rows"]})
         tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
-        parts.append("Decode output tokens/s (raw vllm.LLM, greedy) and peak host memory (GiB, engine process tree):\n")
+        roof = data["roofline"]
         parts.append(
-            table(["model", "kernel", *[f"batch {b}" for b in batches], "peak GiB"],
-                  [[n, k, *[tok[n, b] for b in batches], data["memory_gib"][n]] for n, k in data["kernels"].items()])
+            "Decode output tokens/s (raw vllm.LLM, greedy), peak host memory (GiB, engine process tree), and the "
+            f"batch-1 roofline: {data['read_gib_s']:.1f} GiB/s measured read bandwidth / bytes a decode step reads:\n"
+        )
+        parts.append(
+            table(["model", "kernel", *[f"batch {b}" for b in batches], "peak GiB", "GiB per step", "roofline tok/s",
+                   "batch 1 / roofline"],
+                  [[n, k, *[tok[n, b] for b in batches], data["memory_gib"][n], roof[n]["gib_per_step"],
+                    roof[n]["tok_s"], "-" if roof[n]["achieved"] is None else f"{roof[n]['achieved']:.0%}"]
+                   for n, k in data["kernels"].items()])
         )  # fmt: skip
     elif mode == "admission":
         parts.append(
@@ -569,6 +612,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--new-tokens, --rounds, batch sizes and concurrencies must be at least 1")
     if args.mode == "quant" and not args.size:
         raise ValueError("quant compares GPTQ and float layouts of one shape: give --size (dummy weights)")
+    if args.mode == "quant" and args.dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"vLLM runs GPTQ in float16 or bfloat16, not {args.dtype}: give --dtype")
     if args.new_tokens + 64 > args.seq_length:
         raise ValueError(f"--new-tokens {args.new_tokens} does not fit the model's {args.seq_length}-token context")
 

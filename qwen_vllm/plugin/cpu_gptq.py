@@ -2,27 +2,30 @@
 
 vLLM's CPU backend runs GPTQ layers with ``CPUWNA16LinearKernel``: 4-bit
 only, through C++ ops compiled into its AVX-512 library alone (``cpu_gemm_wna16``,
-no float32; W4A8 ``int4_scaled_mm_cpu`` for bf16 on AMX). On an AVX2 CPU an
-Int4 model fails at its first forward pass; 8-bit GPTQ is refused everywhere;
-fp16 Int4 layers run 1.1-2x slower than this kernel (docs/quantization.md).
+and W4A8 ``int4_scaled_mm_cpu`` for bf16 on AMX). On an AVX2 CPU an Int4 model
+fails at its first forward pass; 8-bit GPTQ is refused everywhere; fp16 Int4
+layers run 1.1-2x slower than with this kernel (docs/quantization.md). vLLM
+builds GPTQ layers in fp16 or bf16 only.
 :func:`install` (run by the plugin's ``register()`` in every vLLM process) puts
 :class:`TorchGPTQLinearKernel`, built on PyTorch's own weight-only kernels,
 first in vLLM's CPU kernel list; it leaves bf16 Int4 layers to vLLM where
-vLLM's library has its kernels (faster there: W4A8 on AMX). The weight stays compressed; the path depends on the batch's rows ``M``:
+vLLM's library has its kernels (faster there: W4A8 on AMX).
 
-* **Int4** (``uint4b8``): repacked once at load into PyTorch's int4pack layout
+* **Int4** (``uint4b8``): the weight stays compressed, repacked once at load into PyTorch's int4pack layout
   (``aten._convert_weight_to_int4pack_for_cpu``; the layout follows ATen's CPU
-  capability). ``M < DENSE_FROM_M[4]`` runs ``aten._weight_int4pack_mm_for_cpu``;
-* **Int8** (``uint8b128``): the int8 weight kept ``[groups, N, group size]``;
-  ``M < DENSE_FROM_M[8]`` runs ``aten._weight_int8pack_mm`` once per group (its
-  scales are per output channel, GPTQ's per group), summed in float32;
-* larger ``M`` (prefill) dequantizes a block of output channels at a time and
+  capability). ``M < DENSE_FROM_M`` runs ``aten._weight_int4pack_mm_for_cpu``;
+  larger ``M`` (prefill) dequantizes a block of output channels at a time and
   multiplies densely (:func:`dense_dtype_for`), where the GEMM, not reading the
   weight, is the cost.
+* **Int8** (``uint8b128``): dequantized once at load to the activation dtype and
+  run as a float linear. PyTorch's ``_weight_int8pack_mm`` takes per-channel
+  scales only; run once per GPTQ group it decoded the Qwen-1.8B shape at 0.84x
+  bf16 at batch 1 and 0.26x at batch 8 (docs/quantization.md), so Int8 on CPU
+  trades its memory saving for float speed.
 
-PyTorch vectorizes the weight-only kernels for bf16 activations only, so they
-run in bf16 whatever the model's dtype: activations and scales rounded to 8
-bits, far below the quantization's own error. docs/quantization.md has the
+PyTorch vectorizes int4pack for bf16 activations only, so decode runs in bf16
+whatever the model's dtype: activations and scales rounded to 8 bits, far
+below the quantization's own error. docs/quantization.md has the
 measurements and the bounds the tests hold it to.
 """
 
@@ -35,10 +38,10 @@ from vllm.model_executor.kernels.linear import MPLinearKernel, MPLinearLayerConf
 from vllm.model_executor.layers.quantization.utils import replace_parameter
 from vllm.scalar_type import scalar_types
 
-# Rows from which a layer dequantizes its weight and runs a dense GEMM instead of
-# the weight-only kernel, by bits (docs/quantization.md, "GPTQ on CPU"): int4pack
-# beats dequantize + GEMM up to ~96 rows on AVX2; per-group int8pack only at M = 1-4.
-DENSE_FROM_M = {4: 96, 8: 8}
+# Rows from which an Int4 layer dequantizes its weight and runs a dense GEMM
+# instead of int4pack: int4pack beats dequantize + GEMM up to ~96 rows on AVX2
+# (docs/quantization.md, "GPTQ on CPU").
+DENSE_FROM_M = 96
 # Output channels dequantized at a time on the dense path: bounds its scratch
 # (K x 512 values: 5.6 MB in fp32 for K = 2752) and keeps it in cache.
 DENSE_BLOCK_N = 512
@@ -46,8 +49,8 @@ DENSE_BLOCK_N = 512
 # larger groups are expressed as the largest of them dividing K, scales repeated.
 TORCH_GROUP_SIZES = (256, 128, 64, 32)
 BITS = {scalar_types.uint4b8: 4, scalar_types.uint8b128: 8}
-# PyTorch vectorizes its weight-only kernels (AVX2 and AVX-512) for bf16
-# activations only; fp32 and fp16 run scalar code, 40-60x slower at M = 1.
+# PyTorch vectorizes int4pack (AVX2 and AVX-512) for bf16 activations only;
+# fp32 and fp16 run scalar code, 40-60x slower at M = 1.
 COMPUTE = torch.bfloat16
 
 
@@ -92,11 +95,8 @@ def torch_group_size(k: int, group_size: int) -> int:
     raise ValueError(f"GPTQ group_size {group_size} with {k} inputs has no PyTorch int4pack equivalent")
 
 
-def _dense_block(weight: torch.Tensor, scales: torch.Tensor, bits: int, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
-    """Output channels ``n0:n1`` of the dequantized weight, ``[n1 - n0, K]`` in ``dtype``."""
-    if bits == 8:  # [groups, N, size], q - 128
-        w = weight[:, n0:n1].to(dtype).mul_(scales[:, n0:n1].unsqueeze(-1))
-        return w.transpose(0, 1).reshape(n1 - n0, -1)
+def _dense_block(weight: torch.Tensor, scales: torch.Tensor, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Output channels ``n0:n1`` of the dequantized int4pack weight, ``[n1 - n0, K]`` in ``dtype``."""
     block, halves = int4pack_layout()
     k = weight.shape[1] * 2
     packed = weight.view(-1, k, block // 2)[n0 // block : n1 // block]  # [blocks, K, block / 2]
@@ -108,46 +108,32 @@ def _dense_block(weight: torch.Tensor, scales: torch.Tensor, bits: int, n0: int,
     return w.mul_(scales[:, n0:n1].t().unsqueeze(-1)).view(n1 - n0, k)
 
 
-def gptq_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ dequant(weight).T (+ bias)``; the path by ``x``'s rows (module docstring).
-
-    Int4: ``weight`` is int4pack uint8 ``[N, K / 2]`` and ``scales`` ``[groups, N, 2]``
-    (scale, additive zero 0), groups as int4pack takes them. Int8: ``weight`` is
-    int8 ``[groups, N, group size]`` (``q - 128``), ``scales`` ``[groups, N]``.
-    """
-    m, n = x.shape[0], out_features(weight, bits)
-    if m >= DENSE_FROM_M[bits]:
-        s = scales[..., 0] if bits == 4 else scales
+def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ dequant(weight).T (+ bias)`` for an int4pack ``weight`` (uint8 ``[N, K / 2]``)
+    and ``scales`` ``[groups, N, 2]`` (scale, additive zero 0) as int4pack takes them;
+    the path by ``x``'s rows (module docstring)."""
+    m, n, k = x.shape[0], weight.shape[0], weight.shape[1] * 2
+    if m >= DENSE_FROM_M:
         dtype = dense_dtype_for(x.dtype)
-        xd, out = x.to(dtype), torch.empty(m, n, dtype=x.dtype)
+        xd, s, out = x.to(dtype), scales[..., 0].to(dtype), torch.empty(m, n, dtype=x.dtype)
         for n0 in range(0, n, DENSE_BLOCK_N):
             n1 = min(n, n0 + DENSE_BLOCK_N)
-            out[:, n0:n1] = xd @ _dense_block(weight, s.to(dtype), bits, n0, n1, dtype).t()
-    elif bits == 4:
-        k = weight.shape[1] * 2
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(COMPUTE), weight, k // scales.shape[0], scales.to(COMPUTE)).to(x.dtype)
+            out[:, n0:n1] = xd @ _dense_block(weight, s, n0, n1, dtype).t()
     else:
-        size, xc, sc = weight.shape[2], x.to(COMPUTE), scales.to(COMPUTE)
-        total = torch.zeros(m, n, dtype=torch.float32)  # the sum over groups, rounded once
-        for g in range(weight.shape[0]):
-            total += torch.ops.aten._weight_int8pack_mm(xc[:, g * size : (g + 1) * size].contiguous(), weight[g], sc[g])
-        out = total.to(x.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(COMPUTE), weight, k // scales.shape[0], scales.to(COMPUTE))
+        out = out.to(x.dtype)
     return out if bias is None else out.add_(bias)
 
 
-def out_features(weight: torch.Tensor, bits: int) -> int:
-    return weight.shape[0] if bits == 4 else weight.shape[1]
-
-
-@torch.library.custom_op("qwen_vllm::gptq_linear", mutates_args=())
-def _gptq_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:
+@torch.library.custom_op("qwen_vllm::int4_linear", mutates_args=())
+def _int4_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """One opaque op for torch.compile: the path by batch size is chosen at run time."""
-    return gptq_linear(x, weight, scales, bits, bias)
+    return int4_linear(x, weight, scales, bias)
 
 
-@_gptq_linear_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(x.shape[0], out_features(weight, bits))
+@_int4_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 class TorchGPTQLinearKernel(MPLinearKernel):
@@ -180,8 +166,8 @@ class TorchGPTQLinearKernel(MPLinearKernel):
         return True, None
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Once per layer: GPTQ's row-packed int32 weight -> int4pack (Int4) or
-        int8 ``[N, K]`` (Int8); scales to the activation dtype."""
+        """Once per layer: GPTQ's row-packed int32 weight -> int4pack and scales
+        in the activation dtype (Int4), or the dequantized float weight (Int8)."""
         # auto-gptq's bit order has one definition (checkpoints/gptq_pack.py)
         from qwen_vllm.checkpoints.gptq_pack import unpack_int32
 
@@ -195,8 +181,9 @@ class TorchGPTQLinearKernel(MPLinearKernel):
             repeat = (k // scales.shape[0]) // torch_group_size(k, self.config.group_size)
             scales = scales.repeat_interleave(repeat, 0)
             scales = torch.stack([scales, torch.zeros_like(scales)], dim=-1)
-        else:  # q - 128 as int8 (flipping the top bit), grouped along K
-            weight = torch.bitwise_xor(q, 128).view(torch.int8).view(n, scales.shape[0], -1).transpose(0, 1).contiguous()
+        else:  # (q - 128) * scale, [N, K], rounded once to the activation dtype
+            weight = (q.view(n, scales.shape[0], -1).float() - 128).mul_(scales.t().unsqueeze(-1)).view(n, k).to(act)
+            scales = torch.empty(0)
         replace_parameter(layer, self.w_q_name, torch.nn.Parameter(weight, requires_grad=False))
         replace_parameter(layer, self.w_s_name, torch.nn.Parameter(scales.to(act).contiguous(), requires_grad=False))
         if self.w_zp_name is not None:
@@ -205,8 +192,10 @@ class TorchGPTQLinearKernel(MPLinearKernel):
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         w, s, _ = self._get_weight_params(layer)
+        if layer.gptq_bits == 8:
+            return torch.nn.functional.linear(x, w, bias)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.ops.qwen_vllm.gptq_linear(x2, w, s, layer.gptq_bits, bias)
+        out = torch.ops.qwen_vllm.int4_linear(x2, w, s, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
