@@ -103,14 +103,20 @@ class PeakMemory:
         self.peak_bytes = max(self.peak_bytes, self._sample())
 
 
-def model_gib(model_dir: str, dtype: str) -> float:
-    """Weight memory of a Qwen v1 checkpoint from its config (embedding, lm_head, layers)."""
+def weight_counts(model_dir: str | os.PathLike) -> tuple[int, int]:
+    """(parameters of all transformer layers, of one vocab x hidden matrix) of a
+    Qwen v1 checkpoint, from its config."""
     from qwen_vllm.plugin.checkpoint import read_config
 
     cfg = read_config(model_dir)
     h, mlp, layers = cfg["hidden_size"], cfg["intermediate_size"] // 2, cfg["num_hidden_layers"]
-    params = 2 * cfg["vocab_size"] * h + layers * (4 * h * h + 3 * h + 3 * h * mlp + 2 * h)
-    return params * (4 if dtype == "float32" else 2) / 2**30
+    return layers * (4 * h * h + 3 * h + 3 * h * mlp + 2 * h), cfg["vocab_size"] * h
+
+
+def model_gib(model_dir: str, dtype: str) -> float:
+    """Weight memory of a Qwen v1 checkpoint (embedding, lm_head, layers)."""
+    layers, vocab = weight_counts(model_dir)
+    return (layers + 2 * vocab) * (4 if dtype == "float32" else 2) / 2**30
 
 
 def wait_for_memory(need_gib: float, what: str, timeout_s: float = 1800) -> None:

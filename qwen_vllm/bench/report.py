@@ -42,6 +42,7 @@ from qwen_vllm.bench.engine import (
     model_gib,
     say,
     wait_for_memory,
+    weight_counts,
     write_json,
 )
 from qwen_vllm.bench.serving import stop_group
@@ -325,14 +326,10 @@ def decode_step_gib(model: Path, dtype: str, gptq_bits: int | None) -> float:
     and the lm_head (the embedding reads one row). Int4 layers: half a byte per
     weight plus an fp16-sized scale per 128 (vLLM and qwen-vllm alike); Int8 is
     dequantized at load on CPU, so it reads what float does."""
-    from qwen_vllm.plugin.checkpoint import read_config
-
-    cfg = read_config(model)
-    h, mlp = cfg["hidden_size"], cfg["intermediate_size"] // 2
-    layer_weights = cfg["num_hidden_layers"] * (4 * h * h + 3 * h * mlp)
+    layer_weights, vocab = weight_counts(model)
     width = 2 if dtype in ("bfloat16", "float16") else 4
     layers = layer_weights * (0.5 + 2 / GPTQ_GROUP_SIZE) if gptq_bits == 4 else layer_weights * width
-    return (layers + cfg["vocab_size"] * h * width) / 2**30
+    return (layers + vocab * width) / 2**30
 
 
 def gptq_kernel(dtype: str, bits: int) -> str:

@@ -108,31 +108,39 @@ def _dense_block(weight: torch.Tensor, scales: torch.Tensor, n0: int, n1: int, d
     return w.mul_(scales[:, n0:n1].t().unsqueeze(-1)).view(n1 - n0, k)
 
 
-def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ dequant(weight).T (+ bias)`` for an int4pack ``weight`` (uint8 ``[N, K / 2]``)
-    and ``scales`` ``[groups, N, 2]`` (scale, additive zero 0) as int4pack takes them;
-    the path by ``x``'s rows (module docstring)."""
+def int4_linear(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, packed_scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x @ dequant(weight).T (+ bias)`` for an int4pack ``weight`` (uint8 ``[N, K / 2]``);
+    ``scales`` ``[groups, N]`` in the activation dtype (dense path) and ``packed_scales``
+    ``[groups, N, 2]`` (scale, additive zero 0) in bf16, as int4pack takes them: both
+    made once at load, so decode converts nothing but ``x``. The path by ``x``'s rows
+    (module docstring)."""
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1] * 2
     if m >= DENSE_FROM_M:
         dtype = dense_dtype_for(x.dtype)
-        xd, s, out = x.to(dtype), scales[..., 0].to(dtype), torch.empty(m, n, dtype=x.dtype)
+        xd, s, out = x.to(dtype), scales.to(dtype), torch.empty(m, n, dtype=x.dtype)
         for n0 in range(0, n, DENSE_BLOCK_N):
             n1 = min(n, n0 + DENSE_BLOCK_N)
             out[:, n0:n1] = xd @ _dense_block(weight, s, n0, n1, dtype).t()
     else:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(COMPUTE), weight, k // scales.shape[0], scales.to(COMPUTE))
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(COMPUTE), weight, k // scales.shape[0], packed_scales)
         out = out.to(x.dtype)
     return out if bias is None else out.add_(bias)
 
 
 @torch.library.custom_op("qwen_vllm::int4_linear", mutates_args=())
-def _int4_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _int4_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, packed_scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """One opaque op for torch.compile: the path by batch size is chosen at run time."""
-    return int4_linear(x, weight, scales, bias)
+    return int4_linear(x, weight, scales, packed_scales, bias)
 
 
 @_int4_linear_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, packed_scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -166,8 +174,9 @@ class TorchGPTQLinearKernel(MPLinearKernel):
         return True, None
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Once per layer: GPTQ's row-packed int32 weight -> int4pack and scales
-        in the activation dtype (Int4), or the dequantized float weight (Int8)."""
+        """Once per layer: GPTQ's row-packed int32 weight -> int4pack, its scales in
+        the activation dtype and in int4pack's bf16 form (Int4), or the dequantized
+        float weight (Int8)."""
         # auto-gptq's bit order has one definition (checkpoints/gptq_pack.py)
         from qwen_vllm.checkpoints.gptq_pack import unpack_int32
 
@@ -180,7 +189,9 @@ class TorchGPTQLinearKernel(MPLinearKernel):
             weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             repeat = (k // scales.shape[0]) // torch_group_size(k, self.config.group_size)
             scales = scales.repeat_interleave(repeat, 0)
-            scales = torch.stack([scales, torch.zeros_like(scales)], dim=-1)
+            # Through the activation dtype, as the per-call conversion this replaces rounded them.
+            packed = torch.stack([scales, torch.zeros_like(scales)], dim=-1).to(act).to(COMPUTE)
+            layer.register_parameter("int4pack_scales", torch.nn.Parameter(packed, requires_grad=False))
         else:  # (q - 128) * scale, [N, K], rounded once to the activation dtype
             weight = (q.view(n, scales.shape[0], -1).float() - 128).mul_(scales.t().unsqueeze(-1)).view(n, k).to(act)
             scales = torch.empty(0)
@@ -195,7 +206,7 @@ class TorchGPTQLinearKernel(MPLinearKernel):
         if layer.gptq_bits == 8:
             return torch.nn.functional.linear(x, w, bias)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.ops.qwen_vllm.int4_linear(x2, w, s, bias)
+        out = torch.ops.qwen_vllm.int4_linear(x2, w, s, layer.int4pack_scales, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -16,10 +16,11 @@ things it cannot know and the errors it would raise too late:
 * **Hardware.** On CPU, 4-bit and 8-bit symmetric GPTQ run (qwen-vllm's
   kernel, plugin/cpu_gptq.py: group size -1/32/64/128, every per-rank
   dimension a multiple of 32); on a GPU, vLLM's Marlin kernels need compute
-  capability 7.5+; FP8 KV cache needs an x86 CPU with AVX-512 or AMX. vLLM finds out inside the engine process,
-  deep in kernel set-up; :func:`check_engine_settings` (wrapper, worker,
-  stack, before the engine) and :func:`check_vllm_config` (vLLM's own config
-  hook, any entry point) say so up front, naming what would work.
+  capability 7.5+; FP8 KV cache needs an x86 CPU with AVX-512 or AMX. vLLM
+  finds out inside the engine process, deep in kernel set-up;
+  :func:`check_engine_settings` (wrapper, worker, stack, before the engine)
+  and :func:`check_vllm_config` (vLLM's own config hook, any entry point) say
+  so up front, naming what would work.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class CpuCaps:
         library = "_C_AVX512" if self.avx512 else "_C_AVX2" if self.x86 else "_C"
         return (
             f"CPU: {self.isa}; vLLM kernels {library}; Int4 GEMM "
-            f"{'bf16 vLLM, fp16/fp32 qwen-vllm' if self.avx512 else 'qwen-vllm'}; Int8 GEMM qwen-vllm; FP8 KV cache "
+            f"{'bf16 vLLM, fp16 qwen-vllm' if self.avx512 else 'qwen-vllm'}; Int8 GEMM qwen-vllm; FP8 KV cache "
             f"{'yes' if self.fp8_kv_cache else 'no'}"
         )
 
