@@ -3,10 +3,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-gpu demo
+.PHONY: setup setup-llamacpp test test-gpu demo
 
 setup:
 	./scripts/setup.sh
+
+# Only for `qwen-vllm bench llamacpp`: llama-cpp-python in .venv-llamacpp (built by pip).
+setup-llamacpp:
+	./scripts/setup-llamacpp.sh
 
 test: setup
 	$(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)

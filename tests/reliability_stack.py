@@ -156,9 +156,14 @@ _shared: dict[str, object] = {}
 
 @pytest.fixture(scope="module")
 def topology(request, scripted_model, artifacts_dir):
-    """The shared topology; stopped when the last module using it is done."""
+    """The shared topology; stopped when the last module using it is done (a
+    module that asks for it only through getfixturevalue sets USES_TOPOLOGY)."""
     if "topology" not in _shared:
-        users = {item.module.__name__ for item in request.session.items if "topology" in item.fixturenames}
+        users = {
+            item.module.__name__
+            for item in request.session.items
+            if "topology" in item.fixturenames or getattr(item.module, "USES_TOPOLOGY", False)
+        }
         log_dir = artifacts_dir / "reliability"
         log_dir.mkdir(exist_ok=True)
         t = Topology(Path(scripted_model), log_dir)

@@ -3,10 +3,11 @@ the tiny random fixture with a few tokens, and writes a well-formed markdown
 table, JSON and PNG. Figures are never asserted (the machine is shared); only
 that they exist, are positive and the ratios finite.
 
-One tiny live run per mode (``versus`` runs its serving half live: native vLLM
-server vs the stack; its offline half is the same engine job as ``profile``),
-started at module set-up in two chains that run side by side, so at most two
-engines are alive. The full reports are checked on JSON recorded by a whole
+One tiny live run per mode (``versus`` runs its serving half live, with
+``--target``: the session's plain vLLM server vs the shared FastChat
+topology's worker and front, so it starts no engine; its offline half is the
+same engine job as ``profile``), started at module set-up in two chains that
+run side by side, so at most one bench engine is alive. The full reports are checked on JSON recorded by a whole
 run (tests/data/bench, an AVX-512 + AMX machine): their structure, and that the
 markdown renders exactly as recorded.
 """
@@ -22,6 +23,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from reliability_stack import topology  # noqa: F401 (a fixture: versus measures its worker and front)
+
+from qwen_vllm.runtime.cpu import default_float_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 4
@@ -32,19 +36,26 @@ RUNS = {
     "cpu-defaults": ["--batches", "1", "4"],
 }  # fmt: skip
 CHAINS = [["versus"], ["profile", "cpu-defaults"]]
-pytestmark = pytest.mark.timeout(1800)  # five engine starts in two chains: slow when the machine is shared
+USES_TOPOLOGY = True  # live runs reach bench_runs through getfixturevalue (reliability_stack)
+pytestmark = pytest.mark.timeout(1800)  # three engine starts: slow when the machine is shared
 RECORDED = Path(__file__).resolve().parent / "data" / "bench"
 TIMEOUT_S = 1500  # per run; ~3-5 min on a quiet 2-core machine, far more when it is shared
 
 
-def bench_cmd(mode: str, model: Path, out: Path) -> list[str]:
+def bench_cmd(mode: str, model: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "qwen_vllm.cli", "bench", mode, "--model", str(model), "--out", str(out),
-            *COMMON, *RUNS[mode]]  # fmt: skip
+            *COMMON, *RUNS[mode], *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def bench_runs(random_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+def bench_runs(
+    random_model: Path, scripted_model: Path, plain_server: str, topology, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, Path]]:
     """mode -> (results folder, log); every run must have exited 0."""
+    targets = {"native": plain_server, "worker": topology.worker_url("a"), "front": topology.front_url}
+    extra = {"versus": [f"--target={k}={v}" for k, v in targets.items()]}
+    opt_in = {"profile": {"QWEN_VLLM_PRELOAD": "1"}}  # runtime/cpu.py PRELOAD_ENV: tcmalloc + Intel OpenMP
+    models = {"versus": scripted_model}  # what the targets serve
     root = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     outs = {mode: (root / mode, root / f"{mode}.log") for mode in RUNS}
@@ -57,7 +68,8 @@ def bench_runs(random_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             out, log = outs[mode]
             with open(log, "w") as fh:
                 proc = subprocess.Popen(
-                    bench_cmd(mode, random_model, out), env=env, stdout=fh, stderr=subprocess.STDOUT,
+                    bench_cmd(mode, models.get(mode, random_model), out, *extra.get(mode, [])), env={**env, **opt_in.get(mode, {})},
+                    stdout=fh, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )  # fmt: skip
                 try:
@@ -81,7 +93,7 @@ def load(bench_runs: dict, mode: str) -> dict:
     assert md.startswith(f"## qwen-vllm bench {mode}:") and "|---|" in md
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
     result = json.loads((out / f"{mode}.json").read_text())
-    assert result["mode"] == mode and result["new_tokens"] == NEW_TOKENS and result["dtype"] == "float32"
+    assert result["mode"] == mode and result["new_tokens"] == NEW_TOKENS and result["dtype"] == default_float_dtype()
     return result
 
 
@@ -98,7 +110,13 @@ def result_of(request: pytest.FixtureRequest, mode: str, source: str) -> dict:
 
 @pytest.mark.parametrize("source", ["live", "recorded"])
 def test_profile(request: pytest.FixtureRequest, source: str) -> None:
-    rows = result_of(request, "profile", source)["data"]["rows"]
+    data = result_of(request, "profile", source)["data"]
+    rows = data["rows"]
+    if source == "live":  # run with QWEN_VLLM_PRELOAD=1: the engine processes start with what is installed
+        from qwen_vllm.runtime.cpu import preload_value
+
+        wanted = [Path(p).name for p in (preload_value("") or "").split(":") if p]
+        assert data["engine"]["ld_preload"].split() == wanted or (not wanted and "libgomp" in data["engine"]["ld_preload"])
     assert sorted(r["batch"] for r in rows) == [1, 4]
     for r in rows:
         assert r["target"] == "wrapper" and r["new_tokens"] == NEW_TOKENS
@@ -109,7 +127,7 @@ def recorded(mode: str) -> dict:
     return json.loads((RECORDED / f"{mode}.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant"])
+@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant", "llamacpp"])
 def test_recorded_reports_render_as_recorded(mode: str, tmp_path: Path) -> None:
     from qwen_vllm.bench.report import markdown, plot
 
@@ -163,6 +181,11 @@ def test_quant_report() -> None:
         peak = data["ratios"][f"int{bits}/float peak memory"]
         assert peak == pytest.approx(data["memory_gib"][f"int{bits}"] / data["memory_gib"]["float"]) and peak > 0
     assert data["ratios"]["int4/float peak memory"] < 1  # Int8 is dequantized at load on CPU: no saving
+    pre = {(r["target"], r["batch"]): r["tok_s"] for r in data["prefill"]}
+    assert sorted(pre) == sorted(tok) and all(r["prompt_tokens"] == 512 for r in data["prefill"])
+    for b in batches:
+        assert data["ratios"][f"int4/float prefill batch {b}"] == pytest.approx(pre["int4", b] / pre["float", b])
+    assert data["goals"]["Int4 prefill at batch 1 >= 0.8x float"] == (data["ratios"]["int4/float prefill batch 1"] >= 0.8)
     assert data["goals"]["Int4 decode at batch 1 >= 2x float"] == (data["ratios"]["int4/float batch 1"] >= 2)
     assert data["kernels"]["int8"].startswith("qwen-vllm") and result["size"] == "1.8B"
     assert 1 < data["read_gib_s"] < 1000
@@ -175,7 +198,7 @@ def test_quant_report() -> None:
 def test_quant_shape_models_declare_gptq_as_qwens_do(tmp_path: Path) -> None:
     """``bench quant``'s GPTQ layouts: Qwen's quantization_config (group 128), and
     every size that runs Int4/Int8 at TP=1 on CPU passes the pre-start check."""
-    from qwen_vllm.bench.report import SIZES, write_shape_model
+    from qwen_vllm.bench.shapes import SIZES, write_shape_model
     from qwen_vllm.plugin.quantization import (
         check_engine_settings,
         read_quantization_config,
@@ -259,15 +282,24 @@ def test_cpu_defaults(request: pytest.FixtureRequest, source: str) -> None:
         assert ours["omp_threads_bind"] == ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     for e in engines.values():
         assert e["kv_cache_tokens"] > 0 and e["max_num_batched_tokens"] > 0
-    assert {(r["target"], r["batch"]) for r in data["rows"]} == {(v, b) for v in engines for b in (1, 4)}
+    batches = sorted({r["batch"] for r in data["rows"]})
+    assert {(r["target"], r["batch"]) for r in data["rows"]} == {(v, b) for v in engines for b in batches}
     assert all(r["tok_s"] > 0 for r in data["rows"])
     check_ratios(data)
+    if source == "live":
+        assert batches == [1, 4] and "libgomp" in ours["ld_preload"]  # no opt-in: vLLM preloads GNU OpenMP
+    if "ours + LD_PRELOAD" in engines:  # --compare-preload
+        assert "libtcmalloc" in engines["ours + LD_PRELOAD"]["ld_preload"]
+        tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
+        for b in batches:
+            gain = tok["ours + LD_PRELOAD", b] / tok["ours (bind all cores)", b]
+            assert data["ratios"][f"LD_PRELOAD gain batch {b}"] == pytest.approx(gain)
 
 
 # -- no engine ------------------------------------------------------------------
 @pytest.mark.parametrize("size", ["1.8B", "7B", "14B", "72B"])
 def test_shape_model_has_the_real_config(size: str, tmp_path: Path) -> None:
-    from qwen_vllm.bench.report import SIZES, write_shape_model
+    from qwen_vllm.bench.shapes import SIZES, write_shape_model
     from qwen_vllm.errors import QwenCheckpointError
     from qwen_vllm.plugin.checkpoint import read_config, validate_checkpoint
     from qwen_vllm.plugin.config import QWenConfig
@@ -301,3 +333,34 @@ def test_bad_arguments_fail_before_any_engine(argv: list[str], message: str, cap
 
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_llamacpp_gguf_tensors_are_our_qwen2_conversion(random_model: Path, random_qwen2: Path) -> None:
+    """``bench llamacpp`` writes GGUF tensors by the Qwen2 names and shapes that
+    ``convert_to_qwen2`` writes (the same schema, plugin/weights.py)."""
+    from safetensors import safe_open
+
+    from qwen_vllm.bench.llamacpp import qwen2_tensors
+    from qwen_vllm.plugin.checkpoint import read_config
+
+    converted = {}
+    for shard in random_qwen2.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            converted |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert dict(qwen2_tensors(read_config(random_model))) == converted
+
+
+def test_llamacpp_report() -> None:
+    """The recorded Qwen-1.8B-shape run: every target at every concurrency,
+    the ratios from its rows, the goals from its ratios."""
+    data = recorded("llamacpp")["data"]
+    tok = {(r["target"], r["concurrency"]): r["tok_s"] for r in data["rows"]}
+    targets = {t for t, _ in tok}
+    assert {"float", "int4", "llama.cpp F16", "llama.cpp Q4_0"} <= targets
+    assert sorted(tok) == sorted((t, c) for t in targets for c in (1, 8))
+    for c in (1, 8):
+        assert data["ratios"][f"int4 / llama.cpp Q4_0 concurrency {c}"] == pytest.approx(tok["int4", c] / tok["llama.cpp Q4_0", c])
+        assert data["ratios"][f"float / llama.cpp F16 concurrency {c}"] == pytest.approx(tok["float", c] / tok["llama.cpp F16", c])
+    assert data["goals"]["Int4 vs Q4_0 at batch 1 >= 1x"] == (data["ratios"]["int4 / llama.cpp Q4_0 concurrency 1"] >= 1)
+    assert data["goals"]["Int4 vs Q4_0 at concurrency 8 >= 2x"] == (data["ratios"]["int4 / llama.cpp Q4_0 concurrency 8"] >= 2)
+    assert data["llamacpp"].startswith("llama-cpp-python ")

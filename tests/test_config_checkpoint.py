@@ -12,6 +12,7 @@ from qwen_vllm.checkpoints.fixtures import qwen_config, random_weights, write_ch
 from qwen_vllm.errors import QwenCheckpointError
 from qwen_vllm.plugin.checkpoint import read_generation_config, validate_checkpoint
 from qwen_vllm.plugin.config import QWenConfig
+from qwen_vllm.runtime.cpu import default_float_dtype
 
 QWEN_7B_CHAT = qwen_config(4096, 32, 32, 11008)
 
@@ -23,7 +24,7 @@ def test_qwen_7b_config_maps_to_qwen2_fields() -> None:
     assert cfg.rms_norm_eps == 1e-6
     assert cfg.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
     assert cfg.seq_length == 8192 and cfg.use_dynamic_ntk and cfg.use_logn_attn
-    assert cfg.dtype == torch.bfloat16  # no torch_dtype, all flags false: Qwen's choice
+    assert cfg.dtype == getattr(torch, default_float_dtype())  # no torch_dtype, all flags false
 
 
 def test_config_round_trips_without_halving_twice() -> None:
@@ -32,6 +33,29 @@ def test_config_round_trips_without_halving_twice() -> None:
     assert again.intermediate_size == 11008
     assert cfg.to_dict()["intermediate_size"] == 22016
     assert again.to_dict()["rotary_emb_base"] == 10000.0
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_dtype_without_flags_is_bf16_on_gpus_and_on_cpus_that_compute_it(monkeypatch, native_bf16: bool) -> None:
+    """Qwen's code picks bf16 on GPUs and float32 on a CPU; a CPU with AMX or
+    AVX512_BF16 gets bf16 (faster there, and Qwen's trained dtype)."""
+    from qwen_vllm.runtime import cpu
+
+    caps = cpu.CpuCaps(x86=True, avx512=native_bf16, amx=native_bf16, bf16=native_bf16)
+    monkeypatch.setattr(cpu, "cpu_caps", lambda: caps)
+    monkeypatch.setattr(cpu, "on_cpu", lambda: True)
+    assert QWenConfig.from_dict(dict(QWEN_7B_CHAT)).dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    assert QWenConfig.from_dict({**QWEN_7B_CHAT, "bf16": True}).dtype == torch.bfloat16  # a set flag wins
+    monkeypatch.setattr(cpu, "on_cpu", lambda: False)
+    assert QWenConfig.from_dict(dict(QWEN_7B_CHAT)).dtype == torch.bfloat16
+
+
+def test_cpu_caps_bf16_is_what_torch_reports() -> None:
+    from qwen_vllm.runtime.cpu import cpu_caps
+
+    caps = cpu_caps()
+    assert caps.bf16 == (caps.amx or torch.cpu._is_avx512_bf16_supported())
+    assert caps.float_dtype == ("bfloat16" if caps.bf16 else "float32")
 
 
 @pytest.mark.parametrize(

@@ -578,7 +578,7 @@ def test_gpu_checks_capability_and_group_size() -> None:
 def test_docs_tp_table_is_check_gptqs() -> None:
     from pathlib import Path
 
-    from qwen_vllm.bench.report import SIZES
+    from qwen_vllm.bench.shapes import SIZES
     from qwen_vllm.plugin.quantization import gptq_tp_table
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "quantization.md").read_text(encoding="utf-8")

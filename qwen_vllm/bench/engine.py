@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -148,8 +149,11 @@ def timed(fn: Callable[[], Any]) -> float:
 
 def measure(targets: dict[str, Callable[[int], Any]], spec: dict) -> list[dict]:
     """Run every target at every batch size, rounds interleaved (so machine noise
-    hits all targets alike); one warm-up call per target first."""
+    hits all targets alike); one warm-up call per target first. tokens/s counts
+    ``new_tokens`` per sequence, or the target's ``tokens_per_sequence`` entry
+    (prefill: the prompt tokens)."""
     n, rounds = spec["new_tokens"], spec["rounds"]
+    counts = {name: spec.get("tokens_per_sequence", {}).get(name, n) for name in targets}
     for name, fn in targets.items():
         say(f"warm-up {name}")
         fn(1)
@@ -163,13 +167,13 @@ def measure(targets: dict[str, Callable[[int], Any]], spec: dict) -> list[dict]:
                 seconds = timed(lambda: targets[name](batch))
                 times[name, batch].append(seconds)
                 peaks[name, batch] = max(peaks[name, batch], MEMORY.window())
-                say(f"round {r + 1}/{rounds} batch {batch} {name}: {batch * n / seconds:.2f} tok/s")
+                say(f"round {r + 1}/{rounds} batch {batch} {name}: {batch * counts[name] / seconds:.2f} tok/s")
     return [
         {
             "target": name,
             "batch": batch,
             "new_tokens": n,
-            "tok_s": batch * n / statistics.median(runs),
+            "tok_s": batch * counts[name] / statistics.median(runs),
             "runs_s": runs,
             "peak_rss_gib": peaks[name, batch] / 2**30,
         }
@@ -210,6 +214,15 @@ def vllm_job(spec: dict) -> dict:
         ),
         "wrapper": lambda b: wrapper.batch_chat(qs[:b], **gen),
     }
+    if "prefill_tokens" in spec:  # fresh random prompts every call: nothing for prefix caching to reuse
+        rng = random.Random(0)
+        prefill_params = SamplingParams(temperature=0, max_tokens=1)
+
+        def prefill(b: int) -> Any:
+            prompts = [[rng.randrange(100, 150000) for _ in range(spec["prefill_tokens"])] for _ in range(b)]
+            return wrapper.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], prefill_params, use_tqdm=False)
+
+        available["prefill"] = prefill
     adapters = [wrapper.load_adapter(path) for path in spec.get("adapters", [])]
     for k in (0, 1, len(adapters)) if adapters else ():
         available[f"lora-{k}"] = lambda b, k=k: wrapper.batch_chat(
@@ -223,8 +236,24 @@ def vllm_job(spec: dict) -> dict:
         "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
         "max_num_batched_tokens": wrapper.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens,
         "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        "ld_preload": engine_preload(),
         "prompt_tokens": statistics.median(len(i) for i in ids),
     }
+
+
+def engine_preload() -> str:
+    """The libraries (file names) the engine processes were started with in
+    LD_PRELOAD: the wrapper sets it only while they start."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            preload = child.environ().get("LD_PRELOAD", "")
+        except psutil.Error:
+            continue
+        if preload:
+            return " ".join(Path(p).name for p in preload.split(":") if p)
+    return ""
 
 
 def transformers_model(model_dir: str, load_format: str, dtype: Any) -> Any:

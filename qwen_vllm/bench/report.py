@@ -46,42 +46,15 @@ from qwen_vllm.bench.engine import (
     write_json,
 )
 from qwen_vllm.bench.serving import stop_group
+from qwen_vllm.bench.shapes import GPTQ_GROUP_SIZE, SIZES, write_shape_model
 from qwen_vllm.runtime.ports import free_ports
 
-# The public config.json shapes of Qwen (v1) chat models: hidden, layers, heads,
-# config "intermediate_size" (twice the real MLP width), vocab, seq_length, rope base.
-SIZES: dict[str, dict[str, int]] = {
-    "1.8B": dict(hidden=2048, layers=24, heads=16, intermediate=11008, vocab=151936, seq=8192, rope=10000),
-    "7B": dict(hidden=4096, layers=32, heads=32, intermediate=22016, vocab=151936, seq=8192, rope=10000),
-    "14B": dict(hidden=5120, layers=40, heads=40, intermediate=27392, vocab=152064, seq=2048, rope=10000),
-    "72B": dict(hidden=8192, layers=80, heads=64, intermediate=49152, vocab=152064, seq=32768, rope=1000000),
-}
 # Goals the report checks (same machine, Qwen-1.8B shape fp32; docs/performance.md).
 GOAL_VS_SERIAL = 4.0  # serving at concurrency 8 vs transformers one request at a time
 GOAL_VS_STATIC = 2.0  # vLLMWrapper vs transformers static batching, batch 8-32
 GOAL_INT4_DECODE = 2.0  # Int4 vs float decode tokens/s at batch 1 (bandwidth-bound: a quarter of the bytes)
+GOAL_INT4_PREFILL = 0.8  # Int4 vs float prefill tokens/s at batch 1
 GOAL_INT4_MEMORY = 0.5  # Int4 vs float peak memory
-GPTQ_GROUP_SIZE = 128  # Qwen's Int4/Int8 checkpoints
-
-
-def write_shape_model(size: str, out_dir: Path, gptq_bits: int | None = None) -> Path:
-    """A weightless Qwen v1 chat directory with ``size``'s real config shapes;
-    with ``gptq_bits``, declared GPTQ as Qwen's Int4/Int8 checkpoints are (group 128)."""
-    from qwen_vllm.checkpoints.fixtures import (
-        gptq_quantize_config,
-        qwen_config,
-        write_model_files,
-    )
-
-    s = SIZES[size]
-    cfg = qwen_config(
-        s["hidden"], s["layers"], s["heads"], s["intermediate"] // 2,
-        seq_length=s["seq"], vocab_size=s["vocab"], rotary_emb_base=s["rope"],
-    )  # fmt: skip
-    if gptq_bits is not None:
-        qcfg = dict(gptq_quantize_config(gptq_bits, GPTQ_GROUP_SIZE), quant_method="gptq")
-        cfg = dict(cfg, fp16=True, bf16=False, torch_dtype="float16", quantization_config=qcfg)
-    return write_model_files(out_dir, cfg)
 
 
 # -- running jobs -----------------------------------------------------------------
@@ -144,7 +117,7 @@ def kv_gib(env: dict[str, str] | None = None) -> float:
 
 # -- modes ------------------------------------------------------------------------
 def base_spec(args: argparse.Namespace, model: Path) -> dict:
-    prompt = 64 + getattr(args, "input_len", 0) + getattr(args, "prompt_tokens", 0)
+    prompt = 64 + getattr(args, "input_len", 0) + getattr(args, "prompt_tokens", 0) + getattr(args, "prefill_tokens", 0)
     max_len = min(args.seq_length, 256 * math.ceil((prompt + args.new_tokens + 64) / 256))
     return {
         "model": str(model),
@@ -181,8 +154,9 @@ def versus(args: argparse.Namespace, model: Path) -> dict:
             "prompts_per_client": args.prompts_per_client,
             "base_port": args.base_port or free_ports(4),
         }
+        targets = dict(t.split("=", 1) for t in args.target)
         with tempfile.TemporaryDirectory(prefix="bench-serving-") as work:
-            out["serving"] = serving_rows(model, spec, Path(work))
+            out["serving"] = serving_rows(model, spec, Path(work), targets)
     tok = {(r["target"], r.get("batch", r.get("concurrency"))): r["tok_s"] for r in out["offline"] + out["serving"]}
     for b in args.batches if out["offline"] else []:
         out["ratios"][f"wrapper/raw batch {b}"] = tok["wrapper", b] / tok["raw", b]
@@ -191,10 +165,11 @@ def versus(args: argparse.Namespace, model: Path) -> dict:
             out["goals"][f"vLLMWrapper vs transformers static batch {b} >= {GOAL_VS_STATIC:g}x"] = (
                 tok["wrapper", b] / tok["transformers", b] >= GOAL_VS_STATIC
             )
-    for c in args.concurrency if out["serving"] else []:
-        for t in ("worker", "front"):
+    served = list(dict.fromkeys(r["target"] for r in out["serving"]))
+    for c in args.concurrency if "native" in served else []:
+        for t in (t for t in served if t != "native"):
             out["ratios"][f"{t}/native concurrency {c}"] = tok[t, c] / tok["native", c]
-    if out["offline"] and out["serving"] and ("transformers", 1) in tok:
+    if out["offline"] and {"worker", "front"} <= set(served) and ("transformers", 1) in tok:
         top = max(args.concurrency)
         for t in ("worker", "front"):
             ratio = tok[t, top] / tok["transformers", 1]
@@ -206,17 +181,31 @@ def versus(args: argparse.Namespace, model: Path) -> dict:
     return out
 
 
+WITH_PRELOAD = "ours + LD_PRELOAD"
+
+
 def cpu_variants(args: argparse.Namespace) -> dict[str, dict]:
-    """name -> (environment, engine kwargs). Both get our KV-cache size so the
-    thread binding is the only difference between the first two."""
-    from qwen_vllm.runtime.cpu import DEFAULT_KVCACHE_GIB, thread_binding
+    """name -> (environment, engine kwargs). All get our KV-cache size, so the
+    first three differ in the thread binding and the preloaded tcmalloc and
+    Intel OpenMP (runtime/cpu.py PRELOAD_LIBS, opt-in) only."""
+    from qwen_vllm.runtime.cpu import (
+        DEFAULT_KVCACHE_GIB,
+        PRELOAD_ENV,
+        preload_value,
+        thread_binding,
+    )
 
     kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_KVCACHE_GIB))
     ours = {"VLLM_CPU_OMP_THREADS_BIND": thread_binding(1, sorted(os.sched_getaffinity(0))), "VLLM_CPU_KVCACHE_SPACE": kv}
+    ours[PRELOAD_ENV] = "0"
     variants = {
         "ours (bind all cores)": {"env": ours, "engine": {}},
         "vLLM default (reserve one core)": {"env": {**ours, "VLLM_CPU_OMP_THREADS_BIND": "auto"}, "engine": {}},
     }
+    if args.compare_preload:
+        if not preload_value(os.environ.get("LD_PRELOAD", "")):
+            raise ValueError("--compare-preload: neither tcmalloc nor Intel OpenMP is installed (make setup)")
+        variants[WITH_PRELOAD] = {"env": {**ours, PRELOAD_ENV: "1"}, "engine": {}}
     for mbt in args.max_batched_tokens:
         variants[f"ours + max_num_batched_tokens={mbt}"] = {"env": ours, "engine": {"max_num_batched_tokens": mbt}}
     return variants
@@ -235,6 +224,8 @@ def cpu_defaults(args: argparse.Namespace, model: Path) -> dict:
     tok = {(r["target"], r["batch"]): r["tok_s"] for r in rows}
     base = "vLLM default (reserve one core)"
     ratios = {f"{v} / {base} batch {b}": tok[v, b] / tok[base, b] for v in engines if v != base for b in args.batches}
+    if WITH_PRELOAD in engines:
+        ratios |= {f"LD_PRELOAD gain batch {b}": tok[WITH_PRELOAD, b] / tok["ours (bind all cores)", b] for b in args.batches}
     return {"rows": rows, "engines": engines, "ratios": ratios}
 
 
@@ -277,25 +268,31 @@ def lora(args: argparse.Namespace, model: Path) -> dict:
 def quant(args: argparse.Namespace, model: Path) -> dict:
     """GPTQ Int4/Int8 against the float model of the same shape (``--size``,
     dummy weights in GPTQ layout: the kernels and memory are the real ones),
-    all in ``--dtype``: decode tokens/s at each batch size and peak memory,
-    each engine in a fresh process."""
-    spec = {**base_spec(args, model), "kind": "vllm", "targets": ["raw"], "batches": args.batches}
+    all in ``--dtype``: decode and prefill tokens/s at each batch size and peak
+    memory, each engine in a fresh process."""
+    spec = {**base_spec(args, model), "kind": "vllm", "targets": ["raw", "prefill"], "batches": args.batches,
+            "prefill_tokens": args.prefill_tokens, "tokens_per_sequence": {"prefill": args.prefill_tokens}}  # fmt: skip
     jobs = {"float": run_job(spec)}
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
         for bits in args.bits:
             gptq = write_shape_model(args.size, Path(tmp) / f"int{bits}", gptq_bits=bits)
             jobs[f"int{bits}"] = run_job({**spec, "model": str(gptq)})
-    rows = [dict(r, target=name) for name, job in jobs.items() for r in job["rows"]]
+    rows = [dict(r, target=name) for name, job in jobs.items() for r in job["rows"] if r["target"] == "raw"]
+    prefill = [dict(r, target=name, prompt_tokens=args.prefill_tokens) for name, job in jobs.items() for r in job["rows"] if r["target"] == "prefill"]  # fmt: skip
     tok = {(r["target"], r["batch"]): r["tok_s"] for r in rows}
+    pre = {(r["target"], r["batch"]): r["tok_s"] for r in prefill}
     memory = {name: job["peak_rss_gib"] for name, job in jobs.items()}
     ratios: dict[str, float] = {}
     goals: dict[str, bool] = {}
     for bits in args.bits:
         for b in args.batches:
             ratios[f"int{bits}/float batch {b}"] = tok[f"int{bits}", b] / tok["float", b]
+        for b in args.batches:
+            ratios[f"int{bits}/float prefill batch {b}"] = pre[f"int{bits}", b] / pre["float", b]
         ratios[f"int{bits}/float peak memory"] = memory[f"int{bits}"] / memory["float"]
     if 4 in args.bits and 1 in args.batches:
         goals["Int4 decode at batch 1 >= 2x float"] = ratios["int4/float batch 1"] >= GOAL_INT4_DECODE
+        goals["Int4 prefill at batch 1 >= 0.8x float"] = ratios["int4/float prefill batch 1"] >= GOAL_INT4_PREFILL
         goals["Int4 peak memory <= 0.5x float"] = ratios["int4/float peak memory"] <= GOAL_INT4_MEMORY
     kernels = {"float": "torch (oneDNN)", **{f"int{b}": gptq_kernel(args.dtype, b) for b in args.bits}}
     bandwidth = read_bandwidth_gib_s()
@@ -303,7 +300,7 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
     for name in jobs:
         step = decode_step_gib(model, args.dtype, 4 if name == "int4" else None)
         roofline[name] = {"gib_per_step": step, "tok_s": bandwidth / step, "achieved": tok[name, 1] / (bandwidth / step) if 1 in args.batches else None}
-    return {"rows": rows, "memory_gib": memory, "kernels": kernels, "read_gib_s": bandwidth, "roofline": roofline,
+    return {"rows": rows, "prefill": prefill, "memory_gib": memory, "kernels": kernels, "read_gib_s": bandwidth, "roofline": roofline,
             "ratios": ratios, "goals": goals}  # fmt: skip
 
 
@@ -341,6 +338,12 @@ def gptq_kernel(dtype: str, bits: int) -> str:
     return cpu_caps().int4_path(dtype) if bits == 4 else "qwen-vllm (dequantized at load)"
 
 
+def llama_cpp(args: argparse.Namespace, model: Path) -> dict:
+    from qwen_vllm.bench.llamacpp import llamacpp
+
+    return llamacpp(args, model)
+
+
 def admission(args: argparse.Namespace, model: Path) -> dict:
     from qwen_vllm.bench import stress
 
@@ -359,6 +362,7 @@ MODES = {
     "cpu-defaults": cpu_defaults,
     "lora": lora,
     "quant": quant,
+    "llamacpp": llama_cpp,
     "admission": admission,
     "chaos": chaos,
 }
@@ -462,6 +466,22 @@ def markdown(result: dict) -> str:
                     roof[n]["tok_s"], "-" if roof[n]["achieved"] is None else f"{roof[n]['achieved']:.0%}"]
                    for n, k in data["kernels"].items()])
         )  # fmt: skip
+        if data.get("prefill"):
+            pre = {(r["target"], r["batch"]): r["tok_s"] for r in data["prefill"]}
+            parts.append(f"\nPrefill prompt tokens/s ({data['prefill'][0]['prompt_tokens']}-token random prompts, one new token):\n")
+            parts.append(table(["model", *[f"batch {b}" for b in batches]], [[n, *[pre[n, b] for b in batches]] for n in data["kernels"]]))
+    elif mode == "llamacpp":
+        concs = sorted({r["concurrency"] for r in data["rows"]})
+        tok = {(r["target"], r["concurrency"]): r for r in data["rows"]}
+        names = list(dict.fromkeys(r["target"] for r in data["rows"]))
+        parts.append(
+            f"Serving (`vllm.benchmarks.serve`, streaming /v1/completions), output tokens/s; ours: vLLM's server "
+            f"with the plugin, dummy weights; llama.cpp: {data['llamacpp']} server on GGUF files of the same shape "
+            "(random weights; it runs one request at a time):\n"
+        )
+        parts.append(table(["concurrency", *names], [[c, *[tok[n, c]["tok_s"] for n in names]] for c in concs]))
+        parts.append("\nMedian time to first token (ms):\n")
+        parts.append(table(["concurrency", *names], [[c, *[tok[n, c]["median_ttft_ms"] for n in names]] for c in concs]))
     elif mode == "admission":
         parts.append(
             f"One worker, `--max-num-seqs {data['max_num_seqs']}`, a burst of {data['requests']} equal requests "
@@ -490,11 +510,11 @@ def markdown(result: dict) -> str:
         tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
         parts.append(
             table(
-                ["variant", "OMP threads bind", "max batched tokens", "KV cache (tokens)",
+                ["variant", "OMP threads bind", "LD_PRELOAD", "max batched tokens", "KV cache (tokens)",
                  *[f"batch {b} tok/s" for b in batches]],
                 [
-                    [name, e["omp_threads_bind"], e["max_num_batched_tokens"], e["kv_cache_tokens"],
-                     *[tok[name, b] for b in batches]]
+                    [name, e["omp_threads_bind"], e.get("ld_preload") or "-", e["max_num_batched_tokens"],
+                     e["kv_cache_tokens"], *[tok[name, b] for b in batches]]
                     for name, e in data["engines"].items()
                 ],
             )  # fmt: skip
@@ -561,6 +581,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "cpu-defaults": "our CPU defaults (thread binding, KV space, max batched tokens) vs vLLM's",
         "lora": "tokens/s with 0, 1 and 4 LoRA adapters per batch vs the merged model; memory per adapter",
         "quant": "GPTQ Int4/Int8 vs the float model of the same --size: decode tokens/s and peak memory",
+        "llamacpp": "our server (float, GPTQ Int4) vs llama.cpp's (GGUF F16, Q4_0) on the same --size shape",
         "admission": "latency by queue position on one worker (what --max-queued-requests bounds)",
         "chaos": "the stack with 2 workers under streaming clients, calm vs a worker kill -9'ed every N s",
     }
@@ -569,7 +590,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         src = p.add_mutually_exclusive_group()
         src.add_argument("--model", type=Path, help="Qwen v1 checkpoint directory (default: a tiny random fixture)")
         src.add_argument("--size", choices=list(SIZES), help="a Qwen size by its real config shape, random weights")
-        p.add_argument("--dtype", help="float32 / bfloat16 / float16 (default: float32 on CPU, else bfloat16)")
+        p.add_argument("--dtype", help="float32 / bfloat16 / float16 (default: bfloat16 on GPUs and CPUs with native bf16, else float32)")
         p.add_argument("--new-tokens", type=int, default=2048 if mode == "profile" else 32)
         p.add_argument("--rounds", type=int, default=1 if mode == "profile" else 3, help="medians over this many")
         p.add_argument("--out", type=Path, default=Path("results") / "bench", help="results folder")
@@ -583,11 +604,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--input-len", type=int, default=64, help="serving prompt length (random tokens)")
             p.add_argument("--prompts-per-client", type=int, default=2, help="serving requests per concurrent client")
             p.add_argument("--base-port", type=int, help="ports base..base+3 on 127.0.0.1 (default: free ones)")
+            p.add_argument("--target", action="append", default=[], metavar="NAME=URL",
+                           help="serving half: measure this running OpenAI server (base URL, no /v1) instead of "
+                           "starting the native server and the stack; repeat. Names native, worker and front get "
+                           "the ratios; --model names the tokenizer (OPENAI_API_KEY is sent when set)")  # fmt: skip
         if mode == "cpu-defaults":
             p.add_argument("--max-batched-tokens", type=int, nargs="*", default=[],
                            help="also measure ours with these max_num_batched_tokens")  # fmt: skip
             p.add_argument("--prompt-tokens", type=int, default=0, help="pad prompts to about this many tokens")
+            p.add_argument("--compare-preload", action="store_true",
+                           help="also measure ours with LD_PRELOAD of tcmalloc and Intel OpenMP (QWEN_VLLM_PRELOAD=1)")  # fmt: skip
+        if mode == "llamacpp":
+            from qwen_vllm.bench.llamacpp import add_arguments as add_llamacpp_arguments
+
+            add_llamacpp_arguments(p)
         if mode == "quant":
+            p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement")
             p.add_argument("--bits", type=int, nargs="+", choices=[4, 8], default=[4, 8], help="GPTQ widths to run")
         if mode == "lora":
             p.add_argument("--rank", type=int, default=64, help="adapters' LoRA rank (finetune.py's default: 64)")
@@ -604,11 +636,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     sizes = [args.new_tokens, args.rounds, *getattr(args, "batches", []), getattr(args, "batch", 1)]
-    sizes += getattr(args, "concurrency", [])
+    sizes += getattr(args, "concurrency", []) + [getattr(args, "prefill_tokens", 1)]
     if min(sizes) < 1:
-        raise ValueError("--new-tokens, --rounds, batch sizes and concurrencies must be at least 1")
-    if args.mode == "quant" and not args.size:
-        raise ValueError("quant compares GPTQ and float layouts of one shape: give --size (dummy weights)")
+        raise ValueError("--new-tokens, --rounds, --prefill-tokens, batch sizes and concurrencies must be at least 1")
+    for target in getattr(args, "target", []):
+        name, _, url = target.partition("=")
+        if not name or not url.startswith(("http://", "https://")):
+            raise ValueError(f"--target {target!r}: give NAME=URL, e.g. native=http://127.0.0.1:8000")
+    if args.mode in ("quant", "llamacpp") and not args.size:
+        raise ValueError(f"{args.mode} compares layouts of one shape: give --size (dummy weights)")
+    if args.mode == "llamacpp" and args.bits and args.dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"vLLM runs GPTQ in float16 or bfloat16, not {args.dtype}: give --dtype, or --bits with none")
     if args.mode == "quant" and args.dtype not in ("float16", "bfloat16"):
         raise ValueError(f"vLLM runs GPTQ in float16 or bfloat16, not {args.dtype}: give --dtype")
     if args.new_tokens + 64 > args.seq_length:
@@ -618,9 +656,9 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from qwen_vllm.errors import QwenCheckpointError
     from qwen_vllm.plugin.checkpoint import read_config, validate_checkpoint
-    from qwen_vllm.runtime.cpu import on_cpu
+    from qwen_vllm.runtime.cpu import default_float_dtype
 
-    args.dtype = args.dtype or ("float32" if on_cpu() else "bfloat16")
+    args.dtype = args.dtype or default_float_dtype()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-ups: no engine left behind
     with tempfile.TemporaryDirectory(prefix="qwen-bench-") as tmp:
         if args.size:

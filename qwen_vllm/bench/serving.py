@@ -12,7 +12,9 @@ memory): the native server for half the rounds, then the stack, whose worker
 serves both ``worker`` and ``front`` (interleaved round by round), then a new
 native server for the other half, so the machine's drift and one engine's
 luck weigh on both sides. Every engine gets the same CPU binding and KV-cache
-size, so only the serving path differs.
+size, so only the serving path differs. ``--target NAME=URL`` measures servers
+that are already running instead (a deployment, another engine), each by the
+first model its /v1/models lists.
 """
 
 from __future__ import annotations
@@ -121,16 +123,28 @@ def stack(model: Path, base_port: int, engine_args: list[str], env: dict, log_di
         stop_group(proc, signal.SIGINT)
 
 
-def measure(bases: dict[str, str], model: Path, name: str, spec: dict) -> dict[tuple[str, int], list[dict]]:
+def served_name(base: str) -> str:
+    """The first model a running OpenAI server lists (vllm.benchmarks.serve
+    sends OPENAI_API_KEY, as the client does)."""
+    key = os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.get(base + "/v1/models", headers=headers, timeout=30)
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+def measure(bases: dict[str, str], model: Path, names: dict[str, str], spec: dict) -> dict[tuple[str, int], list[dict]]:
+    """Rounds of every concurrency against every base (the order rotates per
+    round); ``names``: the model name each base serves."""
     for key, base in bases.items():  # warm-up: first requests allocate and compile
-        run_client(base, model, name, 1, 2, spec)
+        run_client(base, model, names[key], 1, 2, spec)
     runs: dict[tuple[str, int], list[dict]] = {(k, c): [] for k in bases for c in spec["concurrency"]}
     keys = list(bases)
     for r in range(spec["rounds"]):
         order = keys[r % len(keys) :] + keys[: r % len(keys)]
         for conc in spec["concurrency"]:
             for key in order:
-                result = run_client(bases[key], model, name, conc, conc * spec["prompts_per_client"], spec)
+                result = run_client(bases[key], model, names[key], conc, conc * spec["prompts_per_client"], spec)
                 if result["completed"] != conc * spec["prompts_per_client"]:
                     raise RuntimeError(f"{key}: only {result['completed']} requests completed at concurrency {conc}")
                 runs[key, conc].append({f: result[f] for f in KEEP})
@@ -141,15 +155,22 @@ def measure(bases: dict[str, str], model: Path, name: str, spec: dict) -> dict[t
     return runs
 
 
-def serving_rows(model: Path, spec: dict, work: Path) -> list[dict]:
-    """Rows ``{target, concurrency, tok_s, median_ttft_ms, median_tpot_ms, runs}`` (medians over rounds)."""
-    import statistics
-
+def serving_rows(model: Path, spec: dict, work: Path, targets: dict[str, str] | None = None) -> list[dict]:
+    """Rows ``{target, concurrency, tok_s, median_ttft_ms, median_tpot_ms, runs}``
+    (medians over rounds): the native server and the stack started here, or
+    the running ``targets`` (name -> base URL)."""
     import qwen_vllm
+
+    qwen_vllm.register()  # the benchmark client loads the model's QWenTokenizer
+    if targets:
+        return median_rows(measure(targets, model, {k: served_name(u) for k, u in targets.items()}, spec), spec)
+    return median_rows(started_runs(model, spec, work), spec)
+
+
+def started_runs(model: Path, spec: dict, work: Path) -> dict[tuple[str, int], list[dict]]:
     from qwen_vllm.bench.engine import model_gib, wait_for_memory
     from qwen_vllm.runtime.cpu import apply_cpu_defaults
 
-    qwen_vllm.register()  # the benchmark client loads the model's QWenTokenizer
     name = model.resolve().name
     env = dict(os.environ)
     apply_cpu_defaults(1, env)  # the native server gets the worker's binding and KV size
@@ -167,7 +188,7 @@ def serving_rows(model: Path, spec: dict, work: Path) -> list[dict]:
         wait_for_memory(need, "native vLLM server")
         log = work / f"native-{part}.log"
         with native_server(model, name, spec["base_port"] + 3, engine_args, env, log) as bases:
-            add(measure(bases, model, name, {**spec, "rounds": rounds}))
+            add(measure(bases, model, dict.fromkeys(bases, name), {**spec, "rounds": rounds}))
 
     # Native, stack, native again (rounds split): one engine at a time, and
     # drift of a shared machine over the run weighs on both sides alike.
@@ -175,9 +196,15 @@ def serving_rows(model: Path, spec: dict, work: Path) -> list[dict]:
     native(1, first)
     wait_for_memory(need, "qwen-vllm stack")
     with stack(model, spec["base_port"], engine_args, env, work / "stack") as bases:
-        add(measure(bases, model, name, spec))
+        add(measure(bases, model, dict.fromkeys(bases, name), spec))
     if spec["rounds"] > first:
         native(2, spec["rounds"] - first)
+    return runs
+
+
+def median_rows(runs: dict[tuple[str, int], list[dict]], spec: dict) -> list[dict]:
+    import statistics
+
     med = statistics.median
     return [
         {

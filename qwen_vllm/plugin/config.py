@@ -15,6 +15,7 @@ from transformers import Qwen2Config
 
 from qwen_vllm.errors import QwenCheckpointError
 from qwen_vllm.plugin.ntk import LongContextFlags
+from qwen_vllm.runtime.cpu import default_float_dtype
 
 # v1 keys that Qwen2Config has no field for, kept as attributes. kv_channels,
 # layer_norm_epsilon, rotary_emb_base and rotary_pct are mapped onto Qwen2
@@ -92,9 +93,10 @@ class QWenConfig(Qwen2Config):
         self.head_dim = head_dim
         if self.dtype is None and kwargs.get("torch_dtype") is None:
             # Official configs carry no torch_dtype and all precision flags false;
-            # Qwen's own code then picks bf16 (on GPUs that have it). A set flag wins.
+            # Qwen's own code then picks bf16 on GPUs that have it and float32 on
+            # a CPU. A set flag wins.
             flags = [f for f in ("bf16", "fp16", "fp32") if v1.get(f) is True]
-            self.dtype = _FLAG_DTYPES[flags[0]] if flags else "bfloat16"
+            self.dtype = _FLAG_DTYPES[flags[0]] if flags else default_float_dtype()
         v1.setdefault("seq_length", self.max_position_embeddings)
         for key in _V1_ONLY_KEYS:
             if key in v1:

@@ -18,11 +18,14 @@ compute. ``qwen-vllm bench cpu-defaults`` measures binding every core
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
-from collections.abc import MutableMapping
+import sys
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,15 @@ class CpuCaps:
     x86: bool
     avx512: bool
     amx: bool
+    bf16: bool = False  # AVX512_BF16 or AMX: bf16 GEMMs run natively, not emulated
+
+    @property
+    def float_dtype(self) -> str:
+        """The float dtype ``dtype="auto"`` runs here: bf16 (Qwen's own) where
+        the CPU computes it natively (1.7x float32's decode speed on AMX,
+        docs/performance.md), else float32, which is what Qwen's code picks on
+        any CPU: bf16 GEMMs are emulated there."""
+        return "bfloat16" if self.bf16 else "float32"
 
     @property
     def isa(self) -> str:
@@ -58,7 +70,7 @@ class CpuCaps:
         return (
             f"CPU: {self.isa}; vLLM kernels {library}; Int4 GEMM "
             f"{'bf16 vLLM, fp16 qwen-vllm' if self.avx512 else 'qwen-vllm'}; Int8 GEMM qwen-vllm; FP8 KV cache "
-            f"{'yes' if self.fp8_kv_cache else 'no'}"
+            f"{'yes' if self.fp8_kv_cache else 'no'}; dtype auto {self.float_dtype}"
         )
 
 
@@ -68,7 +80,9 @@ def cpu_caps() -> CpuCaps:
     import torch
 
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
-    return CpuCaps(x86, x86 and torch.cpu._is_avx512_supported(), x86 and torch.cpu._is_amx_tile_supported())
+    amx = x86 and torch.cpu._is_amx_tile_supported()
+    bf16 = amx or (x86 and torch.cpu._is_avx512_bf16_supported())
+    return CpuCaps(x86, x86 and torch.cpu._is_avx512_supported(), amx, bf16)
 
 # KV-cache space in GiB when the user sets none. vLLM's own CPU default is
 # 90% of RAM minus what the process holds: on a shared host that starves every
@@ -77,6 +91,13 @@ def cpu_caps() -> CpuCaps:
 # 512 KiB for 7B in bf16 (1 MiB in fp32). 4 GiB holds one full 8K context of
 # 1.8B fp32 or 7B bf16 (``qwen-vllm bench cpu-defaults`` prints the capacity).
 DEFAULT_KVCACHE_GIB = 4
+
+
+def default_float_dtype() -> str:
+    """The dtype when config.json sets no precision flag (and the bench's
+    default): bf16, as Qwen's own code picks on GPUs (vLLM falls back to fp16
+    on GPUs without bf16); on a CPU, :attr:`CpuCaps.float_dtype`."""
+    return cpu_caps().float_dtype if on_cpu() else "bfloat16"
 
 
 def on_cpu() -> bool:
@@ -100,15 +121,70 @@ def thread_binding(tensor_parallel_size: int, cores: list[int]) -> str:
     return "|".join(",".join(str(c) for c in group) for group in groups)
 
 
+# vLLM's CPU install guide LD_PRELOADs tcmalloc and Intel OpenMP, and its CPU
+# worker warns at every start when they are absent. Opt-in: on a 2-core
+# AVX-512 + AMX machine two runs of ``qwen-vllm bench cpu-defaults
+# --compare-preload`` measured 1.05x / 1.05x and 1.00x / 0.97x at batch 1 / 8
+# (docs/performance.md), no gain beyond the noise. Each entry: the names to
+# look for, and the LD_PRELOAD words that mean "already chosen" (vLLM asserts
+# that Intel and GNU OpenMP are not both preloaded).
+PRELOAD_LIBS = (
+    (("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"), ("libtcmalloc", "libjemalloc")),
+    (("libiomp5.so",), ("libiomp", "libomp", "libgomp")),
+)
+PRELOAD_ENV = "QWEN_VLLM_PRELOAD"  # "1": preload them (else LD_PRELOAD is left to vLLM)
+
+
+def _library_dirs() -> list[Path]:
+    """Where pip (intel-openmp: the environment's lib/) and Debian
+    (libtcmalloc-minimal4) install these libraries."""
+    multiarch = f"/usr/lib/{platform.machine()}-linux-gnu"
+    return [Path(sys.prefix) / "lib", Path(multiarch), Path("/usr/lib64"), Path("/usr/lib")]
+
+
+def preload_value(current: str) -> str | None:
+    """LD_PRELOAD with the installed :data:`PRELOAD_LIBS` added to ``current``
+    (None when nothing is to add)."""
+    dirs = _library_dirs()
+    add = []
+    for names, taken in PRELOAD_LIBS:
+        if any(word in current for word in taken):
+            continue
+        found = next((d / n for n in names for d in dirs if (d / n).is_file()), None)
+        if found is not None:
+            add.append(str(found))
+    return ":".join([*add, current] if current else add) if add else None
+
+
 def apply_cpu_defaults(tensor_parallel_size: int = 1, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set our CPU defaults in ``environ`` (os.environ) where unset; returns what was set."""
+    """Set our CPU defaults in ``environ`` (os.environ) where unset; returns
+    what was set. Engine processes start after this, so LD_PRELOAD reaches them."""
     environ = os.environ if environ is None else environ
     if not on_cpu():
         return {}
     chosen = {}
+    if environ.get(PRELOAD_ENV) == "1" and (preload := preload_value(environ.get("LD_PRELOAD", ""))):
+        chosen["LD_PRELOAD"] = preload
     if "VLLM_CPU_OMP_THREADS_BIND" not in environ:
         chosen["VLLM_CPU_OMP_THREADS_BIND"] = thread_binding(tensor_parallel_size, sorted(os.sched_getaffinity(0)))
     if "VLLM_CPU_KVCACHE_SPACE" not in environ:
         chosen["VLLM_CPU_KVCACHE_SPACE"] = str(DEFAULT_KVCACHE_GIB)
     environ.update(chosen)
     return chosen
+
+
+@contextlib.contextmanager
+def engine_environment(tensor_parallel_size: int = 1) -> Iterator[dict[str, str]]:
+    """Our CPU defaults while an engine starts inside the caller's process
+    (the wrapper): the engine processes it spawns inherit them. LD_PRELOAD is
+    put back afterwards, so programs the caller starts later do not load
+    tcmalloc and Intel OpenMP (vLLM's libgomp addition goes with it)."""
+    before = os.environ.get("LD_PRELOAD")
+    chosen = apply_cpu_defaults(tensor_parallel_size)
+    try:
+        yield chosen
+    finally:
+        if before is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = before

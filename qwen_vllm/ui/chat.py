@@ -329,7 +329,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     api.add_argument("--api-model", default=None, help="served model name (default: the first in /v1/models)")
     api.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds the server may stay silent")
     eng = parser.add_argument_group("with --model (vLLM engine)")
-    eng.add_argument("--dtype", default="bfloat16", help="weights dtype (default bfloat16, as Qwen's code)")
+    eng.add_argument("--dtype", default="auto", help="weights dtype (default auto: the checkpoint's flag, else bf16 on GPUs and CPUs with native bf16, float32 on other CPUs)")
     eng.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     eng.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     eng.add_argument("--enforce-eager", action="store_true", help="skip graph capture (faster start)")

@@ -29,7 +29,7 @@ from qwen_vllm.checkpoints.lora import LORA_DEFAULTS, serving_dir
 from qwen_vllm.errors import QwenRequestError, QwenVLLMError
 from qwen_vllm.plugin.checkpoint import read_generation_config
 from qwen_vllm.plugin.checks import check_before_start
-from qwen_vllm.runtime.cpu import apply_cpu_defaults
+from qwen_vllm.runtime.cpu import engine_environment
 from qwen_vllm.settings import merge_generation, to_sampling_params
 from qwen_vllm.stop_words import StopWords, StreamDelta, split_stop_words
 
@@ -153,7 +153,7 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
         trust_remote_code: bool = True,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.90,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         quantization: str | None = None,
         adapters: Mapping[str, str | os.PathLike] | None = None,
         **engine_kwargs: Any,
@@ -180,10 +180,9 @@ class vLLMWrapper:  # noqa: N801 - the name Qwen's README uses
             self.load_adapter(path, name)
         self.generation_config = read_generation_config(model_dir)
         self.chat_format = self.generation_config.get("chat_format", "chatml")
-        apply_cpu_defaults(tensor_parallel_size)
         from vllm import LLM
 
-        with _no_main_reimport():
+        with engine_environment(tensor_parallel_size), _no_main_reimport():
             self.llm = LLM(
                 model=model_dir,
                 tokenizer=model_dir,
