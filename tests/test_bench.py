@@ -53,7 +53,8 @@ def bench_runs(
 ) -> dict[str, tuple[Path, Path]]:
     """mode -> (results folder, log); every run must have exited 0."""
     targets = {"native": plain_server, "worker": topology.worker_url("a"), "front": topology.front_url}
-    extra = {"versus": [f"--target={k}={v}" for k, v in targets.items()]}
+    picks = [f"--target-model={k}=scripted" for k in ("worker", "front")]  # the base model, not a LoRA adapter
+    extra = {"versus": [*(f"--target={k}={v}" for k, v in targets.items()), *picks]}
     opt_in = {"profile": {"QWEN_VLLM_PRELOAD": "1"}}  # runtime/cpu.py PRELOAD_ENV: tcmalloc + Intel OpenMP
     models = {"versus": scripted_model}  # what the targets serve
     root = tmp_path_factory.mktemp("bench")
@@ -127,7 +128,7 @@ def recorded(mode: str) -> dict:
     return json.loads((RECORDED / f"{mode}.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant", "llamacpp"])
+@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant"])
 def test_recorded_reports_render_as_recorded(mode: str, tmp_path: Path) -> None:
     from qwen_vllm.bench.report import markdown, plot
 
@@ -326,6 +327,14 @@ def test_shape_model_has_the_real_config(size: str, tmp_path: Path) -> None:
         (["versus", "--size", "1.8B", "--batches", "0"], "must be at least 1"),
         (["quant", "--new-tokens", "4"], "give --size"),
         (["quant", "--size", "1.8B", "--dtype", "float32"], "vLLM runs GPTQ in float16 or bfloat16, not float32"),
+        (["quant", "--size", "1.8B", "--dtype", "bfloat16", "--prefill-tokens", "0"], "must be at least 1"),
+        (["llamacpp", "--new-tokens", "4"], "give --size"),
+        (["llamacpp", "--size", "1.8B", "--dtype", "float32"], "not float32: give --dtype, or --bits with none"),
+        (["llamacpp", "--size", "1.8B", "--dtype", "bfloat16", "--llamacpp-python", "/nonexistent/python"],
+         "no llama.cpp environment; run `make setup-llamacpp`"),
+        (["versus", "--only", "serving", "--target", "native"], "give NAME=URL"),
+        (["versus", "--only", "serving", "--target", "native=http://127.0.0.1:9", "--target-model", "front=scripted"],
+         "for a NAME given with --target"),
     ],
 )
 def test_bad_arguments_fail_before_any_engine(argv: list[str], message: str, capsys) -> None:
@@ -349,18 +358,3 @@ def test_llamacpp_gguf_tensors_are_our_qwen2_conversion(random_model: Path, rand
             converted |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert dict(qwen2_tensors(read_config(random_model))) == converted
 
-
-def test_llamacpp_report() -> None:
-    """The recorded Qwen-1.8B-shape run: every target at every concurrency,
-    the ratios from its rows, the goals from its ratios."""
-    data = recorded("llamacpp")["data"]
-    tok = {(r["target"], r["concurrency"]): r["tok_s"] for r in data["rows"]}
-    targets = {t for t, _ in tok}
-    assert {"float", "int4", "llama.cpp F16", "llama.cpp Q4_0"} <= targets
-    assert sorted(tok) == sorted((t, c) for t in targets for c in (1, 8))
-    for c in (1, 8):
-        assert data["ratios"][f"int4 / llama.cpp Q4_0 concurrency {c}"] == pytest.approx(tok["int4", c] / tok["llama.cpp Q4_0", c])
-        assert data["ratios"][f"float / llama.cpp F16 concurrency {c}"] == pytest.approx(tok["float", c] / tok["llama.cpp F16", c])
-    assert data["goals"]["Int4 vs Q4_0 at batch 1 >= 1x"] == (data["ratios"]["int4 / llama.cpp Q4_0 concurrency 1"] >= 1)
-    assert data["goals"]["Int4 vs Q4_0 at concurrency 8 >= 2x"] == (data["ratios"]["int4 / llama.cpp Q4_0 concurrency 8"] >= 2)
-    assert data["llamacpp"].startswith("llama-cpp-python ")

@@ -16,10 +16,13 @@ time, all in one run:
 
 llama-cpp-python's server runs one request at a time, so its throughput at
 concurrency 8 is its batch-1 speed; that is the server this comparison is about.
-Two of its settings are changed: requests wait for the running one instead of
-interrupting it (``--interrupt_requests False``: by default a new request cuts
-the stream in flight short), and its request-id check (UUIDs only) is off:
-vLLM's load generator sends ids of its own, which it would refuse with 400.
+Three of its settings are changed: requests wait for the running one instead
+of interrupting it (``--interrupt_requests False``: by default a new request
+cuts the stream in flight short); no SSE pings while a request waits
+(``--disable_ping_events True``: vLLM's load generator strips each network
+chunk, so a ping comment glues onto the data after it and the whole stream is
+lost); and its request-id check (UUIDs only) is off: vLLM's load generator
+sends ids of its own, which it would refuse with 400.
 
 The llama.cpp half runs in the llama.cpp environment (no torch, no vLLM):
 ``python -m qwen_vllm.bench.llamacpp gguf SPEC_JSON`` writes the files the spec
@@ -30,6 +33,7 @@ server with ARGS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -173,29 +177,23 @@ def llamacpp_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
 
 
-def llamacpp_server(python: Path, gguf: Path, name: str, port: int, ctx: int, log: Path) -> Any:
-    """llama-cpp-python's OpenAI server on ``gguf`` (a context manager yielding its base URL)."""
-    import contextlib
-
+@contextlib.contextmanager
+def llamacpp_server(python: Path, gguf: Path, name: str, port: int, ctx: int, log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """llama-cpp-python's OpenAI server on ``gguf``: (base URL, process) once it answers."""
     from qwen_vllm.bench.serving import stop_group, wait_http
 
     threads = str(len(os.sched_getaffinity(0)))
-
-    @contextlib.contextmanager
-    def running() -> Iterator[str]:
-        proc = subprocess.Popen(
-            [str(python), "-m", "qwen_vllm.bench.llamacpp", "serve", "--model", str(gguf), "--model_alias", name,
-             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(ctx), "--n_threads", threads,
-             "--n_threads_batch", threads, "--interrupt_requests", "False"],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=llamacpp_env(),
-        )  # fmt: skip
-        try:
-            wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 600, f"llama.cpp server (log {log})")
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop_group(proc)
-
-    return running()
+    proc = subprocess.Popen(
+        [str(python), "-m", "qwen_vllm.bench.llamacpp", "serve", "--model", str(gguf), "--model_alias", name,
+         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(ctx), "--n_threads", threads,
+         "--n_threads_batch", threads, "--interrupt_requests", "False", "--disable_ping_events", "True"],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=llamacpp_env(),
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 600, f"llama.cpp server (log {log})")
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        stop_group(proc)
 
 
 def llamacpp(args: argparse.Namespace, model: Path) -> dict:
@@ -211,8 +209,6 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
     from qwen_vllm.runtime.ports import free_ports
 
     qwen_vllm.register()  # the benchmark client loads the model's QWenTokenizer
-    if not Path(args.llamacpp_python).exists():
-        raise FileNotFoundError(f"{args.llamacpp_python}: no llama.cpp environment; run `make setup-llamacpp`")
     spec = {"new_tokens": args.new_tokens, "concurrency": args.concurrency, "input_len": args.input_len,
             "prompts_per_client": args.prompts_per_client, "rounds": args.rounds}  # fmt: skip
     ctx = args.input_len + args.new_tokens + 64
@@ -230,11 +226,22 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
             say(f"{target}: vLLM server ...")
             with native_server(shape, model.name, port, engine, env, work / f"{target}.log") as bases:
                 runs |= measure({target: bases["native"]}, model, {target: model.name}, spec)
+        failed: dict[str, str] = {}
+        args.out.mkdir(parents=True, exist_ok=True)
         for kind, path in gguf_files(args, model, work).items():
             target = f"llama.cpp {kind}"
             say(f"{target}: llama-cpp-python server ...")
-            with llamacpp_server(args.llamacpp_python, path, kind, port, ctx, work / f"{kind}.log") as base:
-                runs |= measure({target: base}, model, {target: kind}, spec)
+            log = args.out / f"llamacpp-{kind}.log"  # kept: the server's own account of a failure
+            with llamacpp_server(args.llamacpp_python, path, kind, port, ctx, log) as (base, proc):
+                for c in args.concurrency:  # one at a time: what was measured before a failure is kept
+                    try:
+                        runs |= measure({target: base}, model, {target: kind}, {**spec, "concurrency": [c]})
+                    except RuntimeError as exc:
+                        code = proc.poll()
+                        how = "the server stayed up" if code is None else f"the server died (exit status {code})"
+                        failed[f"{target} concurrency {c}"] = f"{exc}; {how}; log {log}"
+                        say(f"{target} failed: {failed[f'{target} concurrency {c}']}")
+                        break
             path.unlink()  # the F16 file alone is as large as the float weights
     rows = median_rows(runs, spec)
     tok = {(r["target"], r["concurrency"]): r["tok_s"] for r in rows}
@@ -248,7 +255,7 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
     top = max(args.concurrency)
     if top >= 8 and f"int4 / llama.cpp Q4_0 concurrency {top}" in ratios:
         goals[f"Int4 vs Q4_0 at concurrency {top} >= 2x"] = ratios[f"int4 / llama.cpp Q4_0 concurrency {top}"] >= 2
-    return {"rows": rows, "ratios": ratios, "goals": goals, "llamacpp": llamacpp_version(args.llamacpp_python)}
+    return {"rows": rows, "ratios": ratios, "goals": goals, "failed": failed, "llamacpp": llamacpp_version(args.llamacpp_python)}
 
 
 def llamacpp_version(python: Path) -> str:

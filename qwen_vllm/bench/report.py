@@ -155,8 +155,9 @@ def versus(args: argparse.Namespace, model: Path) -> dict:
             "base_port": args.base_port or free_ports(4),
         }
         targets = dict(t.split("=", 1) for t in args.target)
+        names = dict(t.split("=", 1) for t in args.target_model)
         with tempfile.TemporaryDirectory(prefix="bench-serving-") as work:
-            out["serving"] = serving_rows(model, spec, Path(work), targets)
+            out["serving"] = serving_rows(model, spec, Path(work), targets, names)
     tok = {(r["target"], r.get("batch", r.get("concurrency"))): r["tok_s"] for r in out["offline"] + out["serving"]}
     for b in args.batches if out["offline"] else []:
         out["ratios"][f"wrapper/raw batch {b}"] = tok["wrapper", b] / tok["raw", b]
@@ -479,9 +480,13 @@ def markdown(result: dict) -> str:
             f"with the plugin, dummy weights; llama.cpp: {data['llamacpp']} server on GGUF files of the same shape "
             "(random weights; it runs one request at a time):\n"
         )
-        parts.append(table(["concurrency", *names], [[c, *[tok[n, c]["tok_s"] for n in names]] for c in concs]))
+        cell = lambda n, c, key: tok[n, c][key] if (n, c) in tok else "-"  # noqa: E731 (a failed target)
+        parts.append(table(["concurrency", *names], [[c, *[cell(n, c, "tok_s") for n in names]] for c in concs]))
         parts.append("\nMedian time to first token (ms):\n")
-        parts.append(table(["concurrency", *names], [[c, *[tok[n, c]["median_ttft_ms"] for n in names]] for c in concs]))
+        parts.append(table(["concurrency", *names], [[c, *[cell(n, c, "median_ttft_ms") for n in names]] for c in concs]))
+        if data.get("failed"):
+            parts.append("\nNot measured:\n")
+            parts.append(table(["target", "why"], [[t, why] for t, why in data["failed"].items()]))
     elif mode == "admission":
         parts.append(
             f"One worker, `--max-num-seqs {data['max_num_seqs']}`, a burst of {data['requests']} equal requests "
@@ -608,6 +613,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="serving half: measure this running OpenAI server (base URL, no /v1) instead of "
                            "starting the native server and the stack; repeat. Names native, worker and front get "
                            "the ratios; --model names the tokenizer (OPENAI_API_KEY is sent when set)")  # fmt: skip
+            p.add_argument("--target-model", action="append", default=[], metavar="NAME=MODEL",
+                           help="the model name to ask --target NAME for (default: the first its /v1/models lists)")  # fmt: skip
         if mode == "cpu-defaults":
             p.add_argument("--max-batched-tokens", type=int, nargs="*", default=[],
                            help="also measure ours with these max_num_batched_tokens")  # fmt: skip
@@ -643,10 +650,17 @@ def check_args(args: argparse.Namespace) -> None:
         name, _, url = target.partition("=")
         if not name or not url.startswith(("http://", "https://")):
             raise ValueError(f"--target {target!r}: give NAME=URL, e.g. native=http://127.0.0.1:8000")
+    named = {t.partition("=")[0] for t in getattr(args, "target", [])}
+    for pick in getattr(args, "target_model", []):
+        name, _, served = pick.partition("=")
+        if name not in named or not served:
+            raise ValueError(f"--target-model {pick!r}: give NAME=MODEL for a NAME given with --target")
     if args.mode in ("quant", "llamacpp") and not args.size:
         raise ValueError(f"{args.mode} compares layouts of one shape: give --size (dummy weights)")
     if args.mode == "llamacpp" and args.bits and args.dtype not in ("float16", "bfloat16"):
         raise ValueError(f"vLLM runs GPTQ in float16 or bfloat16, not {args.dtype}: give --dtype, or --bits with none")
+    if args.mode == "llamacpp" and not args.llamacpp_python.exists():
+        raise ValueError(f"{args.llamacpp_python}: no llama.cpp environment; run `make setup-llamacpp`")
     if args.mode == "quant" and args.dtype not in ("float16", "bfloat16"):
         raise ValueError(f"vLLM runs GPTQ in float16 or bfloat16, not {args.dtype}: give --dtype")
     if args.new_tokens + 64 > args.seq_length:

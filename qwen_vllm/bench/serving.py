@@ -155,15 +155,19 @@ def measure(bases: dict[str, str], model: Path, names: dict[str, str], spec: dic
     return runs
 
 
-def serving_rows(model: Path, spec: dict, work: Path, targets: dict[str, str] | None = None) -> list[dict]:
+def serving_rows(
+    model: Path, spec: dict, work: Path, targets: dict[str, str] | None = None, names: dict[str, str] | None = None
+) -> list[dict]:
     """Rows ``{target, concurrency, tok_s, median_ttft_ms, median_tpot_ms, runs}``
     (medians over rounds): the native server and the stack started here, or
-    the running ``targets`` (name -> base URL)."""
+    the running ``targets`` (name -> base URL), each asked for its ``names``
+    entry (default: the first model it lists)."""
     import qwen_vllm
 
     qwen_vllm.register()  # the benchmark client loads the model's QWenTokenizer
     if targets:
-        return median_rows(measure(targets, model, {k: served_name(u) for k, u in targets.items()}, spec), spec)
+        names = {k: (names or {}).get(k) or served_name(u) for k, u in targets.items()}
+        return median_rows(measure(targets, model, names, spec), spec)
     return median_rows(started_runs(model, spec, work), spec)
 
 
