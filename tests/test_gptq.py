@@ -21,9 +21,7 @@ import pytest
 import torch
 from greedy_reference import (
     PROMPTS,
-    transformers_greedy,
     transformers_scorer,
-    vllm_greedy,
 )
 from test_long_context import check_teacher_forced_greedy, run
 
@@ -356,14 +354,13 @@ def prompt_ids(qwen_tokenizer) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def reference(gptq_dirs, fixtures_root, prompt_ids):
+def reference(gptq_dirs, fixtures_root):
     """transformers' Qwen2 in float32 on the exact weights the Int4 fixture
-    encodes: prompt log-probs and greedy continuations."""
+    encodes, as a scorer (ids -> log-probs at every position)."""
     from qwen_vllm.checkpoints.convert import convert_to_qwen2
 
     _, ref, _ = gptq_dirs
-    qwen2 = convert_to_qwen2(ref, fixtures_root / "gptq-int4-reference-qwen2")
-    return transformers_greedy(qwen2, prompt_ids, NEW_TOKENS)
+    return transformers_scorer(convert_to_qwen2(ref, fixtures_root / "gptq-int4-reference-qwen2"))
 
 
 def qlora_for(model: Path, reference: Path, root: Path):
@@ -397,21 +394,11 @@ def int4_tp1(gptq_dirs, prompt_ids, qlora):
     try:
         config = wrapper.llm.llm_engine.vllm_config
         settings = (config.model_config.quantization, config.model_config.dtype, config.cache_config.cache_dtype)
-        base = vllm_greedy(wrapper.llm, prompt_ids, NEW_TOKENS)
+        base = run(wrapper.llm, prompt_ids, NEW_TOKENS)
         adapted = run(wrapper.llm, prompt_ids, NEW_TOKENS, lora=wrapper.lora_request(qlora[0]))
         return settings, base, wrapper.chat("Hi", max_new_tokens=8)[0], adapted
     finally:
         wrapper.llm.llm_engine.engine_core.shutdown()
-
-
-def assert_close(reference, got) -> float:
-    """Same greedy tokens, prompt log-probs within LOGPROB_TOL; the worst difference."""
-    worst = 0.0
-    for (ref_lp, ref_gen), (lp, gen) in zip(reference, got, strict=True):
-        assert gen == ref_gen
-        worst = max(worst, max(abs(a - b) for a, b in zip(ref_lp, lp)))
-    assert worst <= CPU_LOGPROB_TOL, f"max |logprob diff| {worst}"
-    return worst
 
 
 # Engine start-up on the shared 2-core machine has taken 13 minutes under load.
@@ -419,8 +406,9 @@ def assert_close(reference, got) -> float:
 def test_int4_auto_detected_and_equals_dequantized_reference(int4_tp1, reference) -> None:
     settings, got, reply, _ = int4_tp1
     assert settings == ("auto_gptq", torch.float16, "auto")
-    assert_close(reference, got)  # LoRA on, no adapter asked for: the base model
-    assert min(min(lp) for lp, _ in reference) < -5  # the model is far from uniform
+    # LoRA on, no adapter asked for: the base model. Teacher-forced: the bf16 int4pack kernel
+    # may resolve a near-tie of the random weights the other way (seen once in 5 runs).
+    check_teacher_forced_greedy(reference, got, CPU_LOGPROB_TOL)
     assert isinstance(reply, str) and reply  # chat() works on the quantized engine
 
 
@@ -430,7 +418,7 @@ def test_qlora_adapter_equals_the_merged_dequantized_reference(int4_tp1, qlora) 
     unmerged on the Int4 model it equals the float weights with it merged."""
     _, base, _, adapted = int4_tp1
     check_teacher_forced_greedy(qlora[1], adapted, CPU_LOGPROB_TOL)
-    assert [r["tokens"] for r in adapted] != [gen for _, gen in base]  # the adapter changes the words
+    assert [r["tokens"] for r in adapted] != [r["tokens"] for r in base]  # the adapter changes the words
 
 
 @pytest.mark.timeout(1800)
