@@ -128,7 +128,7 @@ def recorded(mode: str) -> dict:
     return json.loads((RECORDED / f"{mode}.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant"])
+@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant", "llamacpp"])
 def test_recorded_reports_render_as_recorded(mode: str, tmp_path: Path) -> None:
     from qwen_vllm.bench.report import markdown, plot
 
@@ -358,3 +358,17 @@ def test_llamacpp_gguf_tensors_are_our_qwen2_conversion(random_model: Path, rand
             converted |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert dict(qwen2_tensors(read_config(random_model))) == converted
 
+
+def test_llamacpp_report() -> None:
+    """The recorded Qwen-1.8B-shape run: every measured target at every
+    concurrency, the ratios from its rows; the llama.cpp files whose server
+    died recorded with the reason (Q8_0 and Q4_0 crash llama-cpp-python 0.3.36
+    on the AMX CPU it ran on), and no goal judged without Q4_0."""
+    data = recorded("llamacpp")["data"]
+    tok = {(r["target"], r["concurrency"]): r["tok_s"] for r in data["rows"]}
+    assert sorted(tok) == sorted((t, c) for t in ("float", "int4", "llama.cpp F16") for c in (1, 8))
+    for c in (1, 8):
+        assert data["ratios"][f"float / llama.cpp F16 concurrency {c}"] == pytest.approx(tok["float", c] / tok["llama.cpp F16", c])
+    assert set(data["failed"]) == {"llama.cpp Q8_0 concurrency 1", "llama.cpp Q4_0 concurrency 1"}
+    assert all("the server died" in why for why in data["failed"].values())
+    assert data["goals"] == {} and data["llamacpp"] == "llama-cpp-python 0.3.36"

@@ -537,7 +537,8 @@ def plot(result: dict, path: Path) -> bool:
     """tokens/s vs batch size (offline) and vs concurrency (serving), one line
     per target; False (no file) for a report without such rows (chaos)."""
     data = result["data"]
-    panels = [("batch", data.get("rows", []) + data.get("offline", [])), ("concurrency", data.get("serving", []))]
+    rows = data.get("rows", []) + data.get("offline", []) + data.get("serving", [])
+    panels = [(x, [r for r in rows if x in r]) for x in ("batch", "concurrency")]
     panels = [(x, rows) for x, rows in panels if rows]
     if not panels:
         return False
