@@ -104,6 +104,18 @@ class PeakMemory:
         self.peak_bytes = max(self.peak_bytes, self._sample())
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a bench child process (an engine job, or the
+    llama.cpp half, whose environment has no qwen_vllm installed): this
+    repository on PYTHONPATH, vLLM logging at WARNING unless set, ``extra``."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the [bench] progress lines readable
+    env.update(extra or {})
+    return env
+
+
 def weight_counts(model_dir: str | os.PathLike) -> tuple[int, int]:
     """(parameters of all transformer layers, of one vocab x hidden matrix) of a
     Qwen v1 checkpoint, from its config."""

@@ -103,10 +103,10 @@ def write_gguf(spec: dict[str, Any]) -> None:
     writer.add_tokenizer_pre("qwen2")  # Qwen v1 and Qwen2 share the tokenizer's split pattern
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(Path(spec["tokenizer_dir"]), load_merges=True)
-    special._set_special_token("eos", spec["eos_id"])
-    special._set_special_token("bos", spec["eos_id"])
-    special.add_to_gguf(writer)
+    # Merges, eos (<|im_end|>) and pad from the tokenizer's files; Qwen has no BOS:
+    # llama.cpp gets <|endoftext|> as one, never added.
+    gguf.SpecialVocab(Path(spec["tokenizer_dir"]), load_merges=True).add_to_gguf(writer)
+    writer.add_bos_token_id(spec["bos_id"])
     writer.add_add_bos_token(False)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, layers)
     rng = np.random.default_rng(0)
@@ -152,7 +152,7 @@ def serve(argv: list[str]) -> None:
 # -- the bench half (our environment) ------------------------------------------------
 def gguf_files(args: argparse.Namespace, model: Path, work: Path) -> dict[str, Path]:
     """Write the GGUF files (F16 and the asked-for quantized ones) for ``model``'s shape."""
-    from qwen_vllm.bench.engine import say
+    from qwen_vllm.bench.engine import child_env, say
     from qwen_vllm.chat_template import CHATML_JINJA
     from qwen_vllm.checkpoints.convert import write_fast_tokenizer
     from qwen_vllm.plugin.checkpoint import read_config
@@ -164,22 +164,16 @@ def gguf_files(args: argparse.Namespace, model: Path, work: Path) -> dict[str, P
     write_fast_tokenizer(model / VOCAB_FILE, tokenizer, CHATML_JINJA, cfg["seq_length"])
     kinds = [k for k in FILE_TYPES if k in args.llamacpp_files]
     spec = {"config": cfg, "name": model.name, "tokenizer_dir": str(tokenizer), "out_dir": str(work / "gguf"),
-            "eos_id": ENDOFTEXT_ID, "quantize": [k for k in kinds if k != "F16"]}  # fmt: skip
+            "bos_id": ENDOFTEXT_ID, "quantize": [k for k in kinds if k != "F16"]}  # fmt: skip
     say(f"writing GGUF files {', '.join(kinds)} with {args.llamacpp_python} ...")
-    subprocess.run([str(args.llamacpp_python), "-m", "qwen_vllm.bench.llamacpp", "gguf", json.dumps(spec)], env=llamacpp_env(), check=True)
+    subprocess.run([str(args.llamacpp_python), "-m", "qwen_vllm.bench.llamacpp", "gguf", json.dumps(spec)], env=child_env(), check=True)
     return {k: work / "gguf" / f"{k}.gguf" for k in kinds}
-
-
-def llamacpp_env() -> dict[str, str]:
-    """The environment for this module in the llama.cpp environment (this
-    repository on its path; none of our CPU defaults: it is not vLLM)."""
-    root = Path(__file__).resolve().parents[2]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
 
 
 @contextlib.contextmanager
 def llamacpp_server(python: Path, gguf: Path, name: str, port: int, ctx: int, log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """llama-cpp-python's OpenAI server on ``gguf``: (base URL, process) once it answers."""
+    from qwen_vllm.bench.engine import child_env
     from qwen_vllm.bench.serving import stop_group, wait_http
 
     threads = str(len(os.sched_getaffinity(0)))
@@ -187,7 +181,7 @@ def llamacpp_server(python: Path, gguf: Path, name: str, port: int, ctx: int, lo
         [str(python), "-m", "qwen_vllm.bench.llamacpp", "serve", "--model", str(gguf), "--model_alias", name,
          "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(ctx), "--n_threads", threads,
          "--n_threads_batch", threads, "--interrupt_requests", "False", "--disable_ping_events", "True"],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=llamacpp_env(),
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=child_env(),
     )  # fmt: skip
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 600, f"llama.cpp server (log {log})")
@@ -203,9 +197,14 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
 
     import qwen_vllm
     from qwen_vllm.bench.engine import say
-    from qwen_vllm.bench.serving import measure, median_rows, native_server
+    from qwen_vllm.bench.serving import (
+        measure,
+        median_rows,
+        native_args,
+        native_env,
+        native_server,
+    )
     from qwen_vllm.bench.shapes import write_shape_model
-    from qwen_vllm.runtime.cpu import apply_cpu_defaults
     from qwen_vllm.runtime.ports import free_ports
 
     qwen_vllm.register()  # the benchmark client loads the model's QWenTokenizer
@@ -213,17 +212,15 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
             "prompts_per_client": args.prompts_per_client, "rounds": args.rounds}  # fmt: skip
     ctx = args.input_len + args.new_tokens + 64
     ours = {"float": None, **{f"int{b}": b for b in args.bits}}
-    env = dict(os.environ)
-    apply_cpu_defaults(1, env)
-    env.pop("VLLM_PLUGINS", None)
+    env = native_env()
     runs: dict[tuple[str, int], list[dict]] = {}
     port = free_ports(1)
     with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as tmp:
         work = Path(tmp)
         for target, bits in ours.items():
             shape = model if bits is None else write_shape_model(args.size, work / f"int{bits}", gptq_bits=bits)
-            engine = ["--enforce-eager", "--dtype", args.dtype, "--load-format", "dummy", "--max-model-len", str(ctx)]
             say(f"{target}: vLLM server ...")
+            engine = native_args(args.dtype, "dummy", ctx)
             with native_server(shape, model.name, port, engine, env, work / f"{target}.log") as bases:
                 runs |= measure({target: bases["native"]}, model, {target: model.name}, spec)
         failed: dict[str, str] = {}
@@ -239,8 +236,8 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
                     except RuntimeError as exc:
                         code = proc.poll()
                         how = "the server stayed up" if code is None else f"the server died (exit status {code})"
-                        failed[f"{target} concurrency {c}"] = f"{exc}; {how}; log {log}"
-                        say(f"{target} failed: {failed[f'{target} concurrency {c}']}")
+                        failed[f"{target} concurrency {c}"] = why = f"{exc}; {how}; log {log}"
+                        say(f"{target} failed: {why}")
                         break
             path.unlink()  # the F16 file alone is as large as the float weights
     rows = median_rows(runs, spec)

@@ -39,6 +39,7 @@ from typing import Any
 
 from qwen_vllm.bench.engine import (
     RESULT_PREFIX,
+    child_env,
     model_gib,
     say,
     wait_for_memory,
@@ -58,15 +59,6 @@ GOAL_INT4_MEMORY = 0.5  # Int4 vs float peak memory
 
 
 # -- running jobs -----------------------------------------------------------------
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    here = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the [bench] progress lines readable
-    env.update(extra or {})
-    return env
-
-
 def run_job(spec: dict, env_extra: dict[str, str] | None = None) -> dict:
     """Run one bench_engine job in a fresh process; its progress goes to our stderr."""
     from qwen_vllm.runtime.cpu import on_cpu
@@ -197,8 +189,8 @@ def cpu_variants(args: argparse.Namespace) -> dict[str, dict]:
     )
 
     kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_KVCACHE_GIB))
-    ours = {"VLLM_CPU_OMP_THREADS_BIND": thread_binding(1, sorted(os.sched_getaffinity(0))), "VLLM_CPU_KVCACHE_SPACE": kv}
-    ours[PRELOAD_ENV] = "0"
+    ours = {"VLLM_CPU_OMP_THREADS_BIND": thread_binding(1, sorted(os.sched_getaffinity(0))), "VLLM_CPU_KVCACHE_SPACE": kv,
+            PRELOAD_ENV: "0"}  # fmt: skip
     variants = {
         "ours (bind all cores)": {"env": ours, "engine": {}},
         "vLLM default (reserve one core)": {"env": {**ours, "VLLM_CPU_OMP_THREADS_BIND": "auto"}, "engine": {}},
@@ -288,7 +280,6 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
     for bits in args.bits:
         for b in args.batches:
             ratios[f"int{bits}/float batch {b}"] = tok[f"int{bits}", b] / tok["float", b]
-        for b in args.batches:
             ratios[f"int{bits}/float prefill batch {b}"] = pre[f"int{bits}", b] / pre["float", b]
         ratios[f"int{bits}/float peak memory"] = memory[f"int{bits}"] / memory["float"]
     if 4 in args.bits and 1 in args.batches:

@@ -171,16 +171,28 @@ def serving_rows(
     return median_rows(started_runs(model, spec, work), spec)
 
 
-def started_runs(model: Path, spec: dict, work: Path) -> dict[tuple[str, int], list[dict]]:
-    from qwen_vllm.bench.engine import model_gib, wait_for_memory
+def native_env() -> dict[str, str]:
+    """A native vLLM server's environment: the worker's CPU binding and KV-cache
+    size, every plugin loaded."""
     from qwen_vllm.runtime.cpu import apply_cpu_defaults
 
-    name = model.resolve().name
     env = dict(os.environ)
-    apply_cpu_defaults(1, env)  # the native server gets the worker's binding and KV size
+    apply_cpu_defaults(1, env)
     env.pop("VLLM_PLUGINS", None)
-    engine_args = ["--enforce-eager", "--dtype", spec["dtype"], "--load-format", spec["load_format"],
-                   "--max-model-len", str(spec["max_model_len"])]  # fmt: skip
+    return env
+
+
+def native_args(dtype: str, load_format: str, max_model_len: int) -> list[str]:
+    """The engine flags every bench server gets (eager on CPU, as the jobs run)."""
+    return ["--enforce-eager", "--dtype", dtype, "--load-format", load_format, "--max-model-len", str(max_model_len)]
+
+
+def started_runs(model: Path, spec: dict, work: Path) -> dict[tuple[str, int], list[dict]]:
+    from qwen_vllm.bench.engine import model_gib, wait_for_memory
+
+    name = model.resolve().name
+    env = native_env()
+    engine_args = native_args(spec["dtype"], spec["load_format"], spec["max_model_len"])
     need = model_gib(str(model), spec["dtype"]) * 1.1 + float(env["VLLM_CPU_KVCACHE_SPACE"]) + 2.0
     runs: dict[tuple[str, int], list[dict]] = {}
 
