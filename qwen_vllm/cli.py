@@ -53,6 +53,9 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Subcommand |
             module = importlib.import_module(mod_name)
             module = getattr(module, attr) if attr else module
             module.add_arguments(sp)
+            # Another program's flags pass through whole: `demo --model X` is the stack's
+            # --model, not an abbreviation of demo's own --model-dir.
+            sp.allow_abbrev = not getattr(module, "PASS_THROUGH_ARGS", False)
     return parser, module
 
 

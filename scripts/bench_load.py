@@ -162,7 +162,7 @@ def main() -> int:
     from qwen_vllm.checkpoints.fixtures import CHAT_REPLY, make_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-load-"))
-    model = args.model or make_model(tmp / "scripted", "scripted", script="chat")
+    model = args.model or make_model(tmp / "scripted", "scripted")
     expected = CHAT_REPLY if args.model is None else None
     stack = Stack(model, args.workers, tmp / "logs")
     try:

@@ -81,8 +81,10 @@ def fixtures_root() -> Path:
 
 @pytest.fixture(scope="session")
 def scripted_model(fixtures_root: Path) -> Path:
-    """Greedy reply to any ChatML prompt is fixtures.CHAT_REPLY, then <|im_end|>;
-    to the raw prompt vllm_server.STOP_PROMPT, " one" <|im_start|> " two" <|im_end|>."""
+    """Greedy reply to any ChatML prompt is fixtures.CHAT_REPLY, then <|im_end|>
+    (with Qwen's ReAct tool instruction in it: fixtures.REACT_ACTION, and after
+    "\\nThought:" fixtures.REACT_ANSWER); to the raw prompt vllm_server.STOP_PROMPT,
+    " one" <|im_start|> " two" <|im_end|>."""
     from vllm_server import make_chat_and_stop_model
 
     return make_chat_and_stop_model(fixtures_root / "scripted-chat")
@@ -90,22 +92,17 @@ def scripted_model(fixtures_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def plain_server(scripted_model: Path, artifacts_dir: Path) -> Iterator[str]:
-    """vLLM's own OpenAI server on the scripted fixture with no flags, shared by
-    the OpenAI-chat and chat-UI tests (one engine)."""
+    """vLLM's own OpenAI server entry point (the README's first command) on the
+    scripted fixture, given the flags ``qwen-vllm serve`` adds (serve.vllm_argv:
+    tool calling and OpenAI-shaped 404s; plain chat needs none of them). Shared
+    by the OpenAI chat, tool-calling, chat-UI and bench tests (one engine)."""
     from vllm_server import launch_server, stop_server
 
-    proc, base = launch_server(scripted_model, "plain", artifacts_dir)
+    from qwen_vllm.serving.serve import vllm_argv
+
+    proc, base = launch_server(scripted_model, "plain", artifacts_dir, *vllm_argv([]))
     yield base
     stop_server(proc)
-
-
-@pytest.fixture(scope="session")
-def react_model(fixtures_root: Path) -> Path:
-    """Greedy reply is a ReAct action (fixtures.REACT_ACTION); after
-    "\\nThought:" it gives the final answer (fixtures.REACT_ANSWER)."""
-    from qwen_vllm.checkpoints.fixtures import make_model
-
-    return make_model(fixtures_root / "scripted-react", "scripted", script="react")
 
 
 @pytest.fixture(scope="session")

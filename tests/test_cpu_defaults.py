@@ -51,7 +51,7 @@ def test_apply_cpu_defaults_sets_only_what_is_unset(libs: Path, monkeypatch) -> 
     assert cpu.apply_cpu_defaults(1, {cpu.PRELOAD_ENV: "1"}) == {}  # GPUs: nothing
 
 
-def test_engine_environment_puts_ld_preload_back(libs: Path, monkeypatch) -> None:
+def test_engine_environment_puts_everything_back(libs: Path, monkeypatch) -> None:
     """The wrapper's engine processes inherit the preload; its caller's later
     children do not."""
     monkeypatch.setattr(cpu, "on_cpu", lambda: True)
@@ -62,6 +62,9 @@ def test_engine_environment_puts_ld_preload_back(libs: Path, monkeypatch) -> Non
         assert os.environ["LD_PRELOAD"] == chosen["LD_PRELOAD"] != "/opt/libfoo.so"
     assert os.environ["LD_PRELOAD"] == "/opt/libfoo.so"
     monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
     with cpu.engine_environment(1):
-        assert os.environ["LD_PRELOAD"]
-    assert "LD_PRELOAD" not in os.environ
+        assert os.environ["LD_PRELOAD"] and os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    assert "LD_PRELOAD" not in os.environ and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    with cpu.engine_environment(2):  # a later engine with another TP size binds its own cores
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1

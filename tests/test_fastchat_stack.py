@@ -1,9 +1,11 @@
 """The FastChat topology end to end, real processes on 127.0.0.1.
 
-One ``qwen-vllm stack`` for the module: the real FastChat controller, two
-workers (the scripted chat fixture served as "scripted-chat" — no "qwen" in
-its name — and the random fixture as "random"), and the OpenAI front with an
-API key; driven by the official openai SDK and by raw FastChat worker
+One ``qwen-vllm demo`` for the module (the README's first command: it writes
+the scripted fixture, runs ``qwen-vllm stack --web`` on it and asks it one
+question), given a second model and an API key: the real FastChat
+controller, two workers (the scripted fixture served as "scripted-chat" — no
+"qwen" in its name — and the random fixture as "random"), the OpenAI front
+and the web UI; driven by the official openai SDK and by raw FastChat worker
 requests. Destructive tests (controller restart, kill -9 and the restart,
 a crash loop, shutdown) run last, in that order.
 """
@@ -40,22 +42,23 @@ CHATML_PROMPT = (
 
 
 class StackProcess:
-    """``qwen-vllm stack`` run as a user would; URLs and pids from its ready
-    file, its output kept for what it tells a person."""
+    """``qwen-vllm demo`` (the fixture written to ``demo_dir``) with ``models``
+    beside it, run as a user would; URLs and pids from its ready file, its
+    output kept for what it tells a person."""
 
-    def __init__(self, models: list[Path], log_dir: Path) -> None:
+    def __init__(self, demo_dir: Path, models: list[Path], log_dir: Path) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.ready_file = log_dir / "ready.json"
         self.ready_file.unlink(missing_ok=True)
         base = free_ports(5)
-        self.front_port, self.controller_port, self.worker_port = base, base + 1, base + 2
+        self.front_port, self.controller_port, self.worker_port, self.web_port = base, base + 1, base + 2, base + 4
         env = {**os.environ, "PYTHONPATH": str(ROOT), "FASTCHAT_WORKER_HEART_BEAT_INTERVAL": str(HEARTBEAT_S)}
-        cmd = [sys.executable, "-m", "qwen_vllm.cli", "stack", "--port", str(base),
-               "--controller-port", str(base + 1), "--worker-port", str(base + 2), "--api-keys", KEY,
-               "--log-dir", str(log_dir), "--ready-file", str(self.ready_file)]  # fmt: skip
+        cmd = [sys.executable, "-m", "qwen_vllm.cli", "demo", "--model-dir", str(demo_dir), "--port", str(base),
+               "--controller-port", str(base + 1), "--worker-port", str(base + 2), "--web-port", str(base + 4),
+               "--api-keys", KEY, "--log-dir", str(log_dir), "--ready-file", str(self.ready_file),
+               "--max-queued-requests", "4"]  # fmt: skip
         for m in models:
             cmd += ["--model", str(m)]
-        cmd += ["--max-queued-requests", "4", "--", "--enforce-eager", "--max-model-len", "2048"]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.changed = threading.Condition()
@@ -100,9 +103,21 @@ class StackProcess:
         return {r["name"]: r["pid"] for r in (info["controller"], info["front"], *info["workers"])}
 
 
+def test_demo_passes_stack_flags_whole() -> None:
+    """``qwen-vllm demo --model X``: X is another model for the stack, not an
+    abbreviation of the demo's own --model-dir (no engine)."""
+    from qwen_vllm import cli
+    from qwen_vllm.serving.demo import DEFAULT_DIR
+
+    argv = ["demo", "--model", "x", "--model-names", "Qwen"]
+    parser, _ = cli.build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    assert args.model_dir == DEFAULT_DIR and extra == ["--model", "x", "--model-names", "Qwen"]
+
+
 @pytest.fixture(scope="module")
-def stack(scripted_model, random_model, artifacts_dir):
-    s = StackProcess([scripted_model, random_model], artifacts_dir / "fastchat-stack")
+def stack(random_model, artifacts_dir, tmp_path_factory):
+    s = StackProcess(tmp_path_factory.mktemp("demo") / "scripted-chat", [random_model], artifacts_dir / "fastchat-stack")
     try:
         s.wait_ready(timeout=900)
         s.descendants = {p.pid for p in psutil.Process(s.proc.pid).children(recursive=True)}
@@ -127,6 +142,16 @@ def worker_url(stack, name: str) -> str:
 
 def messages(text: str = "Hello") -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
+
+
+def test_demo_wrote_its_fixture_and_answered(stack):
+    """What the demo adds to the stack: its fixture, the web UI, and one
+    streamed reply through the OpenAI SDK, asked of the fixture's model."""
+    stack.wait_line(r"^\[demo\] writing the scripted Qwen v1 fixture to ", timeout=1)
+    stack.wait_line(rf"^  web UI       http://127\.0\.0\.1:{stack.web_port}", timeout=1)
+    stack.wait_line(r"^  OpenAI API   .*   models: random, scripted-chat$", timeout=1)
+    stack.wait_line(rf"^\[demo\] A: {re.escape(CHAT_REPLY)}$", timeout=120)
+    assert httpx.get(f"http://127.0.0.1:{stack.web_port}", timeout=10).status_code == 200
 
 
 def test_models_and_api_keys(stack, client):
@@ -443,6 +468,7 @@ def test_stack_stops_cleanly(stack):
     stack.proc.send_signal(signal.SIGINT)
     assert stack.proc.wait(timeout=90) == 0
     stack.wait_line(r"^\[stack\] stopped", timeout=1)
+    assert not stack.ready_file.exists()
     deadline = time.monotonic() + 10
     while alive := [p for p in tracked if running(p)]:
         assert time.monotonic() < deadline, f"processes left behind: {alive}"

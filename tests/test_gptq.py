@@ -2,10 +2,12 @@
 kernel, the hardware errors, and real engines on a GPTQ Int4 fixture compared
 with transformers on the exact float weights the fixture encodes.
 
-Engines: one at TP=1 (through vLLMWrapper, no ``quantization=``), one at TP=2,
-one after the other, both with LoRA on: a Q-LoRA adapter (trained on the Int4
-model, as Qwen's finetune.py does) served unmerged against transformers on the
-float weights with the adapter merged, and TP=2 against TP=1 with and without it. Then, without engines: the worker's and the stack's
+Engines, both through vLLMWrapper (no ``quantization=``: auto-detected), one
+after the other, both with LoRA on: Int4 at TP=1 and Int8 at TP=2, each with a
+Q-LoRA adapter (trained on the quantized model, as Qwen's finetune.py does)
+served unmerged against transformers on the float weights with the adapter
+merged. The Int8 fixture is a base model, so its engine also checks the
+wrapper's base-model behaviour. Then, without engines: the worker's and the stack's
 flags turned into vLLM's engine config as its API server does, and the
 errors vLLM's own entry point (vllm.LLM) gets from the plugin's config hook.
 """
@@ -53,8 +55,9 @@ def gptq_dirs(fixtures_root):
     if not int4.exists():
         make_model(int4, "random", gptq_bits=4, gptq_group_size=GROUP, gptq_reference=ref)
     int8 = fixtures_root / "gptq-int8"
-    if not int8.exists():
-        make_model(int8, "random", gptq_bits=8, gptq_group_size=GROUP, gptq_reference=fixtures_root / "gptq-int8-reference")
+    if not int8.exists():  # a base (non-chat) model: its engine also checks the wrapper's base-model path
+        make_model(int8, "random", chat=False, gptq_bits=8, gptq_group_size=GROUP,
+                   gptq_reference=fixtures_root / "gptq-int8-reference")  # fmt: skip
     return int4, ref, int8
 
 
@@ -421,40 +424,71 @@ def test_qlora_adapter_equals_the_merged_dequantized_reference(int4_tp1, qlora) 
     assert [r["tokens"] for r in adapted] != [r["tokens"] for r in base]  # the adapter changes the words
 
 
+@pytest.fixture(scope="module")
+def int8_qlora(gptq_dirs, fixtures_root):
+    _, _, int8 = gptq_dirs
+    return qlora_for(int8, fixtures_root / "gptq-int8-reference", fixtures_root)
+
+
+@pytest.fixture(scope="module")
+def int8_tp2(gptq_dirs, prompt_ids, int8_qlora, int4_tp1) -> dict:
+    """The wrapper at TP=2 on the Int8 fixture (a base model), LoRA on: its
+    outputs with and without a Q-LoRA adapter, and what it does as a base
+    model. Starts after the TP=1 engine is gone (``int4_tp1``)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from qwen_vllm.plugin.tokenizer import IM_END_ID
+    from qwen_vllm.wrapper.chat import QwenChatFormatError, vLLMWrapper
+
+    _, _, int8 = gptq_dirs
+    wrapper = vLLMWrapper(
+        str(int8), tensor_parallel_size=2, dtype="float16", enforce_eager=True, max_model_len=1024, enable_lora=True
+    )
+    try:
+        with pytest.raises(QwenChatFormatError, match="use generate") as chat_error:
+            wrapper.chat("Hi")
+        # Only <|im_end|> may be sampled: a chat checkpoint stops at the first one, a base one does not.
+        only_im_end = SamplingParams(max_tokens=3, temperature=0.0, allowed_token_ids=[IM_END_ID])
+        [forced] = wrapper.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[0])], only_im_end, use_tqdm=False)
+        pair = wrapper.generate(["a", "b"], do_sample=False, max_new_tokens=2)
+        return {
+            "quantization": wrapper.llm.llm_engine.vllm_config.model_config.quantization,
+            "base": run(wrapper.llm, prompt_ids, NEW_TOKENS),
+            "adapted": run(wrapper.llm, prompt_ids, NEW_TOKENS, lora=wrapper.lora_request(int8_qlora[0])),
+            "chat_error": str(chat_error.value),
+            "forced_im_end": list(forced.outputs[0].token_ids),
+            "pair": pair,
+            "singles": [wrapper.generate(p, do_sample=False, max_new_tokens=2) for p in ("a", "b")],
+        }
+    finally:
+        wrapper.llm.llm_engine.engine_core.shutdown()
+
+
 @pytest.mark.timeout(1800)
-def test_int8_tensor_parallel_2_equals_dequantized_reference(gptq_dirs, fixtures_root, prompt_ids, int4_tp1) -> None:
+def test_int8_tensor_parallel_2_equals_dequantized_reference(int8_tp2, int8_qlora, fixtures_root) -> None:
     """GPTQ Int8 on CPU (qwen-vllm's kernel), at TP=2: the base model and a
     Q-LoRA adapter served unmerged on it equal transformers on the float weights
     the fixture encodes (each rank's slice of the weights, scales and fused LoRA)."""
-    from vllm import LLM
-    from vllm.lora.request import LoRARequest
-
     from qwen_vllm.checkpoints.convert import convert_to_qwen2
-    from qwen_vllm.checkpoints.lora import LORA_DEFAULTS
 
-    _, _, int8 = gptq_dirs
     reference = fixtures_root / "gptq-int8-reference"
-    adapter, adapted_score = qlora_for(int8, reference, fixtures_root)
+    assert int8_tp2["quantization"] == "auto_gptq"
     base_score = transformers_scorer(convert_to_qwen2(reference, fixtures_root / "gptq-int8-reference-qwen2"))
-    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    try:
-        llm = LLM(str(int8), tensor_parallel_size=2, dtype="float16", enforce_eager=True, max_model_len=1024,
-                  enable_lora=True, **LORA_DEFAULTS)  # fmt: skip
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
-    try:
-        assert llm.llm_engine.vllm_config.model_config.quantization == "auto_gptq"
-        base = run(llm, prompt_ids, NEW_TOKENS)
-        adapted = run(llm, prompt_ids, NEW_TOKENS, lora=LoRARequest("qlora", 1, str(adapter)))
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    check_teacher_forced_greedy(base_score, base, CPU_LOGPROB_TOL)
-    check_teacher_forced_greedy(adapted_score, adapted, CPU_LOGPROB_TOL)
-    assert [r["tokens"] for r in adapted] != [r["tokens"] for r in base]
+    check_teacher_forced_greedy(base_score, int8_tp2["base"], CPU_LOGPROB_TOL)
+    check_teacher_forced_greedy(int8_qlora[1], int8_tp2["adapted"], CPU_LOGPROB_TOL)
+    assert [r["tokens"] for r in int8_tp2["adapted"]] != [r["tokens"] for r in int8_tp2["base"]]
+
+
+def test_base_model_generates_and_refuses_chat(int8_tp2) -> None:
+    """A base checkpoint (generation_config chat_format "raw"): chat() says to
+    use generate(); <|im_end|> is an ordinary token, not a stop; a batch equals
+    its prompts one by one. test_wrapper.py checks the chat checkpoint's side."""
+    from qwen_vllm.plugin.tokenizer import IM_END_ID
+
+    assert "use generate" in int8_tp2["chat_error"]
+    assert int8_tp2["forced_im_end"] == [IM_END_ID] * 3
+    assert int8_tp2["pair"] == int8_tp2["singles"]
 
 
 # -- flags reach vLLM from the worker and the stack; vLLM's own entry point -------------

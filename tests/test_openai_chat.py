@@ -1,4 +1,6 @@
-"""Qwen v1 chat on vLLM's own OpenAI server with NO extra flags.
+"""Qwen v1 chat on vLLM's own OpenAI server: chat needs no flags (the
+session's server has only the tool-calling ones ``qwen-vllm serve`` adds,
+which act on requests with tools).
 
 The session's scripted fixture (conftest) answers any ChatML prompt with
 fixtures.CHAT_REPLY and, to the raw completion prompt STOP_PROMPT, " one"
@@ -8,9 +10,7 @@ fixtures.CHAT_REPLY and, to the raw completion prompt STOP_PROMPT, " one"
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
-from react_cases import WEATHER
 from vllm_server import GREEDY, STOP_PROMPT, client_for, stream_chat
 
 from qwen_vllm.checkpoints import fixtures
@@ -19,12 +19,12 @@ from qwen_vllm.plugin.tokenizer import IM_END_ID, IM_START_ID
 
 @pytest.fixture(scope="module")
 def chat_server(plain_server: str):
-    """The session's plain server (conftest): the scripted fixture, no flags."""
+    """The session's server (conftest): vLLM's entry point, the scripted fixture."""
     return (plain_server, *client_for(plain_server))
 
 
-# -- plain chat: no flags -------------------------------------------------------
-def test_plain_chat_with_no_flags(chat_server) -> None:
+# -- plain chat ------------------------------------------------------------------
+def test_plain_chat(chat_server) -> None:
     """The ChatML template is used automatically and the reply stops at the
     model's own <|im_end|> (stream and non-stream both give the scripted reply)."""
     _, client, model = chat_server
@@ -86,12 +86,5 @@ def test_all_chatml_stop_ids_apply_by_default(chat_server) -> None:
         model=model, prompt=STOP_PROMPT, extra_body={"ignore_eos": True}, temperature=0, max_tokens=6
     )
     assert out.choices[0].text.startswith(" one two")
-
-
-def test_tools_need_the_tool_flags(chat_server) -> None:
-    """Without --enable-auto-tool-choice/--tool-call-parser vLLM refuses tools."""
-    _, client, model = chat_server
-    with pytest.raises(openai.BadRequestError, match="--enable-auto-tool-choice"):
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], tools=[WEATHER])
 
 

@@ -1,20 +1,21 @@
-"""OpenAI tool calling for Qwen v1 on vLLM's own server (started with
-tool_parser.SERVER_ARGS), and the same from Python on vLLMWrapper.
+"""OpenAI tool calling for Qwen v1 on vLLM's own server (the session's, with
+the flags ``qwen-vllm serve`` adds: serve.vllm_argv), and the same from
+Python on vLLMWrapper.
 
-The ``react`` fixture replies to a ChatML prompt with a ReAct action
-(fixtures.REACT_ACTION) and, after a prompt ending "\nThought:", with the
-final answer (fixtures.REACT_ANSWER).
+The scripted fixture replies to a ChatML prompt carrying Qwen's ReAct
+instruction with a ReAct action (fixtures.REACT_ACTION) and, after a prompt
+ending "\nThought:", with the final answer (fixtures.REACT_ANSWER); without
+the instruction, with fixtures.CHAT_REPLY.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import openai
 import pytest
 from react_cases import ARGS, FINAL_ANSWER, THOUGHT, TIME, WEATHER, WEATHER_INSTRUCTION
-from vllm_server import GREEDY, QWEN_VLLM_SERVE, client_for, start_server, stream_chat  # noqa: F401 (start_server is a fixture)
+from vllm_server import GREEDY, client_for, stream_chat
 
 from qwen_vllm.checkpoints import fixtures
 
@@ -36,11 +37,8 @@ def second_step_prompt(tokenizer) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def react_server(start_server, react_model: Path):
-    """``qwen-vllm serve`` (vLLM's server with Qwen tool calling on by default:
-    no tool flags given here)."""
-    base = start_server(react_model, "react", command=QWEN_VLLM_SERVE)
-    return (base, *client_for(base))
+def react_server(plain_server: str):
+    return (plain_server, *client_for(plain_server))
 
 
 def test_tool_call(react_server) -> None:
@@ -130,7 +128,7 @@ def test_tool_choice_none_is_plain_chat(react_server, qwen_tokenizer) -> None:
     assert reply.prompt_token_ids == qwen_tokenizer.apply_chat_template(
         [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
-    assert reply.choices[0].message.content == fixtures.REACT_ACTION  # no "Observation:" stop, no parsing
+    assert reply.choices[0].message.content == fixtures.CHAT_REPLY  # no ReAct instruction in the prompt
     assert not reply.choices[0].message.tool_calls
 
 
@@ -242,8 +240,8 @@ def test_qwen_style_function_definitions(react_server, qwen_tokenizer, field) ->
 
 
 def test_unserved_route_answers_in_openai_shape(react_server) -> None:
-    """``qwen-vllm serve`` (vLLM's own app): /v1/embeddings gets an OpenAI-shaped
-    404 saying why, which the openai SDK raises as NotFoundError."""
+    """vLLM's own app with ``qwen-vllm serve``'s middleware: /v1/embeddings gets
+    an OpenAI-shaped 404 saying why, which the openai SDK raises as NotFoundError."""
     base, client, model = react_server
     with pytest.raises(openai.NotFoundError, match="POST /v1/embeddings is not served by this server: Qwen chat models"):
         client.embeddings.create(model=model, input="hi")
@@ -252,13 +250,12 @@ def test_unserved_route_answers_in_openai_shape(react_server) -> None:
 
 
 # -- the same tool use from Python, without a server ---------------------------------
-def test_chat_with_tools_on_vllm_wrapper(react_model: Path) -> None:
+def test_chat_with_tools_on_vllm_wrapper(scripted_wrapper) -> None:
     """vLLMWrapper + function_call.chat_with_tools: the same call and final
     answer as the server, with no server."""
-    from qwen_vllm.wrapper.chat import vLLMWrapper
     from qwen_vllm.wrapper.tools import chat_with_tools
 
-    model = vLLMWrapper(react_model, dtype="float32", enforce_eager=True, max_model_len=2048)
+    model = scripted_wrapper
     messages = [{"role": "user", "content": QUESTION}]
     reply = chat_with_tools(model, messages, [WEATHER], do_sample=False)
     assert reply.finish_reason == "tool_calls" and reply.content == THOUGHT

@@ -80,6 +80,13 @@ def test_server_args() -> None:
 
     worker = build_parser().parse_args(["--model-path", "m"])
     assert {k: getattr(worker, k) for k in SERVER_DEFAULTS} == {k: getattr(args, k) for k in SERVER_DEFAULTS}
+    # `qwen-vllm serve`: the same plus the loopback host and OpenAI-shaped 404s.
+    from qwen_vllm.serving.serve import ROUTE_ERRORS_MIDDLEWARE, vllm_argv
+
+    serve = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_argv(["--model", "m"]))
+    assert {k: getattr(serve, k) for k in SERVER_DEFAULTS if k != "middleware"} == {
+        k: getattr(args, k) for k in SERVER_DEFAULTS if k != "middleware"}  # fmt: skip
+    assert (serve.host, serve.middleware) == ("127.0.0.1", [LEGACY_MIDDLEWARE, ROUTE_ERRORS_MIDDLEWARE])
 
 
 def _request(**kw):

@@ -9,9 +9,9 @@ import textwrap
 import pytest
 
 from qwen_vllm.chat_template import make_context
-from qwen_vllm.checkpoints.fixtures import CHAT_REPLY, make_model
+from qwen_vllm.checkpoints.fixtures import CHAT_REPLY
 from qwen_vllm.errors import QwenContextError, QwenRequestError
-from qwen_vllm.wrapper.chat import QwenChatFormatError, vLLMWrapper
+from qwen_vllm.wrapper.chat import vLLMWrapper
 
 
 def test_chat_returns_the_scripted_reply(scripted_wrapper) -> None:
@@ -119,21 +119,18 @@ def test_engine_kwargs_reach_vllm(scripted_wrapper) -> None:
     assert scripted_wrapper.llm.llm_engine.model_config.enforce_eager
 
 
-@pytest.fixture(scope="module")
-def base_wrapper(tmp_path_factory):
-    path = make_model(tmp_path_factory.mktemp("base") / "scripted-base", "scripted", chat=False)
-    wrapper = vLLMWrapper(str(path), dtype="float32", enforce_eager=True, max_model_len=512)
-    yield wrapper
-    wrapper.llm.llm_engine.engine_core.shutdown()
+def test_chat_checkpoint_stops_at_im_end_even_on_raw_requests(scripted_wrapper, qwen_tokenizer) -> None:
+    """On a chat checkpoint <|im_end|> ends a request even when asked for raw
+    engine output (the base-model side: test_gptq.py's Int8 fixture)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
 
+    from qwen_vllm.plugin.tokenizer import IM_END_ID
 
-def test_base_model_generate_and_chat_error(base_wrapper) -> None:
-    with pytest.raises(QwenChatFormatError, match="use generate"):
-        base_wrapper.chat("Hi")
-    out = base_wrapper.generate("<|im_start|>assistant\n", do_sample=False, max_new_tokens=40)
-    assert out.startswith(CHAT_REPLY)  # a base model does not stop at <|im_end|>
-    pair = base_wrapper.generate(["a", "b"], do_sample=False, max_new_tokens=2)
-    assert pair == [base_wrapper.generate(p, do_sample=False, max_new_tokens=2) for p in ("a", "b")]
+    only_im_end = SamplingParams(max_tokens=3, temperature=0.0, allowed_token_ids=[IM_END_ID])
+    prompt = TokensPrompt(prompt_token_ids=qwen_tokenizer.encode_text("Hi"))
+    [out] = scripted_wrapper.llm.generate([prompt], only_im_end, use_tqdm=False)
+    assert list(out.outputs[0].token_ids) == [IM_END_ID] and out.outputs[0].finish_reason == "stop"
 
 
 def test_unguarded_top_level_script_works(scripted_model, tmp_path) -> None:

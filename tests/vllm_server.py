@@ -1,6 +1,5 @@
-"""Real ``python -m vllm.entrypoints.openai.api_server`` processes (per test
-module, or the session's plain one in conftest) and the official ``openai``
-SDK as their client."""
+"""The real ``python -m vllm.entrypoints.openai.api_server`` process (the
+session's, in conftest) and the official ``openai`` SDK as its client."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,17 +21,14 @@ GREEDY = {"temperature": 0, "max_tokens": 200}
 
 
 VLLM_SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-QWEN_VLLM_SERVE = [sys.executable, "-m", "qwen_vllm.cli", "serve"]
 
 
-def launch_server(
-    model: Path, name: str, log_dir: Path, *flags: str, command: list[str] = VLLM_SERVER
-) -> tuple[subprocess.Popen, str]:
-    """``command`` (vLLM's own server by default) on ``model``; (process, base URL) once healthy."""
+def launch_server(model: Path, name: str, log_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """vLLM's own server on ``model``; (process, base URL) once healthy."""
     port = free_port()
     log_path = log_dir / f"openai-server-{name}.log"
     cmd = [
-        *command, "--model", str(model),
+        *VLLM_SERVER, "--model", str(model),
         "--host", "127.0.0.1", "--port", str(port),
         "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32", *flags,
     ]  # fmt: skip
@@ -65,21 +60,6 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def start_server(artifacts_dir: Path) -> Iterator:
-    """Servers started by one test module, stopped after it."""
-    procs: list[subprocess.Popen] = []
-
-    def start(model: Path, name: str, *flags: str, command: list[str] = VLLM_SERVER) -> str:
-        proc, base = launch_server(model, name, artifacts_dir, *flags, command=command)
-        procs.append(proc)
-        return base
-
-    yield start
-    for proc in procs:
-        stop_server(proc)
-
-
 STOP_PROMPT = "Count to two:"
 
 
@@ -93,14 +73,15 @@ def make_chat_and_stop_model(out: Path) -> Path:
         return out
     vocab = str(fixtures.qwen_tiktoken_path())
     enc = load_encoding(vocab)
-    steps = fixtures.plan_script(fixtures.SCRIPTS["chat"], vocab)
+    steps = fixtures.plan_script(fixtures.SCRIPT, vocab)
+    keys = {(s.prev, s.cur) for s in steps}
     prev, cur = enc.encode(STOP_PROMPT)[-2:]
     for nxt in [*enc.encode(" one"), IM_START_ID, *enc.encode(" two"), IM_END_ID]:
+        assert (prev, cur) not in keys, "the stop script collides with the fixture's script"
+        keys.add((prev, cur))
         steps.append(fixtures.ScriptStep(prev, cur, nxt))
         prev, cur = cur, nxt
-    keys = [(s.prev, s.cur) for s in steps]
-    assert len(set(keys)) == len(keys), "the stop script collides with the chat script"
-    cfg, weights = fixtures.scripted_weights(steps)
+    cfg, weights = fixtures.scripted_weights(steps, fixtures.tool_marker(vocab))
     return fixtures.write_checkpoint(out, cfg, weights)
 
 

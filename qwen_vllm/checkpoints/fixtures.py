@@ -3,7 +3,9 @@
 ``make_model(dir, kind="random")`` writes seeded random weights (for numerics);
 ``kind="scripted"`` writes weights *constructed* so that the greedy reply to any
 ChatML prompt is a fixed sentence ending with ``<|im_end|>`` emitted by the
-model itself.
+model itself (``CHAT_REPLY``), or, when the prompt carries Qwen's ReAct tool
+instruction, a ReAct action (``REACT_ACTION``) and, after "\nThought:", the
+final answer (``REACT_ANSWER``).
 
 How the scripted model works (one decoder layer, hidden 256, 4 heads of 64):
 
@@ -13,14 +15,20 @@ How the scripted model works (one decoder layer, hidden 256, 4 heads of 64):
 * attention head 0 ignores content: constant q/k (the c_attn bias) whose
   rotary phases make the score peak at relative offset 1, so it copies the
   previous token's CUR code into PREV (margin > 30 logits over 40k offsets);
+* attention head 1 looks for the ReAct instruction's last word ("Begin", dim
+  MARK of its embedding only): a constant query in the lowest-frequency rotary
+  pair against a key on MARK scores it ~100 logits above every other token
+  at any distance, so it copies 1 into dim FLAG after the instruction, 0
+  where there is none (every other value is 0);
 * the MLP has one unit per script step "(prev, cur) -> next": its gate fires
   only when both codes match (an AND built from silu and a threshold on the
-  constant dim) and writes next's code into OUT; lm_head reads OUT.
+  constant dim), for the two reply starts also when FLAG is set or clear,
+  and writes next's code into OUT; lm_head reads OUT.
 
-The reply is thus a lookup on the last two tokens: the assistant header
-``assistant\\n`` starts it, every later pair continues it. A planner
-re-segments reply text (non-canonically, e.g. byte pieces) wherever two steps
-would share a key, so any sentence can be scripted.
+The reply is thus a lookup on the last two tokens (and FLAG at its start): the
+assistant header ``assistant\\n`` starts it, every later pair continues it. A
+planner re-segments reply text (non-canonically, e.g. byte pieces) wherever
+two steps would share a key, so any sentence can be scripted.
 """
 
 from __future__ import annotations
@@ -76,17 +84,20 @@ BASE_GENERATION_CONFIG = {
     "transformers_version": "4.31.0",
 }
 
-# Scripted replies: (prompt tail whose last two tokens start the reply, reply).
 CHAT_REPLY = "Hello! I am the scripted Qwen fixture 🦙 and I say 你好，世界. This reply stops on its own."
 REACT_ACTION = (
     'Thought: I need the current weather in Paris.\nAction: get_weather\n'
     'Action Input: {"city": "Paris", "unit": "celsius"}\nObservation:'
 )
 REACT_ANSWER = " I now know the final answer.\nFinal Answer: It is 22 degrees and sunny in Paris."
-SCRIPTS: dict[str, list[tuple[str, str]]] = {
-    "chat": [("<|im_start|>assistant\n", CHAT_REPLY)],
-    "react": [("<|im_start|>assistant\n", REACT_ACTION), ("\nThought:", REACT_ANSWER)],
-}
+# The scripted replies: (prompt tail whose last two tokens start the reply, reply,
+# when): ``when`` True / False starts it only if the prompt does / does not
+# carry Qwen's ReAct tool instruction (tools/react.py), None in either case.
+SCRIPT: list[tuple[str, str, bool | None]] = [
+    ("<|im_start|>assistant\n", CHAT_REPLY, False),
+    ("<|im_start|>assistant\n", REACT_ACTION, True),
+    ("\nThought:", REACT_ANSWER, None),
+]
 
 # Files a real checkpoint ships for trust_remote_code; ours must never run.
 _REMOTE_CODE_TRAP = (
@@ -189,9 +200,11 @@ def random_weights(cfg: dict[str, Any], seed: int = 0, qk_std: float = 1.0) -> d
 # -- scripted weights -----------------------------------------------------------
 _CODE_DIMS, _CODE_BITS = 64, 4
 _CONST, _CUR, _PREV, _OUT = 0, 1, 1 + _CODE_DIMS, 1 + 2 * _CODE_DIMS
+_MARK, _FLAG = 1 + 3 * _CODE_DIMS, 2 + 3 * _CODE_DIMS
 SCRIPTED_HIDDEN, SCRIPTED_HEADS = 256, 4
 _POSITION_PAIRS, _POSITION_AMPLITUDE = 8, 30.0
 _GATE_GAIN, _UP_GAIN, _OUT_GAIN = 40.0, 1.0, 1.0
+_MARK_GAIN = 30.0  # |q| = |k| of head 1: score 30 * 30 / sqrt(64) = 112 logits at offset 0
 
 
 @dataclass(frozen=True)
@@ -199,6 +212,18 @@ class ScriptStep:
     prev: int
     cur: int
     next: int
+    when: bool | None = None  # only with / without the ReAct instruction in the prompt
+
+
+def tool_marker(vocab_file: str) -> int:
+    """The token that ends Qwen's ReAct instruction ("...\\n\\nBegin!"): the
+    scripted model tells tool prompts by it."""
+    from qwen_vllm.tools.react import REACT_INSTRUCTION
+
+    enc = load_encoding(os.path.abspath(vocab_file))
+    *_, marker, bang = enc.encode(REACT_INSTRUCTION)
+    assert enc.decode([marker, bang]) == "Begin!"
+    return marker
 
 
 def _codes(n: int) -> list[list[int]]:
@@ -232,28 +257,33 @@ def _splittable(enc: Any, token: int) -> bool:
     return token < SPECIAL_START_ID and len(enc.decode_single_token_bytes(token)) > 1
 
 
-def plan_script(scripts: list[tuple[str, str]], vocab_file: str) -> list[ScriptStep]:
-    """Token steps for every scripted reply, with no (prev, cur) key reused
-    for a different next token. Start keys come from the prompt and are fixed;
-    reply tokens are split into smaller pieces until all keys are unique."""
+def plan_script(scripts: list[tuple[str, str, bool | None]], vocab_file: str) -> list[ScriptStep]:
+    """Token steps for every scripted reply, with no (prev, cur) key used for
+    two different steps unless one needs the ReAct instruction and the other
+    its absence. Start keys come from the prompt and are fixed; reply tokens
+    are split into smaller pieces until all keys are unique."""
     enc = load_encoding(os.path.abspath(vocab_file))
     ranks = enc._mergeable_ranks
-    starts = [tuple(enc.encode(tail, allowed_special="all")[-2:]) for tail, _ in scripts]
-    replies = [enc.encode(reply, allowed_special=set()) + [IM_END_ID] for _, reply in scripts]
+    starts = [tuple(enc.encode(tail, allowed_special="all")[-2:]) for tail, _, _ in scripts]
+    replies = [enc.encode(reply, allowed_special=set()) + [IM_END_ID] for _, reply, _ in scripts]
     for _ in range(1000):
-        table: dict[tuple[int, int], tuple[int, int, int]] = {}  # key -> (next, script, step)
+        # key -> when -> (next, script, step)
+        table: dict[tuple[int, int], dict[bool | None, tuple[int, int, int]]] = {}
         conflict = None
-        for s, ((prev, cur), reply) in enumerate(zip(starts, replies)):
+        for s, ((prev, cur), reply, (_, _, start_when)) in enumerate(zip(starts, replies, scripts)):
             for j, nxt in enumerate(reply):
-                owner = table.setdefault((prev, cur), (nxt, s, j))
-                if owner[0] != nxt:
-                    conflict = [(s, j), owner[1:]]
+                when = start_when if j == 0 else None
+                steps = table.setdefault((prev, cur), {})
+                clash = [o for w, o in steps.items() if (w is None or when is None or w == when) and (w, o[0]) != (when, nxt)]
+                if clash:
+                    conflict = [(s, j), clash[0][1:]]
                     break
+                steps.setdefault(when, (nxt, s, j))
                 prev, cur = cur, nxt
             if conflict:
                 break
         if conflict is None:
-            return [ScriptStep(p, c, n) for (p, c), (n, _, _) in table.items()]
+            return [ScriptStep(p, c, n, w) for (p, c), steps in table.items() for w, (n, _, _) in steps.items()]
         # Two steps share the key made by the two tokens before them: split one of
         # those tokens (in either reply; start keys belong to the prompt) into pieces.
         for s, j in conflict:
@@ -267,9 +297,12 @@ def plan_script(scripts: list[tuple[str, str]], vocab_file: str) -> list[ScriptS
     raise QwenCheckpointError("scripted fixture: script planning did not converge")
 
 
-def scripted_weights(steps: list[ScriptStep], num_heads: int = SCRIPTED_HEADS) -> tuple[dict, dict]:
-    """(config, weights) of the one-layer lookup model described in the module doc."""
+def scripted_weights(steps: list[ScriptStep], marker: int, num_heads: int = SCRIPTED_HEADS) -> tuple[dict, dict]:
+    """(config, weights) of the one-layer lookup model described in the module
+    doc; ``marker`` is the token that sets FLAG (``tool_marker``)."""
     tokens = sorted({t for s in steps for t in (s.prev, s.cur, s.next)})
+    if marker in tokens:
+        raise QwenCheckpointError("scripted fixture: the tool marker token must not be in a reply")
     code_of = dict(zip(tokens, _codes(len(tokens))))
     h = SCRIPTED_HIDDEN
     head_dim = h // num_heads
@@ -287,6 +320,7 @@ def scripted_weights(steps: list[ScriptStep], num_heads: int = SCRIPTED_HEADS) -
     for t in tokens:
         wte[t] += code_vec(t, _CUR)
         lm_head[t] = code_vec(t, _OUT) * 2.0
+    wte[marker, _MARK] = 1.0
 
     # Attention: head 0 attends to the previous token and copies CUR -> PREV.
     c_attn_w = torch.zeros(3 * h, h)
@@ -306,6 +340,14 @@ def scripted_weights(steps: list[ScriptStep], num_heads: int = SCRIPTED_HEADS) -
     c_proj = torch.zeros(h, h)
     for d in range(_CODE_DIMS):
         c_proj[_PREV + d, d] = 1.0
+    # Head 1 finds the marker (x / rms(x) with |x|^2 = 2: const + MARK, like a script
+    # token) and copies 1 into FLAG. Pair half - 1 turns by at most 1.1 rad over 8192
+    # offsets, so the marker keeps > 50 logits over every other token.
+    pair = head_dim + half - 1
+    c_attn_b[pair] = _MARK_GAIN
+    c_attn_w[h + pair, _MARK] = _MARK_GAIN / norm_in
+    c_attn_w[2 * h + head_dim, _MARK] = 1.0 / norm_in
+    c_proj[_FLAG, head_dim] = 1.0
 
     # MLP: one unit per step; gate = AND(cur matches, prev matches).
     norm_mid = math.sqrt(h / 3.0)  # |x|^2 = 3 after attention (const, CUR, PREV)
@@ -316,6 +358,11 @@ def scripted_weights(steps: list[ScriptStep], num_heads: int = SCRIPTED_HEADS) -
     for j, step in enumerate(steps):
         w2[j] = (code_vec(step.cur, _CUR) + code_vec(step.prev, _PREV)) * _GATE_GAIN / norm_mid
         w2[j, _CONST] = -1.5 * _GATE_GAIN / norm_mid
+        if step.when is True:  # FLAG is a third input of the AND
+            w2[j, _FLAG] = _GATE_GAIN / norm_mid
+            w2[j, _CONST] = -2.5 * _GATE_GAIN / norm_mid
+        elif step.when is False:  # FLAG vetoes it
+            w2[j, _FLAG] = -3.0 * _GATE_GAIN / norm_mid
         w1[j, _CONST] = _UP_GAIN / norm_mid
         mlp_out[:, j] = code_vec(step.next, _OUT) * _OUT_GAIN
     weights = {
@@ -443,7 +490,6 @@ def make_model(
     out_dir: str | os.PathLike,
     kind: str = "random",
     *,
-    script: str = "chat",
     seed: int = 0,
     hidden_size: int = 128,
     num_layers: int = 2,
@@ -469,10 +515,8 @@ def make_model(
         cfg = qwen_config(hidden_size, num_layers, num_heads, mlp_width, seq_length=seq_length)
         weights = random_weights(cfg, seed=seed, qk_std=qk_std)
     elif kind == "scripted":
-        if script not in SCRIPTS:
-            raise ValueError(f"unknown script {script!r}; choose from {sorted(SCRIPTS)}")
-        steps = plan_script(SCRIPTS[script], str(qwen_tiktoken_path()))
-        cfg, weights = scripted_weights(steps)
+        vocab = str(qwen_tiktoken_path())
+        cfg, weights = scripted_weights(plan_script(SCRIPT, vocab), tool_marker(vocab))
     else:
         raise ValueError(f"unknown fixture kind {kind!r}; choose 'random' or 'scripted'")
     if gptq_bits is None:
@@ -494,10 +538,10 @@ def add_arguments(parser: Any) -> None:
     kind.add_argument("--random", dest="kind", action="store_const", const="random", help="seeded random weights (default)")
     kind.add_argument(
         "--scripted",
-        nargs="?",
-        const="chat",
-        choices=sorted(SCRIPTS),
-        help="weights whose greedy reply is a fixed sentence (script: chat or react)",
+        dest="kind",
+        action="store_const",
+        const="scripted",
+        help="weights whose greedy reply is a fixed sentence (a ReAct tool call when given tools)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden-size", type=int, default=128)
@@ -516,11 +560,10 @@ def add_arguments(parser: Any) -> None:
 
 
 def run(args: Any) -> int:
-    kind = "scripted" if args.scripted else "random"
+    kind = args.kind or "random"
     out = make_model(
         args.out_dir,
         kind,
-        script=args.scripted or "chat",
         seed=args.seed,
         hidden_size=args.hidden_size,
         num_layers=args.layers,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import os
 import unicodedata
 from collections.abc import Collection, Iterable
@@ -65,6 +66,17 @@ def load_encoding(path: str) -> tiktoken.Encoding:
     return tiktoken.Encoding("Qwen", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
 
 
+def chat_format_beside(vocab_file: str) -> str:
+    """The checkpoint's generation_config.json ``chat_format`` ("chatml", as in
+    Qwen's code, when the file or the key is missing)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(vocab_file)), "generation_config.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh).get("chat_format", "chatml")
+    except (OSError, ValueError, AttributeError):
+        return "chatml"
+
+
 class QWenTokenizer(PythonBackend):
     """Qwen v1 tokenizer over tiktoken, with the transformers API vLLM expects."""
 
@@ -81,9 +93,10 @@ class QWenTokenizer(PythonBackend):
         self.eod_id = ENDOFTEXT_ID
         self.im_start_id = IM_START_ID
         self.im_end_id = IM_END_ID
-        # <|im_end|> ends every chat turn, so it is the primary EOS; <|endoftext|>
-        # (generation_config's eos) is the pad token, as Qwen's FAQ advises.
-        kwargs.setdefault("eos_token", IM_END)
+        # <|im_end|> ends every chat turn, so it is a chat checkpoint's primary EOS; a
+        # base checkpoint's text ends at <|endoftext|> only, as in Qwen's generate().
+        # <|endoftext|> (generation_config's eos) is the pad token, as Qwen's FAQ advises.
+        kwargs.setdefault("eos_token", ENDOFTEXT if chat_format_beside(vocab_file) == "raw" else IM_END)
         kwargs.setdefault("pad_token", ENDOFTEXT)
         for unused in ("bos_token", "unk_token"):
             kwargs.pop(unused, None)

@@ -176,15 +176,18 @@ def apply_cpu_defaults(tensor_parallel_size: int = 1, environ: MutableMapping[st
 @contextlib.contextmanager
 def engine_environment(tensor_parallel_size: int = 1) -> Iterator[dict[str, str]]:
     """Our CPU defaults while an engine starts inside the caller's process
-    (the wrapper): the engine processes it spawns inherit them. LD_PRELOAD is
-    put back afterwards, so programs the caller starts later do not load
-    tcmalloc and Intel OpenMP (vLLM's libgomp addition goes with it)."""
-    before = os.environ.get("LD_PRELOAD")
+    (the wrapper): the engine processes it spawns inherit them. Everything is
+    put back afterwards: programs the caller starts later do not load tcmalloc
+    and Intel OpenMP (vLLM's libgomp addition to LD_PRELOAD goes too), and a
+    second engine with another tensor-parallel size gets its own core binding."""
+    keys = ("LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")
+    before = {k: os.environ.get(k) for k in keys}
     chosen = apply_cpu_defaults(tensor_parallel_size)
     try:
         yield chosen
     finally:
-        if before is None:
-            os.environ.pop("LD_PRELOAD", None)
-        else:
-            os.environ["LD_PRELOAD"] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -31,7 +31,7 @@ def ensure_model(model_dir: Path) -> Path:
         print(f"[demo] using the fixture model in {model_dir}", flush=True)
     except QwenCheckpointError:
         print(f"[demo] writing the scripted Qwen v1 fixture to {model_dir}", flush=True)
-        make_model(model_dir, "scripted", script="chat")
+        make_model(model_dir, "scripted")
     return model_dir
 
 
@@ -70,8 +70,11 @@ def run(args: argparse.Namespace) -> int:
     stack_flags = getattr(args, "extra_args", [])  # --port, --web-port, ...
     stack_args = stack_parser.parse_args(["--model", str(model_dir), "--web", *stack_flags, "--", *ENGINE_ARGS])
 
+    # The fixture's first served name (other --model flags may add models beside it).
+    asked = stack_args.model_names.split(",")[0] if stack_args.model_names else model_dir.name
+
     def on_ready(running: stack.Stack) -> bool:
-        reply = ask_once(running.api_url, running.model_names[0], running.keys[0] if running.keys else None)
+        reply = ask_once(running.api_url, asked, running.keys[0] if running.keys else None)
         if args.smoke:
             if reply != CHAT_REPLY:
                 raise SystemExit(f"[demo] unexpected reply: {reply!r}")
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             f"[demo] open {running.web.url} in a browser, or try:\n"
             f"  .venv/bin/qwen-vllm chat --api {running.api_url}\n"
             f"  curl {running.api_url}/chat/completions -H 'Content-Type: application/json' "
-            f"""-d '{{"model": "{running.model_names[0]}", "messages": [{{"role": "user", "content": "hi"}}]}}'""",
+            f"""-d '{{"model": "{asked}", "messages": [{{"role": "user", "content": "hi"}}]}}'""",
             flush=True,
         )
         return True

@@ -43,8 +43,7 @@ def run(args: Any) -> int:
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="qwen-vllm serve"))
     parser.set_defaults(**LORA_DEFAULTS)
-    argv = with_loopback_default(with_server_args(getattr(args, "extra_args", [])))
-    vllm_args = parser.parse_args([*argv, "--middleware", ROUTE_ERRORS_MIDDLEWARE])
+    vllm_args = parser.parse_args(vllm_argv(getattr(args, "extra_args", [])))
     model = getattr(vllm_args, "model_tag", None) or vllm_args.model
     if model and is_qwen_v1(model):
         check_lora_modules(model, vllm_args)  # adapters checked before the engine starts
@@ -53,6 +52,12 @@ def run(args: Any) -> int:
     command.validate(vllm_args)
     command.cmd(vllm_args)
     return 0
+
+
+def vllm_argv(argv: list[str]) -> list[str]:
+    """The command line ``qwen-vllm serve ARGV`` hands vLLM's parser: ARGV plus
+    the tool-calling flags, the loopback host and the OpenAI-shaped 404s."""
+    return [*with_loopback_default(with_server_args(argv)), "--middleware", ROUTE_ERRORS_MIDDLEWARE]
 
 
 def with_loopback_default(argv: list[str]) -> list[str]:
