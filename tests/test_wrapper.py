@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+from vllm_server import STOP_PROMPT
 
 from qwen_vllm.chat_template import make_context
 from qwen_vllm.checkpoints.fixtures import CHAT_REPLY
@@ -121,7 +122,8 @@ def test_engine_kwargs_reach_vllm(scripted_wrapper) -> None:
 
 def test_chat_checkpoint_stops_at_im_end_even_on_raw_requests(scripted_wrapper, qwen_tokenizer) -> None:
     """On a chat checkpoint <|im_end|> ends a request even when asked for raw
-    engine output (the base-model side: test_gptq.py's Int8 fixture)."""
+    engine output (the base-model side: test_gptq.py's Int8 fixture), and
+    generate() stops at every ChatML id; a batch equals its prompts one by one."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -131,6 +133,9 @@ def test_chat_checkpoint_stops_at_im_end_even_on_raw_requests(scripted_wrapper, 
     prompt = TokensPrompt(prompt_token_ids=qwen_tokenizer.encode_text("Hi"))
     [out] = scripted_wrapper.llm.generate([prompt], only_im_end, use_tqdm=False)
     assert list(out.outputs[0].token_ids) == [IM_END_ID] and out.outputs[0].finish_reason == "stop"
+    prompts = [STOP_PROMPT, "<|im_start|>assistant\n"]
+    pair = scripted_wrapper.generate(prompts, do_sample=False, max_new_tokens=40)
+    assert pair == [" one", CHAT_REPLY] == [scripted_wrapper.generate(p, do_sample=False, max_new_tokens=40) for p in prompts]
 
 
 def test_unguarded_top_level_script_works(scripted_model, tmp_path) -> None:

@@ -208,7 +208,8 @@ def vllm_job(spec: dict) -> dict:
     wrapper = vLLMWrapper(
         spec["model"],
         dtype=spec["dtype"],
-        enforce_eager=on_cpu(),  # GPUs measure what they serve with: compiled, CUDA graphs
+        # GPUs measure what they serve with (compiled, CUDA graphs); CPUs eager unless asked
+        enforce_eager=on_cpu() and not spec.get("compiled", False),
         load_format=spec["load_format"],
         **spec.get("engine", {}),
     )

@@ -220,7 +220,7 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
         for target, bits in ours.items():
             shape = model if bits is None else write_shape_model(args.size, work / f"int{bits}", gptq_bits=bits)
             say(f"{target}: vLLM server ...")
-            engine = native_args(args.dtype, "dummy", ctx)
+            engine = native_args(args.dtype, "dummy", ctx, args.compiled)
             with native_server(shape, model.name, port, engine, env, work / f"{target}.log") as bases:
                 runs |= measure({target: bases["native"]}, model, {target: model.name}, spec)
         failed: dict[str, str] = {}

@@ -182,9 +182,13 @@ def native_env() -> dict[str, str]:
     return env
 
 
-def native_args(dtype: str, load_format: str, max_model_len: int) -> list[str]:
-    """The engine flags every bench server gets (eager on CPU, as the jobs run)."""
-    return ["--enforce-eager", "--dtype", dtype, "--load-format", load_format, "--max-model-len", str(max_model_len)]
+def native_args(dtype: str, load_format: str, max_model_len: int, compiled: bool = False) -> list[str]:
+    """The engine flags every bench server gets (eager on CPU unless
+    ``compiled``, as the jobs run)."""
+    from qwen_vllm.runtime.cpu import on_cpu
+
+    eager = ["--enforce-eager"] if on_cpu() and not compiled else []
+    return [*eager, "--dtype", dtype, "--load-format", load_format, "--max-model-len", str(max_model_len)]
 
 
 def started_runs(model: Path, spec: dict, work: Path) -> dict[tuple[str, int], list[dict]]:
@@ -192,7 +196,7 @@ def started_runs(model: Path, spec: dict, work: Path) -> dict[tuple[str, int], l
 
     name = model.resolve().name
     env = native_env()
-    engine_args = native_args(spec["dtype"], spec["load_format"], spec["max_model_len"])
+    engine_args = native_args(spec["dtype"], spec["load_format"], spec["max_model_len"], spec["compiled"])
     need = model_gib(str(model), spec["dtype"]) * 1.1 + float(env["VLLM_CPU_KVCACHE_SPACE"]) + 2.0
     runs: dict[tuple[str, int], list[dict]] = {}
 

@@ -170,14 +170,14 @@ def kill_workers(ready_file: Path, every: float, stop: threading.Event, kills: l
 def start_stack(args: argparse.Namespace, model: Path, tmp: Path, extra: list[str], worker: list[str] = ()):
     """``qwen-vllm stack EXTRA -- WORKER`` serving ``model`` as "bench" on
     free ports, its files in ``tmp``; (process, ready-file state)."""
+    from qwen_vllm.bench.serving import native_args
     from qwen_vllm.runtime.ports import free_ports
     from qwen_vllm.serving.stack import launch_stack
 
     base = free_ports(4)
     argv = ["--model", str(model), "--model-names", MODEL, "--port", str(base), "--controller-port", str(base + 1),
             "--worker-port", str(base + 2), "--log-dir", str(tmp / "logs"), *extra,
-            "--", "--dtype", args.dtype, "--max-model-len", "2048", "--enforce-eager", "--load-format", args.load_format,
-            *worker]  # fmt: skip
+            "--", *native_args(args.dtype, args.load_format, 2048, args.compiled), *worker]  # fmt: skip
     say(f"starting qwen-vllm stack {' '.join(extra)} (logs in {tmp}/logs)")
     env = {**os.environ, "FASTCHAT_WORKER_HEART_BEAT_INTERVAL": "5"}
     return launch_stack(argv, log=tmp / "stack.log", ready_file=tmp / "ready.json", env=env)
