@@ -91,7 +91,7 @@ def scripted_model(fixtures_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def plain_server(scripted_model: Path, artifacts_dir: Path) -> Iterator[str]:
+def openai_server(scripted_model: Path, artifacts_dir: Path) -> Iterator[str]:
     """vLLM's own OpenAI server entry point (the README's first command) on the
     scripted fixture, given the flags ``qwen-vllm serve`` adds (serve.vllm_argv:
     tool calling and OpenAI-shaped 404s; plain chat needs none of them). Shared
@@ -100,7 +100,7 @@ def plain_server(scripted_model: Path, artifacts_dir: Path) -> Iterator[str]:
 
     from qwen_vllm.serving.serve import vllm_argv
 
-    proc, base = launch_server(scripted_model, "plain", artifacts_dir, *vllm_argv([]))
+    proc, base = launch_server(scripted_model, "session", artifacts_dir, *vllm_argv([]))
     yield base
     stop_server(proc)
 

@@ -4,7 +4,7 @@ table, JSON and PNG. Figures are never asserted (the machine is shared); only
 that they exist, are positive and the ratios finite.
 
 One tiny live run per mode (``versus`` runs its serving half live, with
-``--target``: the session's plain vLLM server vs the shared FastChat
+``--target``: the session's vLLM server vs the shared FastChat
 topology's worker and front, so it starts no engine; its offline half is the
 same engine job as ``profile``), started at module set-up in two chains that
 run side by side, so at most one bench engine is alive. The full reports are checked on JSON recorded by a whole
@@ -49,10 +49,10 @@ def bench_cmd(mode: str, model: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bench_runs(
-    random_model: Path, scripted_model: Path, plain_server: str, topology, tmp_path_factory: pytest.TempPathFactory
+    random_model: Path, scripted_model: Path, openai_server: str, topology, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, tuple[Path, Path]]:
     """mode -> (results folder, log); every run must have exited 0."""
-    targets = {"native": plain_server, "worker": topology.worker_url("a"), "front": topology.front_url}
+    targets = {"native": openai_server, "worker": topology.worker_url("a"), "front": topology.front_url}
     picks = [f"--target-model={k}=scripted" for k in ("worker", "front")]  # the base model, not a LoRA adapter
     extra = {"versus": [*(f"--target={k}={v}" for k, v in targets.items()), *picks]}
     opt_in = {"profile": {"QWEN_VLLM_PRELOAD": "1"}}  # runtime/cpu.py PRELOAD_ENV: tcmalloc + Intel OpenMP

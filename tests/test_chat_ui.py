@@ -122,9 +122,9 @@ def logs_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def api_server(plain_server: str) -> str:
+def api_server(openai_server: str) -> str:
     """vLLM's own OpenAI server on the scripted fixture (the session's, conftest)."""
-    return plain_server
+    return openai_server
 
 
 @pytest.fixture(scope="module")

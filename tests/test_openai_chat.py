@@ -18,9 +18,9 @@ from qwen_vllm.plugin.tokenizer import IM_END_ID, IM_START_ID
 
 
 @pytest.fixture(scope="module")
-def chat_server(plain_server: str):
+def chat_server(openai_server: str):
     """The session's server (conftest): vLLM's entry point, the scripted fixture."""
-    return (plain_server, *client_for(plain_server))
+    return (openai_server, *client_for(openai_server))
 
 
 # -- plain chat ------------------------------------------------------------------

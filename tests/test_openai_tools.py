@@ -37,8 +37,8 @@ def second_step_prompt(tokenizer) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def react_server(plain_server: str):
-    return (plain_server, *client_for(plain_server))
+def react_server(openai_server: str):
+    return (openai_server, *client_for(openai_server))
 
 
 def test_tool_call(react_server) -> None:
