@@ -220,7 +220,10 @@ def wait_last_bot(page, check: Callable[[str], bool], what: str, timeout: float 
         texts = bot_texts(page)
         return texts[-1] if texts and check(texts[-1]) else None
 
-    return wait_for(last, timeout, what)  # type: ignore[return-value]
+    try:
+        return wait_for(last, timeout, what)  # type: ignore[return-value]
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the chat shows {bot_texts(page)[-3:]!r}") from None
 
 
 def wait_reply(page) -> None:

@@ -366,21 +366,20 @@ def sigterm_with_stream_in_flight(topology, name: str, url: str, bound: float) -
     """SIGTERM ``name`` while a long stream from ``url`` runs; seconds until the
     stream ended and every process of ``name`` exited (asserted within ``bound``)."""
     tree = topology.tree(name)
-    ended = threading.Event()
+    flowing, ended = threading.Event(), threading.Event()
 
     def stream() -> None:
         try:
             for _ in client(url).chat.completions.create(model=MODEL, messages=hello(), stream=True, **LONG):
-                pass
+                flowing.set()
         except openai.APIError:
             pass  # cut off: acceptable, hanging is not
         ended.set()
 
     threading.Thread(target=stream, daemon=True).start()
-    deadline = time.monotonic() + 60
-    while running_requests(topology.worker_url("a")) < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    # Its first chunk has arrived (a /metrics poll can come back late on a loaded machine).
+    assert flowing.wait(60), "the stream did not start"
+    assert not ended.is_set(), "the stream ended before the signal: nothing was in flight"
     start = time.monotonic()
     topology.procs[name].send_signal(signal.SIGTERM)
     assert ended.wait(bound), f"{name}: the in-flight stream did not end within {bound} s of SIGTERM"
