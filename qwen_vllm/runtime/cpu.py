@@ -180,9 +180,9 @@ def engine_environment(tensor_parallel_size: int = 1) -> Iterator[dict[str, str]
     put back afterwards: programs the caller starts later do not load tcmalloc
     and Intel OpenMP (vLLM's libgomp addition to LD_PRELOAD goes too), and a
     second engine with another tensor-parallel size gets its own core binding."""
-    keys = ("LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")
-    before = {k: os.environ.get(k) for k in keys}
-    chosen = apply_cpu_defaults(tensor_parallel_size)
+    chosen = apply_cpu_defaults(tensor_parallel_size, dict(os.environ))  # what it would set
+    before = {k: os.environ.get(k) for k in ("LD_PRELOAD", *chosen)}  # vLLM itself may add to LD_PRELOAD
+    os.environ.update(chosen)
     try:
         yield chosen
     finally:
