@@ -3,17 +3,19 @@ the tiny random fixture with a few tokens, and writes a well-formed markdown
 table, JSON and PNG. Figures are never asserted (the machine is shared); only
 that they exist, are positive and the ratios finite.
 
-One tiny live run per mode (``versus`` runs its serving half live, with
-``--target``: the session's vLLM server vs the shared FastChat
-topology's worker and front, so it starts no engine; its offline half is the
-same engine job as ``profile``), started at module set-up in two chains that
-run side by side, so at most one bench engine is alive. The full reports are checked on JSON recorded by a whole
-run (tests/data/bench, an AVX-512 + AMX machine): their structure, and that the
-markdown renders exactly as recorded.
+Two tiny live runs, side by side at module set-up: ``profile`` (one engine:
+the engine job every offline mode runs, in its own process) and ``versus``'s
+serving half, with ``--target``: the session's vLLM server vs the shared
+FastChat topology's worker and front, so it starts no engine. ``cpu-defaults``
+runs that same engine job once per variant (two engines): its variants are
+checked without an engine. The full reports are checked on JSON recorded by a
+whole run (tests/data/bench, an AVX-512 + AMX machine): their structure, and
+that the markdown renders exactly as recorded.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -33,11 +35,9 @@ COMMON = ["--new-tokens", str(NEW_TOKENS), "--rounds", "1"]
 RUNS = {
     "versus": ["--only", "serving", "--concurrency", "1", "8", "--prompts-per-client", "1", "--input-len", "16"],
     "profile": ["--batch", "4"],
-    "cpu-defaults": ["--batches", "1", "4"],
 }  # fmt: skip
-CHAINS = [["versus"], ["profile", "cpu-defaults"]]
 USES_TOPOLOGY = True  # live runs reach bench_runs through getfixturevalue (reliability_stack)
-pytestmark = pytest.mark.timeout(1800)  # three engine starts: slow when the machine is shared
+pytestmark = pytest.mark.timeout(1800)  # an engine start: slow when the machine is shared
 RECORDED = Path(__file__).resolve().parent / "data" / "bench"
 TIMEOUT_S = 1500  # per run; ~3-5 min on a quiet 2-core machine, far more when it is shared
 
@@ -62,23 +62,22 @@ def bench_runs(
     outs = {mode: (root / mode, root / f"{mode}.log") for mode in RUNS}
     codes: dict[str, int] = {}
 
-    def chain(modes: list[str]) -> None:
+    def one(mode: str) -> None:
         from qwen_vllm.bench.serving import stop_group
 
-        for mode in modes:
-            out, log = outs[mode]
-            with open(log, "w") as fh:
-                proc = subprocess.Popen(
-                    bench_cmd(mode, models.get(mode, random_model), out, *extra.get(mode, [])), env={**env, **opt_in.get(mode, {})},
-                    stdout=fh, stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )  # fmt: skip
-                try:
-                    codes[mode] = proc.wait(timeout=TIMEOUT_S)
-                finally:
-                    stop_group(proc)  # a run that hangs leaves no engine behind
+        out, log = outs[mode]
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(
+                bench_cmd(mode, models.get(mode, random_model), out, *extra.get(mode, [])), env={**env, **opt_in.get(mode, {})},
+                stdout=fh, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+            try:
+                codes[mode] = proc.wait(timeout=TIMEOUT_S)
+            finally:
+                stop_group(proc)  # a run that hangs leaves no engine behind
 
-    threads = [threading.Thread(target=chain, args=(c,)) for c in CHAINS]
+    threads = [threading.Thread(target=one, args=(mode,)) for mode in RUNS]
     for t in threads:
         t.start()
     for t in threads:
@@ -118,6 +117,8 @@ def test_profile(request: pytest.FixtureRequest, source: str) -> None:
 
         wanted = [Path(p).name for p in (preload_value("") or "").split(":") if p]
         assert data["engine"]["ld_preload"].split() == wanted or (not wanted and "libgomp" in data["engine"]["ld_preload"])
+        # our thread binding reached the engine: every core this process may use
+        assert data["engine"]["omp_threads_bind"] == ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     assert sorted(r["batch"] for r in rows) == [1, 4]
     for r in rows:
         assert r["target"] == "wrapper" and r["new_tokens"] == NEW_TOKENS
@@ -273,22 +274,42 @@ def test_versus() -> None:
     assert all(isinstance(v, bool) for v in data["goals"].values())
 
 
-@pytest.mark.parametrize("source", ["live", "recorded"])
-def test_cpu_defaults(request: pytest.FixtureRequest, source: str) -> None:
-    data = result_of(request, "cpu-defaults", source)["data"]
+def test_cpu_defaults_variants_differ_only_where_named(monkeypatch) -> None:
+    """What each cpu-defaults engine is started with (no engine): all get our
+    KV space; vLLM's side differs in the binding only, the preload variant in
+    the opt-in only, a max_num_batched_tokens variant in that engine argument."""
+    from qwen_vllm.bench.report import add_arguments, cpu_variants
+    from qwen_vllm.runtime.cpu import PRELOAD_ENV, preload_value
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    variants = cpu_variants(parser.parse_args(["cpu-defaults", "--max-batched-tokens", "512"]))
+    ours = variants["ours (bind all cores)"]
+    assert ours["env"] == {"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in sorted(os.sched_getaffinity(0))),
+                           "VLLM_CPU_KVCACHE_SPACE": "3", PRELOAD_ENV: "0"} and ours["engine"] == {}  # fmt: skip
+    assert variants["vLLM default (reserve one core)"] == {"env": {**ours["env"], "VLLM_CPU_OMP_THREADS_BIND": "auto"}, "engine": {}}
+    assert variants["ours + max_num_batched_tokens=512"] == {"env": ours["env"], "engine": {"max_num_batched_tokens": 512}}
+    args = parser.parse_args(["cpu-defaults", "--compare-preload"])
+    if preload_value(os.environ.get("LD_PRELOAD", "")):
+        assert cpu_variants(args)["ours + LD_PRELOAD"] == {"env": {**ours["env"], PRELOAD_ENV: "1"}, "engine": {}}
+    else:
+        with pytest.raises(ValueError, match="neither tcmalloc nor Intel OpenMP is installed"):
+            cpu_variants(args)
+
+
+def test_cpu_defaults() -> None:
+    """The whole report (recorded; each engine is the profile's job, run live above)."""
+    data = recorded("cpu-defaults")["data"]
     engines = data["engines"]
-    ours, vllm = engines["ours (bind all cores)"], engines["vLLM default (reserve one core)"]
+    vllm = engines["vLLM default (reserve one core)"]
     assert vllm["omp_threads_bind"] == "auto"
-    if source == "live":
-        assert ours["omp_threads_bind"] == ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     for e in engines.values():
         assert e["kv_cache_tokens"] > 0 and e["max_num_batched_tokens"] > 0
     batches = sorted({r["batch"] for r in data["rows"]})
     assert {(r["target"], r["batch"]) for r in data["rows"]} == {(v, b) for v in engines for b in batches}
     assert all(r["tok_s"] > 0 for r in data["rows"])
     check_ratios(data)
-    if source == "live":
-        assert batches == [1, 4] and "libgomp" in ours["ld_preload"]  # no opt-in: vLLM preloads GNU OpenMP
     if "ours + LD_PRELOAD" in engines:  # --compare-preload
         assert "libtcmalloc" in engines["ours + LD_PRELOAD"]["ld_preload"]
         tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}

@@ -559,16 +559,34 @@ def test_cli_bad_adapter_fails_before_the_engine(scripted_model, random_model, t
     assert (engines.read_text() if engines.exists() else "") == started  # no engine was started
 
 
-class StartingCli:
-    """``qwen-vllm chat --model`` started at module set-up, so its engine loads
-    while the API server starts (the slowest part of this module, twice); a
-    thread drains its output until the first prompt so the pty never fills."""
+# A user's own launcher: a script that runs the CLI at its top level, with no
+# ``if __name__ == "__main__"`` guard (as the Qwen README's snippets build the
+# model). vLLM's CPU backend spawns its processes, which re-import __main__.
+UNGUARDED_LAUNCHER = """
+import sys
+from qwen_vllm.cli import main
+sys.exit(main(["chat", *sys.argv[1:]]))
+"""
 
-    def __init__(self, model: Path, adapter: Path) -> None:
-        self.child = spawn_cli(
-            "--model", str(model), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-            "--lora-modules", f"tuned={adapter}", timeout=900,
+
+class StartingCli:
+    """``qwen-vllm chat --model`` started at module set-up from an unguarded
+    script, so its engine loads while the API server starts (the slowest part
+    of this module, twice); a thread drains its output until the first prompt
+    so the pty never fills. Where this CPU can hold an FP8 KV cache the engine
+    stores one (``kv``)."""
+
+    def __init__(self, model: Path, adapter: Path, launcher: Path, kv: str) -> None:
+        import pexpect
+
+        launcher.write_text(UNGUARDED_LAUNCHER)
+        args = ["--model", str(model), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+                "--kv-cache-dtype", kv, "--lora-modules", f"tuned={adapter}"]  # fmt: skip
+        self.child = pexpect.spawn(
+            sys.executable, [str(launcher), *args], encoding="utf-8", codec_errors="replace", timeout=900,
+            dimensions=(50, 250), env=dict(os.environ, TERM="xterm"),
         )  # fmt: skip
+        self.kv = kv
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._wait_prompt, daemon=True)
         self.thread.start()
@@ -593,19 +611,27 @@ def inprocess_cli(request, scripted_model: Path, tmp_path_factory) -> Iterator[S
     if not any(item.name == "test_cli_in_process_model" for item in request.session.items):
         yield None  # not selected: start no engine
         return
+    from qwen_vllm.runtime.cpu import cpu_caps
+
     # strength 2: the scripted model's margins are wide; the adapter must change its words
-    adapter = make_adapter(scripted_model, tmp_path_factory.mktemp("cli-adapter") / "tuned", rank=8, seed=1, strength=2.0)
-    cli = StartingCli(scripted_model, adapter)
+    root = tmp_path_factory.mktemp("cli-adapter")
+    adapter = make_adapter(scripted_model, root / "tuned", rank=8, seed=1, strength=2.0)
+    cli = StartingCli(scripted_model, adapter, root / "my_chat.py", "fp8" if cpu_caps().fp8_kv_cache else "auto")
     yield cli
     cli.child.close(force=True)
 
 
 def test_cli_in_process_model(inprocess_cli, scripted_model):
-    """``--model``: vLLMWrapper in the CLI process; Ctrl-C must not kill its engine."""
+    """``--model``: vLLMWrapper in the CLI process, run from an unguarded
+    script (the engine's spawned processes must not run it again); Ctrl-C must
+    not kill its engine. With an FP8 KV cache the greedy replies are the
+    scripted ones, token for token."""
     import pexpect
 
     child = inprocess_cli.ready()
-    assert f"Qwen chat (in-process vLLM, model {scripted_model})" in child.before
+    kv = "" if inprocess_cli.kv == "auto" else f", KV cache {inprocess_cli.kv}"
+    assert f"Qwen chat (in-process vLLM, model {scripted_model}{kv})" in child.before
+    assert child.before.count(f"Loading {scripted_model} (") == 1  # the script ran once
     child.timeout = 120
     cli_do(child, "hello", CHAT_REPLY)
     cli_do(child, ":clh", "conversation forgotten")

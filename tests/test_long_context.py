@@ -13,8 +13,11 @@ serves five alpha buckets (1, 3, 7, 15, 31). q/k weights are scaled
 controls move logprobs by several nats, while vLLM stays within ~3e-5 of the
 reference.
 
-Engines: each is started once, runs every request its tests need, records
-the outputs and is shut down before the next starts (at most one alive).
+One engine, at tensor parallel 2 (each rank holds half the heads, so the
+rotary and LogN code runs on a head slice; TP=1 is the same code on all
+heads), with chunked prefill forced and prefix caching asked for: started
+once, it runs every request the tests need, records the outputs and is shut
+down.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ CONTROL_MIN = 1e-2  # a wrong alpha / missing LogN must move logprobs at least t
 # 60-token prompt whose decode crosses 64 (bucket alpha 3 -> 7) at step 5.
 MIXED_LENGTHS = (20, 32, 33, 48, 60, 100, 200, 400)
 CROSSING = 60
-CHUNK_TOKENS = 64  # max_num_batched_tokens of the TP=1 engine: forces chunked prefill
+CHUNK_TOKENS = 64  # max_num_batched_tokens of the engine: forces chunked prefill
 
 
 # -- the reference --------------------------------------------------------------
@@ -236,14 +239,16 @@ class CapturedWarnings(logging.Filter):
 
 
 @pytest.fixture(scope="module")
-def long_tp1(model_dir: Path) -> dict:
-    """TP=1, max_model_len 512, chunked prefill forced, prefix caching asked for."""
+def long_ctx(model_dir: Path) -> dict:
+    """TP=2 on two cores, max_model_len 512, chunked prefill forced, prefix caching asked for."""
     hook_log = logging.getLogger("vllm.qwen_vllm.plugin.engine_config")
     captured = CapturedWarnings()
     hook_log.addFilter(captured)
     try:
         with engine(
             model_dir,
+            env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+            tensor_parallel_size=2,
             max_model_len=MAX_MODEL_LEN,
             max_num_batched_tokens=CHUNK_TOKENS,
             enable_chunked_prefill=True,
@@ -251,6 +256,7 @@ def long_tp1(model_dir: Path) -> dict:
         ) as llm:
             vllm_config = llm.llm_engine.vllm_config
             return {
+                "tensor_parallel_size": vllm_config.parallel_config.tensor_parallel_size,
                 "max_model_len": vllm_config.model_config.max_model_len,
                 "prefix_caching": vllm_config.cache_config.enable_prefix_caching,
                 "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
@@ -262,15 +268,6 @@ def long_tp1(model_dir: Path) -> dict:
             }
     finally:
         hook_log.removeFilter(captured)
-
-
-@pytest.fixture(scope="module")
-def long_tp2(model_dir: Path, long_tp1: dict) -> dict:
-    """TP=2 on two cores, max_model_len 512, default scheduling (no forced chunks)."""
-    with engine(
-        model_dir, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, max_model_len=MAX_MODEL_LEN, tensor_parallel_size=2
-    ) as llm:
-        return {"mixed": run(llm, MIXED)}
 
 
 # -- pure maths (no engine) ------------------------------------------------------
@@ -504,26 +501,27 @@ def check_against_reference(reference: QwenReference, result: dict, alpha: int |
     assert tokens == greedy
 
 
-def test_mixed_buckets_in_one_batch_match_reference(long_tp1: dict, reference: QwenReference) -> None:
-    results = long_tp1["mixed"]
+def test_mixed_buckets_in_one_batch_match_reference(long_ctx: dict, reference: QwenReference) -> None:
+    assert long_ctx["tensor_parallel_size"] == 2
+    results = long_ctx["mixed"]
     alphas = {reference.get_ntk_alpha(len(r["prompt"])) for r in results}
     assert alphas == {1, 3, 7, 15, 31}
     for result in results:
         check_against_reference(reference, result)
 
 
-def test_chunked_prefill_is_exact(long_tp1: dict, reference: QwenReference) -> None:
-    """The TP=1 engine schedules at most 64 tokens a step, so prompts of 100,
+def test_chunked_prefill_is_exact(long_ctx: dict, reference: QwenReference) -> None:
+    """The engine schedules at most 64 tokens a step, so prompts of 100,
     200 and 400 tokens were prefilled in chunks beside other requests' decodes."""
-    assert long_tp1["max_num_batched_tokens"] == CHUNK_TOKENS
-    long_ones = [r for r in long_tp1["mixed"] if len(r["prompt"]) > CHUNK_TOKENS]
+    assert long_ctx["max_num_batched_tokens"] == CHUNK_TOKENS
+    long_ones = [r for r in long_ctx["mixed"] if len(r["prompt"]) > CHUNK_TOKENS]
     assert len(long_ones) == 3
     for result in long_ones:
         check_against_reference(reference, result)
 
 
-def test_decode_across_bucket_boundary_keeps_prefill_alpha(long_tp1: dict, reference: QwenReference) -> None:
-    result = next(r for r in long_tp1["mixed"] if len(r["prompt"]) == CROSSING)
+def test_decode_across_bucket_boundary_keeps_prefill_alpha(long_ctx: dict, reference: QwenReference) -> None:
+    result = next(r for r in long_ctx["mixed"] if len(r["prompt"]) == CROSSING)
     prompt, tokens = result["prompt"], result["tokens"]
     assert reference.get_ntk_alpha(CROSSING) == 3 and reference.get_ntk_alpha(CROSSING + NEW_TOKENS) == 7
     check_against_reference(reference, result, alpha=3)
@@ -540,8 +538,8 @@ def test_decode_across_bucket_boundary_keeps_prefill_alpha(long_tp1: dict, refer
     assert max_delta([result["lp"][j] for j in crossed], rebucketed) >= CONTROL_MIN
 
 
-def test_negative_control_alpha_1_without_logn_differs(long_tp1: dict, reference: QwenReference) -> None:
-    for result in long_tp1["mixed"]:
+def test_negative_control_alpha_1_without_logn_differs(long_ctx: dict, reference: QwenReference) -> None:
+    for result in long_ctx["mixed"]:
         prompt = result["prompt"]
         if len(prompt) <= SEQ_LENGTH:
             continue
@@ -549,18 +547,10 @@ def test_negative_control_alpha_1_without_logn_differs(long_tp1: dict, reference
         assert max_delta(result["prompt_lp"], plain) >= CONTROL_MIN, len(prompt)
 
 
-def test_tp2_equals_tp1(long_tp1: dict, long_tp2: dict, reference: QwenReference) -> None:
-    for one, two in zip(long_tp1["mixed"], long_tp2["mixed"]):
-        assert two["tokens"] == one["tokens"]
-        assert max_delta(two["prompt_lp"], one["prompt_lp"]) <= TOL
-        assert max_delta(two["lp"], one["lp"]) <= TOL
-        check_against_reference(reference, two)
-
-
-def test_prefix_caching_across_buckets_is_disabled_and_exact(long_tp1: dict, reference: QwenReference) -> None:
-    assert long_tp1["prefix_caching"] is False
-    assert any("prefix caching disabled" in m for m in long_tp1["warnings"])
-    short, long = long_tp1["prefix"]
+def test_prefix_caching_across_buckets_is_disabled_and_exact(long_ctx: dict, reference: QwenReference) -> None:
+    assert long_ctx["prefix_caching"] is False
+    assert any("prefix caching disabled" in m for m in long_ctx["warnings"])
+    short, long = long_ctx["prefix"]
     assert long["prompt"][: len(SHARED)] == short["prompt"]
     assert reference.get_ntk_alpha(len(short["prompt"])) == 15
     assert reference.get_ntk_alpha(len(long["prompt"])) == 31
@@ -568,13 +558,13 @@ def test_prefix_caching_across_buckets_is_disabled_and_exact(long_tp1: dict, ref
     check_against_reference(reference, long)
 
 
-def test_short_prompts_as_without_long_context(long_tp1: dict, reference: QwenReference) -> None:
+def test_short_prompts_as_without_long_context(long_ctx: dict, reference: QwenReference) -> None:
     """A prompt within seq_length on the long-context engine is Qwen's plain
     RoPE (alpha 1, no LogN): its tokens and log-probs match the reference at
     alpha 1. (Bucket 0's cos/sin cache equals vLLM's stock one bit for bit:
     test_rotary_cache_and_logn_table_are_qwens; the default engine's config:
     test_max_model_len_defaults_to_seq_length_and_opts_in.)"""
-    assert long_tp1["max_model_len"] == MAX_MODEL_LEN
-    (short,) = long_tp1["short"]
+    assert long_ctx["max_model_len"] == MAX_MODEL_LEN
+    (short,) = long_ctx["short"]
     assert reference.get_ntk_alpha(len(short["prompt"]) + len(short["tokens"])) == 1
     check_against_reference(reference, short, alpha=1)

@@ -83,6 +83,8 @@ class WrapperBackend:
         self.base = os.path.basename(os.path.normpath(model_dir))
         self.model: str | None = self.base
         self.description = f"in-process vLLM, model {model_dir}"
+        if (kv := self.wrapper.llm.llm_engine.vllm_config.cache_config.cache_dtype) != "auto":
+            self.description += f", KV cache {kv}"
         self.defaults = {k: v for k, v in self.wrapper.generation_config.items() if k in UI_SETTINGS}
         self.unset_label = "(vLLM default)"
 
@@ -334,6 +336,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     eng.add_argument("--enforce-eager", action="store_true", help="skip graph capture (faster start)")
     eng.add_argument(
+        "--kv-cache-dtype", default="auto", help="KV cache dtype (default auto: the model's; fp8 halves the cache)"
+    )
+    eng.add_argument(
         "--lora-modules", nargs="+", type=_name_path, default=[], metavar="NAME=PATH",
         help="LoRA adapters (PEFT directories, e.g. from Qwen's finetune.py) to serve beside the model; :model switches",
     )  # fmt: skip
@@ -357,7 +362,8 @@ def _backend(args: argparse.Namespace) -> Backend:
             print(f"warning: {exc}", flush=True)
         return backend
     print(f"Loading {args.model} (starting a vLLM engine takes a while)...", flush=True)
-    engine = dict(dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
+    engine = dict(dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
+                  kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
     if args.max_model_len:
         engine["max_model_len"] = args.max_model_len
     return WrapperBackend(args.model, dict(args.lora_modules), **engine)
