@@ -7,7 +7,9 @@ after the other, both with LoRA on: Int4 at TP=1 and Int8 at TP=2, each with a
 Q-LoRA adapter (trained on the quantized model, as Qwen's finetune.py does)
 served unmerged against transformers on the float weights with the adapter
 merged. The Int8 fixture is a base model, so its engine also checks the
-wrapper's base-model behaviour. Then, without engines: the worker's and the stack's
+wrapper's base-model behaviour; it holds its lm_head as int8 rows (the
+opt-in, plugin/lm_head.py), which its reference holds rounded the same way;
+the Int4 engine holds its lm_head once (the default). Then, without engines: the worker's and the stack's
 flags turned into vLLM's engine config as its API server does, and the
 errors vLLM's own entry point (vllm.LLM) gets from the plugin's config hook.
 """
@@ -25,6 +27,7 @@ from greedy_reference import (
     PROMPTS,
     transformers_scorer,
 )
+from test_lm_head import lm_head_weight, rounded_rows
 from test_long_context import check_teacher_forced_greedy, run
 
 from qwen_vllm.errors import QwenQuantizationError
@@ -366,6 +369,41 @@ def reference(gptq_dirs, fixtures_root):
     return transformers_scorer(convert_to_qwen2(ref, fixtures_root / "gptq-int4-reference-qwen2"))
 
 
+def with_int8_lm_head(model: Path, reference: Path, out: Path) -> Path:
+    """A copy of the float ``reference`` whose lm_head is the GPTQ ``model``'s
+    (float16 in the checkpoint) rounded as the int8 lm_head holds it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def lm_head_file(root: Path) -> Path:
+        return root / json.loads((root / "model.safetensors.index.json").read_text())["weight_map"]["lm_head.weight"]
+
+    shutil.copytree(reference, out, dirs_exist_ok=True)
+    tensors = load_file(lm_head_file(out))
+    tensors["lm_head.weight"] = rounded_rows(load_file(lm_head_file(model))["lm_head.weight"].float())
+    save_file(tensors, lm_head_file(out), metadata={"format": "pt"})
+    return out
+
+
+def lm_head_weights(llm) -> list[list]:
+    """Each rank's lm_head weight as [dtype, shape], asked of the engine's workers."""
+    return llm.apply_model(lm_head_weight)
+
+
+@pytest.fixture(scope="module")
+def model_rpc():
+    """vLLM hands a function to its engine processes (apply_model) only when
+    allowed to pickle; for the engines of this module only."""
+    saved = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    yield
+    if saved is None:
+        os.environ.pop("VLLM_ALLOW_INSECURE_SERIALIZATION")
+    else:
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = saved
+
+
 def qlora_for(model: Path, reference: Path, root: Path):
     """(a Q-LoRA adapter for the GPTQ fixture ``model``, transformers scoring on
     its float ``reference`` weights with that adapter merged in float32)."""
@@ -384,7 +422,7 @@ def qlora(gptq_dirs, fixtures_root):
 
 
 @pytest.fixture(scope="module")
-def int4_tp1(gptq_dirs, prompt_ids, qlora):
+def int4_tp1(gptq_dirs, prompt_ids, qlora, model_rpc):
     """The wrapper on the Int4 fixture, no quantization= (auto-detected), LoRA on:
     ((quantization, dtype, KV-cache dtype), outputs on the prompts, a chat reply,
     outputs with the Q-LoRA adapter). The engine is shut down before the TP=2 one starts."""
@@ -399,7 +437,7 @@ def int4_tp1(gptq_dirs, prompt_ids, qlora):
         settings = (config.model_config.quantization, config.model_config.dtype, config.cache_config.cache_dtype)
         base = run(wrapper.llm, prompt_ids, NEW_TOKENS)
         adapted = run(wrapper.llm, prompt_ids, NEW_TOKENS, lora=wrapper.lora_request(qlora[0]))
-        return settings, base, wrapper.chat("Hi", max_new_tokens=8)[0], adapted
+        return settings, base, wrapper.chat("Hi", max_new_tokens=8)[0], adapted, lm_head_weights(wrapper.llm)
     finally:
         wrapper.llm.llm_engine.engine_core.shutdown()
 
@@ -407,8 +445,9 @@ def int4_tp1(gptq_dirs, prompt_ids, qlora):
 # Engine start-up on the shared 2-core machine has taken 13 minutes under load.
 @pytest.mark.timeout(1800)
 def test_int4_auto_detected_and_equals_dequantized_reference(int4_tp1, reference) -> None:
-    settings, got, reply, _ = int4_tp1
+    settings, got, reply, _, lm_head = int4_tp1
     assert settings == ("auto_gptq", torch.float16, "auto")
+    assert lm_head == [["torch.float16", [0]]]  # one copy: vLLM's packed one (plugin/lm_head.py)
     # LoRA on, no adapter asked for: the base model. Teacher-forced: the bf16 int4pack kernel
     # may resolve a near-tie of the random weights the other way (seen once in 5 runs).
     check_teacher_forced_greedy(reference, got, CPU_LOGPROB_TOL)
@@ -419,32 +458,41 @@ def test_int4_auto_detected_and_equals_dequantized_reference(int4_tp1, reference
 def test_qlora_adapter_equals_the_merged_dequantized_reference(int4_tp1, qlora) -> None:
     """Q-LoRA cannot be merged into Int4 weights (Qwen's README): served
     unmerged on the Int4 model it equals the float weights with it merged."""
-    _, base, _, adapted = int4_tp1
+    _, base, _, adapted, _ = int4_tp1
     check_teacher_forced_greedy(qlora[1], adapted, CPU_LOGPROB_TOL)
     assert [r["tokens"] for r in adapted] != [r["tokens"] for r in base]  # the adapter changes the words
 
 
 @pytest.fixture(scope="module")
-def int8_qlora(gptq_dirs, fixtures_root):
+def int8_reference(gptq_dirs, fixtures_root) -> Path:
+    """The Int8 fixture's float weights, its lm_head as the int8 lm_head holds it."""
     _, _, int8 = gptq_dirs
-    return qlora_for(int8, fixtures_root / "gptq-int8-reference", fixtures_root)
+    return with_int8_lm_head(int8, fixtures_root / "gptq-int8-reference", fixtures_root / "gptq-int8-reference-int8-head")
 
 
 @pytest.fixture(scope="module")
-def int8_tp2(gptq_dirs, prompt_ids, int8_qlora, int4_tp1) -> dict:
-    """The wrapper at TP=2 on the Int8 fixture (a base model), LoRA on: its
-    outputs with and without a Q-LoRA adapter, and what it does as a base
-    model. Starts after the TP=1 engine is gone (``int4_tp1``)."""
+def int8_qlora(gptq_dirs, int8_reference, fixtures_root):
+    _, _, int8 = gptq_dirs
+    return qlora_for(int8, int8_reference, fixtures_root)
+
+
+@pytest.fixture(scope="module")
+def int8_tp2(gptq_dirs, prompt_ids, int8_qlora, int4_tp1, model_rpc) -> dict:
+    """The wrapper at TP=2 on the Int8 fixture (a base model), LoRA on, the
+    lm_head int8: its outputs with and without a Q-LoRA adapter, and what it
+    does as a base model. Starts after the TP=1 engine is gone (``int4_tp1``)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from qwen_vllm.plugin.lm_head import INT8_KEY
     from qwen_vllm.plugin.tokenizer import IM_END_ID
     from qwen_vllm.wrapper.chat import QwenChatFormatError, vLLMWrapper
 
     _, _, int8 = gptq_dirs
     wrapper = vLLMWrapper(
-        str(int8), tensor_parallel_size=2, dtype="float16", enforce_eager=True, max_model_len=1024, enable_lora=True
-    )
+        str(int8), tensor_parallel_size=2, dtype="float16", enforce_eager=True, max_model_len=1024, enable_lora=True,
+        additional_config={INT8_KEY: True},
+    )  # fmt: skip
     try:
         with pytest.raises(QwenChatFormatError, match="use generate") as chat_error:
             wrapper.chat("Hi")
@@ -458,21 +506,23 @@ def int8_tp2(gptq_dirs, prompt_ids, int8_qlora, int4_tp1) -> dict:
             "chat_error": str(chat_error.value),
             "forced_im_end": list(forced.outputs[0].token_ids),
             "text": wrapper.generate("Hello", do_sample=False, max_new_tokens=4),
+            "lm_head": lm_head_weights(wrapper.llm),
         }
     finally:
         wrapper.llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.mark.timeout(1800)
-def test_int8_tensor_parallel_2_equals_dequantized_reference(int8_tp2, int8_qlora, fixtures_root) -> None:
-    """GPTQ Int8 on CPU (qwen-vllm's kernel), at TP=2: the base model and a
-    Q-LoRA adapter served unmerged on it equal transformers on the float weights
-    the fixture encodes (each rank's slice of the weights, scales and fused LoRA)."""
+def test_int8_tensor_parallel_2_equals_dequantized_reference(int8_tp2, int8_qlora, int8_reference, fixtures_root) -> None:
+    """GPTQ Int8 on CPU (qwen-vllm's kernel), at TP=2, lm_head in int8 rows: the
+    base model and a Q-LoRA adapter served unmerged on it equal transformers on
+    the float weights the fixture encodes, lm_head rounded (each rank's slice of
+    the weights, scales, fused LoRA and vocabulary)."""
     from qwen_vllm.checkpoints.convert import convert_to_qwen2
 
-    reference = fixtures_root / "gptq-int8-reference"
     assert int8_tp2["quantization"] == "auto_gptq"
-    base_score = transformers_scorer(convert_to_qwen2(reference, fixtures_root / "gptq-int8-reference-qwen2"))
+    assert int8_tp2["lm_head"] == [["torch.int8", [151936 // 2, 128]]] * 2  # each rank: half the vocabulary
+    base_score = transformers_scorer(convert_to_qwen2(int8_reference, fixtures_root / "gptq-int8-reference-qwen2"))
     check_teacher_forced_greedy(base_score, int8_tp2["base"], CPU_LOGPROB_TOL)
     check_teacher_forced_greedy(int8_qlora[1], int8_tp2["adapted"], CPU_LOGPROB_TOL)
     assert [r["tokens"] for r in int8_tp2["adapted"]] != [r["tokens"] for r in int8_tp2["base"]]

@@ -9,6 +9,7 @@ import unicodedata
 import pytest
 import tiktoken
 
+from qwen_vllm.errors import QwenCheckpointError
 from qwen_vllm.plugin.tokenizer import QWenTokenizer
 
 PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -73,6 +74,10 @@ def test_base_checkpoint_ends_at_endoftext_only(tmp_path) -> None:
     base = write_model_files(tmp_path / "base", qwen_config(128, 1, 2, 256), chat=False)
     assert QWenTokenizer(str(chat / "qwen.tiktoken")).eos_token_id == 151645
     assert QWenTokenizer(str(base / "qwen.tiktoken")).eos_token_id == 151643
+    # The one reader of generation_config.json: a bad chat_format is named, not taken as ChatML.
+    (base / "generation_config.json").write_text('{"chat_format": "alpaca"}')
+    with pytest.raises(QwenCheckpointError, match="unknown chat_format 'alpaca'"):
+        QWenTokenizer(str(base / "qwen.tiktoken"))
 
 
 def test_special_text_stays_text_when_asked(qwen_tokenizer: QWenTokenizer) -> None:

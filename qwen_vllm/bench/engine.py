@@ -193,23 +193,35 @@ def measure(targets: dict[str, Callable[[int], Any]], spec: dict) -> list[dict]:
     ]
 
 
+def eager(compiled: bool) -> bool:
+    """Whether a bench engine runs eager: GPUs measure what they serve with
+    (compiled, CUDA graphs); CPUs run eager unless ``--compiled`` (compiling
+    about doubles a CPU engine's start-up)."""
+    from qwen_vllm.runtime.cpu import on_cpu
+
+    return on_cpu() and not compiled
+
+
 def vllm_job(spec: dict) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from qwen_vllm.chat_template import make_context
-    from qwen_vllm.runtime.cpu import on_cpu
+    from qwen_vllm.runtime.cpu import apply_cpu_defaults
     from qwen_vllm.stop_words import CHATML_STOP_IDS
     from qwen_vllm.wrapper.chat import vLLMWrapper
 
     n = spec["new_tokens"]
+    tp = spec.get("engine", {}).get("tensor_parallel_size", 1)
+    # The binding the wrapper starts the engine with (runtime/cpu.engine_environment).
+    bind = "VLLM_CPU_OMP_THREADS_BIND"
+    binding = apply_cpu_defaults(tp, dict(os.environ)).get(bind) or os.environ.get(bind, "auto")
     say(f"starting the vLLM engine ({spec['model']}, load_format={spec['load_format']}) ...")
     start = time.perf_counter()
     wrapper = vLLMWrapper(
         spec["model"],
         dtype=spec["dtype"],
-        # GPUs measure what they serve with (compiled, CUDA graphs); CPUs eager unless asked
-        enforce_eager=on_cpu() and not spec.get("compiled", False),
+        enforce_eager=eager(spec.get("compiled", False)),
         load_format=spec["load_format"],
         **spec.get("engine", {}),
     )
@@ -248,24 +260,29 @@ def vllm_job(spec: dict) -> dict:
         "load_s": load_s,
         "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
         "max_num_batched_tokens": wrapper.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens,
-        "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
-        "ld_preload": engine_preload(),
+        "omp_threads_bind": binding,
+        "ld_preload": engine_libraries(),
         "prompt_tokens": statistics.median(len(i) for i in ids),
     }
 
 
-def engine_preload() -> str:
-    """The libraries (file names) the engine processes were started with in
-    LD_PRELOAD: the wrapper sets it only while they start."""
+# The allocator and OpenMP runtimes LD_PRELOAD chooses between (runtime/cpu.py).
+RUNTIME_LIBRARIES = ("libtcmalloc", "libjemalloc", "libiomp", "libgomp")
+
+
+def engine_libraries() -> str:
+    """The allocator and OpenMP libraries vLLM's engine-core process has loaded
+    (file names, in load order): what LD_PRELOAD decided. Its environment
+    cannot be read back: vLLM retitles the process over it."""
     import psutil
 
     for child in psutil.Process().children(recursive=True):
         try:
-            preload = child.environ().get("LD_PRELOAD", "")
+            if "EngineCore" in " ".join(child.cmdline()):
+                names = (Path(m.path).name for m in child.memory_maps(grouped=False))
+                return " ".join(dict.fromkeys(n for n in names if n.startswith(RUNTIME_LIBRARIES)))
         except psutil.Error:
             continue
-        if preload:
-            return " ".join(Path(p).name for p in preload.split(":") if p)
     return ""
 
 
@@ -309,7 +326,8 @@ def transformers_job(spec: dict) -> dict:
     import torch
 
     from qwen_vllm.chat_template import make_context
-    from qwen_vllm.plugin.tokenizer import VOCAB_FILE, QWenTokenizer
+    from qwen_vllm.plugin.checkpoint import VOCAB_FILE
+    from qwen_vllm.plugin.tokenizer import QWenTokenizer
 
     n = spec["new_tokens"]
     say(f"loading transformers Qwen2ForCausalLM ({spec['model']}, load_format={spec['load_format']}) ...")

@@ -155,8 +155,7 @@ def gguf_files(args: argparse.Namespace, model: Path, work: Path) -> dict[str, P
     from qwen_vllm.bench.engine import child_env, say
     from qwen_vllm.chat_template import CHATML_JINJA
     from qwen_vllm.checkpoints.convert import write_fast_tokenizer
-    from qwen_vllm.plugin.checkpoint import read_config
-    from qwen_vllm.plugin.tokenizer import VOCAB_FILE
+    from qwen_vllm.plugin.checkpoint import VOCAB_FILE, read_config
     from qwen_vllm.stop_words import ENDOFTEXT_ID
 
     cfg = read_config(model)
@@ -204,25 +203,31 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
         native_env,
         native_server,
     )
-    from qwen_vllm.bench.shapes import write_shape_model
+    from qwen_vllm.bench.shapes import INT8_HEAD, write_shape_model
     from qwen_vllm.runtime.ports import free_ports
 
     qwen_vllm.register()  # the benchmark client loads the model's QWenTokenizer
     spec = {"new_tokens": args.new_tokens, "concurrency": args.concurrency, "input_len": args.input_len,
             "prompts_per_client": args.prompts_per_client, "rounds": args.rounds}  # fmt: skip
     ctx = args.input_len + args.new_tokens + 64
+    from qwen_vllm.plugin.lm_head import INT8_KEY
+
     ours = {"float": None, **{f"int{b}": b for b in args.bits}}
+    heads = (False, True) if args.int8_lm_head else (False,)
     env = native_env()
     runs: dict[tuple[str, int], list[dict]] = {}
     port = free_ports(1)
     with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as tmp:
         work = Path(tmp)
-        for target, bits in ours.items():
+        for name, bits in ours.items():
             shape = model if bits is None else write_shape_model(args.size, work / f"int{bits}", gptq_bits=bits)
-            say(f"{target}: vLLM server ...")
-            engine = native_args(args.dtype, "dummy", ctx, args.compiled)
-            with native_server(shape, model.name, port, engine, env, work / f"{target}.log") as bases:
-                runs |= measure({target: bases["native"]}, model, {target: model.name}, spec)
+            for head in heads:
+                target = name + INT8_HEAD * head
+                say(f"{target}: vLLM server ...")
+                engine = native_args(args.dtype, "dummy", ctx, args.compiled)
+                engine += ["--additional-config", json.dumps({INT8_KEY: True})] if head else []
+                with native_server(shape, model.name, port, engine, env, work / f"{target}.log") as bases:
+                    runs |= measure({target: bases["native"]}, model, {target: model.name}, spec)
         failed: dict[str, str] = {}
         args.out.mkdir(parents=True, exist_ok=True)
         for kind, path in gguf_files(args, model, work).items():
@@ -245,8 +250,9 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
     ratios, goals = {}, {}
     for kind, mine in PAIRS.items():
         for c in args.concurrency:
-            if (mine, c) in tok and (f"llama.cpp {kind}", c) in tok:
-                ratios[f"{mine} / llama.cpp {kind} concurrency {c}"] = tok[mine, c] / tok[f"llama.cpp {kind}", c]
+            for target in (mine + INT8_HEAD * head for head in heads):
+                if (target, c) in tok and (f"llama.cpp {kind}", c) in tok:
+                    ratios[f"{target} / llama.cpp {kind} concurrency {c}"] = tok[target, c] / tok[f"llama.cpp {kind}", c]
     if "int4 / llama.cpp Q4_0 concurrency 1" in ratios:
         goals["Int4 vs Q4_0 at batch 1 >= 1x"] = ratios["int4 / llama.cpp Q4_0 concurrency 1"] >= 1
     top = max(args.concurrency)

@@ -47,7 +47,7 @@ from qwen_vllm.bench.engine import (
     write_json,
 )
 from qwen_vllm.bench.serving import stop_group
-from qwen_vllm.bench.shapes import GPTQ_GROUP_SIZE, SIZES, write_shape_model
+from qwen_vllm.bench.shapes import GPTQ_GROUP_SIZE, INT8_HEAD, SIZES, write_shape_model
 from qwen_vllm.runtime.ports import free_ports
 
 # Goals the report checks (same machine, Qwen-1.8B shape fp32; docs/performance.md).
@@ -263,14 +263,24 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
     """GPTQ Int4/Int8 against the float model of the same shape (``--size``,
     dummy weights in GPTQ layout: the kernels and memory are the real ones),
     all in ``--dtype``: decode and prefill tokens/s at each batch size and peak
-    memory, each engine in a fresh process."""
+    memory, each engine in a fresh process; ``--int8-lm-head`` adds each model
+    again with its lm_head in int8 rows (plugin/lm_head.py)."""
+    from qwen_vllm.plugin.lm_head import INT8_KEY
+
     spec = {**base_spec(args, model), "kind": "vllm", "targets": ["raw", "prefill"], "batches": args.batches,
             "prefill_tokens": args.prefill_tokens, "tokens_per_sequence": {"prefill": args.prefill_tokens}}  # fmt: skip
-    jobs = {"float": run_job(spec)}
+    jobs: dict[str, dict] = {}
+    layout: dict[str, tuple[int | None, bool]] = {}  # name -> (GPTQ bits, int8 lm_head)
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
+        models: dict[str, tuple[Path, int | None]] = {"float": (model, None)}
         for bits in args.bits:
-            gptq = write_shape_model(args.size, Path(tmp) / f"int{bits}", gptq_bits=bits)
-            jobs[f"int{bits}"] = run_job({**spec, "model": str(gptq)})
+            models[f"int{bits}"] = (write_shape_model(args.size, Path(tmp) / f"int{bits}", gptq_bits=bits), bits)
+        for name, (path, bits) in models.items():
+            for head in (False, True) if args.int8_lm_head else (False,):
+                extra = {"additional_config": {INT8_KEY: True}} if head else {}
+                label = name + INT8_HEAD * head
+                jobs[label] = run_job({**spec, "model": str(path), "engine": {**spec["engine"], **extra}})
+                layout[label] = (bits, head)
     rows = [dict(r, target=name) for name, job in jobs.items() for r in job["rows"] if r["target"] == "raw"]
     prefill = [dict(r, target=name, prompt_tokens=args.prefill_tokens) for name, job in jobs.items() for r in job["rows"] if r["target"] == "prefill"]  # fmt: skip
     tok = {(r["target"], r["batch"]): r["tok_s"] for r in rows}
@@ -278,20 +288,21 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
     memory = {name: job["peak_rss_gib"] for name, job in jobs.items()}
     ratios: dict[str, float] = {}
     goals: dict[str, bool] = {}
-    for bits in args.bits:
+    for name in (n for n in jobs if n != "float"):
         for b in args.batches:
-            ratios[f"int{bits}/float batch {b}"] = tok[f"int{bits}", b] / tok["float", b]
-            ratios[f"int{bits}/float prefill batch {b}"] = pre[f"int{bits}", b] / pre["float", b]
-        ratios[f"int{bits}/float peak memory"] = memory[f"int{bits}"] / memory["float"]
-    if 4 in args.bits and 1 in args.batches:
-        goals["Int4 decode at batch 1 >= 2x float"] = ratios["int4/float batch 1"] >= GOAL_INT4_DECODE
-        goals["Int4 prefill at batch 1 >= 0.8x float"] = ratios["int4/float prefill batch 1"] >= GOAL_INT4_PREFILL
-        goals["Int4 peak memory <= 0.5x float"] = ratios["int4/float peak memory"] <= GOAL_INT4_MEMORY
-    kernels = {"float": "torch (oneDNN)", **{f"int{b}": gptq_kernel(args.dtype, b) for b in args.bits}}
+            ratios[f"{name}/float batch {b}"] = tok[name, b] / tok["float", b]
+            ratios[f"{name}/float prefill batch {b}"] = pre[name, b] / pre["float", b]
+        ratios[f"{name}/float peak memory"] = memory[name] / memory["float"]
+        if layout[name][0] == 4 and 1 in args.batches:
+            label = "Int4" + name[len("int4"):]
+            goals[f"{label} decode at batch 1 >= 2x float"] = ratios[f"{name}/float batch 1"] >= GOAL_INT4_DECODE
+            goals[f"{label} prefill at batch 1 >= 0.8x float"] = ratios[f"{name}/float prefill batch 1"] >= GOAL_INT4_PREFILL
+            goals[f"{label} peak memory <= 0.5x float"] = ratios[f"{name}/float peak memory"] <= GOAL_INT4_MEMORY
+    kernels = {n: "torch (oneDNN)" if bits is None else gptq_kernel(args.dtype, bits) for n, (bits, _) in layout.items()}
     bandwidth = read_bandwidth_gib_s()
     roofline = {}
-    for name in jobs:
-        step = decode_step_gib(model, args.dtype, 4 if name == "int4" else None)
+    for name, (bits, head) in layout.items():
+        step = decode_step_gib(model, args.dtype, bits, int8_lm_head=head)
         roofline[name] = {"gib_per_step": step, "tok_s": bandwidth / step, "achieved": tok[name, 1] / (bandwidth / step) if 1 in args.batches else None}
     return {"rows": rows, "prefill": prefill, "memory_gib": memory, "kernels": kernels, "read_gib_s": bandwidth, "roofline": roofline,
             "ratios": ratios, "goals": goals}  # fmt: skip
@@ -311,15 +322,16 @@ def read_bandwidth_gib_s(gib: float = 1.0, reps: int = 7) -> float:
     return gib / statistics.median(times)
 
 
-def decode_step_gib(model: Path, dtype: str, gptq_bits: int | None) -> float:
+def decode_step_gib(model: Path, dtype: str, gptq_bits: int | None, int8_lm_head: bool = False) -> float:
     """Bytes one decode step at batch 1 must read (GiB): every layer's weights
     and the lm_head (the embedding reads one row). Int4 layers: half a byte per
     weight plus an fp16-sized scale per 128 (vLLM and qwen-vllm alike); Int8 is
-    dequantized at load on CPU, so it reads what float does."""
+    dequantized at load on CPU, so it reads what float does; an int8 lm_head
+    one byte per weight."""
     layer_weights, vocab = weight_counts(model)
     width = 2 if dtype in ("bfloat16", "float16") else 4
     layers = layer_weights * (0.5 + 2 / GPTQ_GROUP_SIZE) if gptq_bits == 4 else layer_weights * width
-    return (layers + vocab * width) / 2**30
+    return (layers + vocab * (1 if int8_lm_head else width)) / 2**30
 
 
 def gptq_kernel(dtype: str, bits: int) -> str:
@@ -624,6 +636,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if mode == "quant":
             p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement")
             p.add_argument("--bits", type=int, nargs="+", choices=[4, 8], default=[4, 8], help="GPTQ widths to run")
+        if mode in ("quant", "llamacpp"):
+            p.add_argument("--int8-lm-head", action="store_true",
+                           help="also run each of our models with its lm_head in int8 rows (CPU; additional_config qwen_int8_lm_head)")  # fmt: skip
         if mode == "lora":
             p.add_argument("--rank", type=int, default=64, help="adapters' LoRA rank (finetune.py's default: 64)")
         if mode == "admission":

@@ -183,12 +183,11 @@ def native_env() -> dict[str, str]:
 
 
 def native_args(dtype: str, load_format: str, max_model_len: int, compiled: bool = False) -> list[str]:
-    """The engine flags every bench server gets (eager on CPU unless
-    ``compiled``, as the jobs run)."""
-    from qwen_vllm.runtime.cpu import on_cpu
+    """The engine flags every bench server gets (eager as the jobs run: engine.eager)."""
+    from qwen_vllm.bench.engine import eager
 
-    eager = ["--enforce-eager"] if on_cpu() and not compiled else []
-    return [*eager, "--dtype", dtype, "--load-format", load_format, "--max-model-len", str(max_model_len)]
+    flags = ["--enforce-eager"] if eager(compiled) else []
+    return [*flags, "--dtype", dtype, "--load-format", load_format, "--max-model-len", str(max_model_len)]
 
 
 def started_runs(model: Path, spec: dict, work: Path) -> dict[tuple[str, int], list[dict]]:

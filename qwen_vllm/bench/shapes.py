@@ -14,6 +14,7 @@ SIZES: dict[str, dict[str, int]] = {
     "72B": dict(hidden=8192, layers=80, heads=64, intermediate=49152, vocab=152064, seq=32768, rope=1000000),
 }
 GPTQ_GROUP_SIZE = 128  # Qwen's Int4/Int8 checkpoints
+INT8_HEAD = " + int8 lm_head"  # appended to a model's name in a report: its lm_head in int8 rows
 
 
 def write_shape_model(size: str, out_dir: Path, gptq_bits: int | None = None) -> Path:

@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 
 from qwen_vllm.errors import QwenCheckpointError
-from qwen_vllm.plugin.checkpoint import read_config, validate_checkpoint
+from qwen_vllm.plugin.checkpoint import VOCAB_FILE, read_config, validate_checkpoint
 from qwen_vllm.plugin.tokenizer import (
     ENDOFTEXT,
     IM_END,
     PAT_STR,
     SPECIAL_TOKENS,
-    VOCAB_FILE,
 )
 from qwen_vllm.plugin.weights import qwen2_names
 

@@ -48,10 +48,10 @@ import torch
 
 from qwen_vllm.checkpoints.gptq_pack import dequantize, quantize_rtn
 from qwen_vllm.errors import QwenCheckpointError
+from qwen_vllm.plugin.checkpoint import VOCAB_FILE
 from qwen_vllm.plugin.tokenizer import (
     IM_END_ID,
     SPECIAL_START_ID,
-    VOCAB_FILE,
     load_encoding,
 )
 from qwen_vllm.plugin.weights import LAYER_MODULES, layer_shapes

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from qwen_vllm.errors import QwenCheckpointError
-from qwen_vllm.plugin.tokenizer import VOCAB_FILE
 from qwen_vllm.plugin.weights import LAYER_PREFIX, expected_shapes
 
+VOCAB_FILE = "qwen.tiktoken"  # Qwen v1's tokenizer file, beside config.json
 CHAT_FORMATS = ("chatml", "raw")
 
 

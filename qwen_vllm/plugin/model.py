@@ -9,7 +9,8 @@ before taking each tensor-parallel rank's slice. ``w2`` is the gate and
 
 Beyond ``seq_length`` (only when the engine's max_model_len asks for it) the
 layers get Qwen's dynamic NTK rotary + LogN (``qwen_vllm.plugin.long_context``), fed
-per-request positions through vLLM's M-RoPE hook.
+per-request positions through vLLM's M-RoPE hook. On CPU the untied lm_head is
+held once, or as int8 when asked (``qwen_vllm.plugin.lm_head``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader
 
+from qwen_vllm.plugin import lm_head
 from qwen_vllm.plugin.checkpoint import check_weight_shape
 from qwen_vllm.plugin.long_context import encoded_positions, install_long_context
 from qwen_vllm.plugin.quantization import QWenWeightsMapper
@@ -54,6 +56,7 @@ class QWenLMHeadModel(Qwen2ForCausalLM, SupportsMRoPE):
         # adds a request (its prefill may include output tokens on resume).
         self.prompt_len_for_positions: int | None = None
         self.long_context = install_long_context(self.model, vllm_config)
+        lm_head.install(self, vllm_config)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
         """Per-request positions for dynamic NTK (called only when the config

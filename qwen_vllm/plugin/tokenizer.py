@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import os
 import unicodedata
 from collections.abc import Collection, Iterable
@@ -27,8 +26,8 @@ from transformers.tokenization_utils_base import PaddingStrategy, TruncationStra
 
 from qwen_vllm.chat_template import RenderedChat
 from qwen_vllm.errors import QwenCheckpointError
+from qwen_vllm.plugin.checkpoint import VOCAB_FILE, read_generation_config
 
-VOCAB_FILE = "qwen.tiktoken"
 PAT_STR = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -66,17 +65,6 @@ def load_encoding(path: str) -> tiktoken.Encoding:
     return tiktoken.Encoding("Qwen", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
 
 
-def chat_format_beside(vocab_file: str) -> str:
-    """The checkpoint's generation_config.json ``chat_format`` ("chatml", as in
-    Qwen's code, when the file or the key is missing)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(vocab_file)), "generation_config.json")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh).get("chat_format", "chatml")
-    except (OSError, ValueError, AttributeError):
-        return "chatml"
-
-
 class QWenTokenizer(PythonBackend):
     """Qwen v1 tokenizer over tiktoken, with the transformers API vLLM expects."""
 
@@ -96,7 +84,9 @@ class QWenTokenizer(PythonBackend):
         # <|im_end|> ends every chat turn, so it is a chat checkpoint's primary EOS; a
         # base checkpoint's text ends at <|endoftext|> only, as in Qwen's generate().
         # <|endoftext|> (generation_config's eos) is the pad token, as Qwen's FAQ advises.
-        kwargs.setdefault("eos_token", ENDOFTEXT if chat_format_beside(vocab_file) == "raw" else IM_END)
+        checkpoint = os.path.dirname(os.path.abspath(vocab_file))
+        raw = read_generation_config(checkpoint).get("chat_format") == "raw"
+        kwargs.setdefault("eos_token", ENDOFTEXT if raw else IM_END)
         kwargs.setdefault("pad_token", ENDOFTEXT)
         for unused in ("bos_token", "unk_token"):
             kwargs.pop(unused, None)

@@ -1,0 +1,101 @@
+"""Qwen v1's lm_head on CPU: one copy in memory, and an opt-in int8 copy.
+
+Qwen v1 does not tie its lm_head to the embedding, and its 151,936 rows are a
+large share of the model: 0.62 GB of Qwen-1.8B in bf16 (a fifth of the
+weights), half of what an Int4 checkpoint's decode step reads (GPTQ leaves
+lm_head in fp16). Two things on vLLM's CPU backend:
+
+* **One copy.** vLLM packs the lm_head for oneDNN (its own copy of the
+  weight) but keeps the unpacked weight too, since the same method serves
+  embeddings, which look rows up. An untied lm_head never does, so
+  :class:`QWenLMHeadMethod` lets vLLM's packer drop it (where vLLM falls back
+  to ``F.linear`` it keeps it): the same logits, one lm_head less of memory.
+* **int8, opt-in** (``additional_config={"qwen_int8_lm_head": true}``, vLLM's
+  ``--additional-config``): each row stored as int8 with one scale (symmetric,
+  round to nearest), multiplied by PyTorch's ``aten._weight_int8pack_mm``; a
+  quarter of fp32's bytes, half of bf16's. It changes the logits by the
+  rounding (docs/quantization.md); llama.cpp's Q4_0 files round their output
+  matrix too (to 6 bits). CPU only: refused on other devices before an engine starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    UnquantizedEmbeddingMethod,
+)
+
+from qwen_vllm.errors import QwenQuantizationError
+
+INT8_KEY = "qwen_int8_lm_head"  # in vLLM's additional_config
+
+
+def int8_wanted(additional_config: Any) -> bool:
+    """Whether vLLM's ``additional_config`` asks for the int8 lm_head (a bool
+    or nothing; anything else is an error naming the key)."""
+    value = additional_config.get(INT8_KEY, False) if isinstance(additional_config, Mapping) else False
+    if not isinstance(value, bool):
+        raise QwenQuantizationError(f"additional_config {INT8_KEY!r} must be true or false, not {value!r}")
+    return value
+
+
+def check_int8_lm_head(additional_config: Any, *, on_cpu: bool) -> None:
+    """Refuse the int8 lm_head where it does not run (before an engine starts)."""
+    if int8_wanted(additional_config) and not on_cpu:
+        raise QwenQuantizationError(
+            f"additional_config {INT8_KEY!r} is a CPU option (PyTorch's int8 weight-only CPU kernel); "
+            "leave it out on GPUs"
+        )
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float32 scale per row): ``weight ~ values * scale[:, None]``,
+    symmetric, round to nearest, |values| <= 127 (an all-zero row: scale 1)."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class QWenLMHeadMethod(UnquantizedEmbeddingMethod):
+    """vLLM's method for an untied CPU lm_head, keeping one copy of it
+    (``int8``: the int8 rows instead)."""
+
+    def __init__(self, int8: bool = False) -> None:
+        super().__init__()
+        self.int8 = int8
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if not self.int8:
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+            return
+        values, scale = quantize_rows(layer.weight.data)
+        layer.weight = torch.nn.Parameter(values, requires_grad=False)
+        layer.int8_scale = torch.nn.Parameter(scale.to(layer.params_dtype), requires_grad=False)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.int8:
+            return super().apply(layer, x, bias)
+        scale = layer.int8_scale if layer.int8_scale.dtype == x.dtype else layer.int8_scale.to(x.dtype)
+        out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.weight, scale)
+        return out if bias is None else out + bias
+
+    def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("Qwen v1's lm_head is not tied to the embedding: it looks nothing up")
+
+
+def install(model: torch.nn.Module, vllm_config: Any) -> None:
+    """Give ``model.lm_head`` :class:`QWenLMHeadMethod` on CPU when it is an
+    untied, unquantized vLLM lm_head (not a pipeline-parallel placeholder)."""
+    from vllm.platforms import current_platform
+
+    head = getattr(model, "lm_head", None)
+    if not current_platform.is_cpu() or model.config.tie_word_embeddings:
+        return
+    if type(getattr(head, "quant_method", None)) is UnquantizedEmbeddingMethod:
+        head.quant_method = QWenLMHeadMethod(int8_wanted(vllm_config.additional_config))

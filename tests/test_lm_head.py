@@ -1,0 +1,153 @@
+"""Qwen v1's lm_head on CPU (qwen_vllm/plugin/lm_head.py), without an engine:
+held once (vLLM's packed copy only), and the opt-in int8 rows. Engines serve
+both in test_gptq.py (Int4 at TP=1: one copy; Int8 at TP=2: int8 rows, each
+rank its share of the vocabulary) against references with those weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen_vllm.errors import QwenQuantizationError
+from qwen_vllm.plugin.lm_head import (
+    INT8_KEY,
+    QWenLMHeadMethod,
+    check_int8_lm_head,
+    int8_wanted,
+    quantize_rows,
+)
+
+
+def lm_head_weight(model: torch.nn.Module) -> list:
+    """[dtype, shape] of a vLLM model's lm_head weight (run in the engine's
+    workers by ``LLM.apply_model``: a module-level function, pickled by name)."""
+    return [str(model.lm_head.weight.dtype), list(model.lm_head.weight.shape)]
+
+
+def rounded_rows(weight: torch.Tensor) -> torch.Tensor:
+    """The int8 lm_head's weights, written out independently: per row,
+    scale = max|w| / 127, w ~ round(w / scale) * scale."""
+    w = weight.double()
+    scale = w.abs().max(dim=1, keepdim=True).values / 127
+    scale[scale == 0] = 1
+    return (torch.round(w / scale) * scale).to(weight.dtype)
+
+
+def head(weight: torch.Tensor) -> torch.nn.Module:
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    layer.params_dtype = weight.dtype
+    return layer
+
+
+def test_quantize_rows_rounds_each_row_to_its_own_grid() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(300, 128) * torch.logspace(-3, 1, 300)[:, None]  # rows of very different sizes
+    w[7] = 0  # padded vocabulary rows are zeros
+    values, scale = quantize_rows(w)
+    assert values.dtype == torch.int8 and values.abs().max() == 127 and scale.shape == (300,)
+    assert torch.equal(values[7], torch.zeros(128, dtype=torch.int8))
+    assert torch.allclose(values.float() * scale[:, None], rounded_rows(w), rtol=0, atol=1e-6 * w.abs().max().item())
+    assert ((values.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_copy_gives_vllms_logits(dtype: torch.dtype) -> None:
+    """The default: vLLM's packed lm_head computes the logits and the unpacked
+    weight is gone (where vLLM falls back to F.linear, the weight stays)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        UnquantizedEmbeddingMethod,
+    )
+
+    torch.manual_seed(0)
+    w, x = torch.randn(4096, 128, dtype=dtype), torch.randn(3, 128, dtype=dtype)
+    vllms, ours = head(w), head(w)
+    UnquantizedEmbeddingMethod().process_weights_after_loading(vllms)
+    QWenLMHeadMethod().process_weights_after_loading(ours)
+    assert vllms.weight.shape == w.shape  # vLLM keeps it beside its packed copy
+    assert ours.weight.numel() == 0 or ours.cpu_linear(x, w, None) is not None and ours.weight.shape == w.shape
+    assert torch.equal(QWenLMHeadMethod().apply(ours, x), UnquantizedEmbeddingMethod().apply(vllms, x))
+
+
+FREED = """
+import json, psutil, torch
+from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+from qwen_vllm.plugin.lm_head import QWenLMHeadMethod
+rss = lambda: psutil.Process().memory_info().rss
+layer = torch.nn.Module()
+layer.weight = torch.nn.Parameter(torch.ones(151936, 2048, dtype=torch.bfloat16), requires_grad=False)
+before = rss()
+{method}().process_weights_after_loading(layer)
+print(json.dumps(rss() - before))
+"""
+
+
+def test_one_copy_frees_the_unpacked_weight() -> None:
+    """Qwen-1.8B's lm_head shape in bf16, each in a fresh process: after
+    vLLM's packing the process holds one more lm_head, after ours none more."""
+    weight_bytes = 151936 * 2048 * 2
+    grown = {}
+    for method in ("UnquantizedEmbeddingMethod", "QWenLMHeadMethod"):
+        out = subprocess.run([sys.executable, "-c", FREED.format(method=method)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        grown[method] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert grown["UnquantizedEmbeddingMethod"] > 0.9 * weight_bytes, grown  # the packed copy beside the weight
+    assert grown["QWenLMHeadMethod"] < 0.1 * weight_bytes, grown  # the packed copy instead of it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_rows_equal_the_rounded_weights(dtype: torch.dtype) -> None:
+    """The int8 lm_head computes x @ rounded(W).T up to the activation dtype's
+    rounding; it holds a quarter of fp32's bytes, half of bf16's."""
+    torch.manual_seed(1)
+    w, x = torch.randn(4096, 128).to(dtype) * 0.05, torch.randn(5, 128).to(dtype)
+    layer, method = head(w), QWenLMHeadMethod(int8=True)
+    method.process_weights_after_loading(layer)
+    assert layer.weight.dtype == torch.int8 and layer.int8_scale.dtype == dtype
+    got = method.apply(layer, x).float()
+    want = x.double() @ rounded_rows(w.double()).T
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype] * want.abs().max().item()
+    assert (got - want).abs().max().item() <= tol
+    if dtype == torch.float32:  # the rounding is visible above fp32's tolerance: the check can fail
+        assert (x.double() @ w.double().T - want).abs().max().item() > 100 * tol
+    bias = torch.randn(4096).to(dtype)
+    assert torch.allclose(method.apply(layer, x, bias), method.apply(layer, x) + bias)
+    with pytest.raises(NotImplementedError, match="not tied"):
+        method.embedding(layer, torch.tensor([1]))
+
+
+def test_int8_option_is_a_bool_and_cpu_only() -> None:
+    assert int8_wanted(None) is False and int8_wanted({}) is False and int8_wanted({INT8_KEY: True}) is True
+    with pytest.raises(QwenQuantizationError, match=f"'{INT8_KEY}' must be true or false, not 'yes'"):
+        int8_wanted({INT8_KEY: "yes"})
+    check_int8_lm_head({INT8_KEY: True}, on_cpu=True)
+    check_int8_lm_head({INT8_KEY: False}, on_cpu=False)
+    with pytest.raises(QwenQuantizationError, match="is a CPU option"):
+        check_int8_lm_head({INT8_KEY: True}, on_cpu=False)
+
+
+def test_vllm_own_entry_point_names_a_bad_int8_option(random_model) -> None:
+    """vllm.LLM (as ``vllm serve --additional-config``): the config hook
+    refuses a non-bool value before any engine process starts."""
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match=f"'{INT8_KEY}' must be true or false"):
+        LLM(str(random_model), enforce_eager=True, max_model_len=512, additional_config={INT8_KEY: 1})
+
+
+def test_linear_fallback_keeps_the_weight(monkeypatch) -> None:
+    """Where vLLM multiplies with F.linear (no packed copy), the weight stays."""
+    from vllm import _custom_ops
+
+    monkeypatch.setattr(_custom_ops, "_supports_onednn", False)
+    monkeypatch.setattr("vllm.model_executor.layers.utils.check_cpu_sgl_kernel", lambda *a: False)
+    w, x = torch.randn(512, 64), torch.randn(2, 64)
+    layer = head(w)
+    QWenLMHeadMethod().process_weights_after_loading(layer)
+    assert torch.equal(layer.weight, w)
+    assert torch.allclose(QWenLMHeadMethod().apply(layer, x), F.linear(x, w))
