@@ -50,11 +50,17 @@ def vllm_greedy(llm, prompt_ids: list[list[int]], new_tokens: int) -> Result:
     ]
 
 
-def transformers_scorer(qwen2_dir: Path) -> Callable[[list[int]], torch.Tensor]:
-    """ids -> log_softmax of transformers' Qwen2 logits (float32 weights, float64 softmax) at every position."""
+def transformers_scorer(
+    qwen2_dir: Path, lm_head_input: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Callable[[list[int]], torch.Tensor]:
+    """ids -> log_softmax of transformers' Qwen2 logits (float32 weights, float64
+    softmax) at every position; ``lm_head_input`` transforms each token's hidden
+    state before the lm_head (e.g. rounds it as an int8 GEMM does)."""
     from transformers import Qwen2ForCausalLM
 
     model = Qwen2ForCausalLM.from_pretrained(str(qwen2_dir), dtype=torch.float32).eval()
+    if lm_head_input is not None:
+        model.lm_head.register_forward_pre_hook(lambda _, args: (lm_head_input(args[0][0]).to(args[0].dtype)[None],))
 
     def score(ids: list[int]) -> torch.Tensor:
         with torch.no_grad():

@@ -27,7 +27,7 @@ from greedy_reference import (
     PROMPTS,
     transformers_scorer,
 )
-from test_lm_head import lm_head_weight, rounded_rows
+from test_lm_head import lm_head_weight, rounded_rows, rounded_tokens
 from test_long_context import check_teacher_forced_greedy, run
 
 from qwen_vllm.errors import QwenQuantizationError
@@ -386,6 +386,14 @@ def with_int8_lm_head(model: Path, reference: Path, out: Path) -> Path:
     return out
 
 
+def int8_head_input():
+    """How the int8 lm_head sees the hidden state: rounded per token where
+    vLLM's oneDNN W8A8 GEMM runs it, as it is elsewhere (test_lm_head.py)."""
+    from vllm import _custom_ops
+
+    return rounded_tokens if _custom_ops._supports_onednn else None
+
+
 def lm_head_weights(llm) -> list[list]:
     """Each rank's lm_head weight as [dtype, shape], asked of the engine's workers."""
     return llm.apply_model(lm_head_weight)
@@ -404,15 +412,16 @@ def model_rpc():
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = saved
 
 
-def qlora_for(model: Path, reference: Path, root: Path):
+def qlora_for(model: Path, reference: Path, root: Path, lm_head_input=None):
     """(a Q-LoRA adapter for the GPTQ fixture ``model``, transformers scoring on
-    its float ``reference`` weights with that adapter merged in float32)."""
+    its float ``reference`` weights with that adapter merged in float32;
+    ``lm_head_input``: as transformers_scorer's)."""
     from qwen_vllm.checkpoints.convert import convert_to_qwen2
     from qwen_vllm.checkpoints.lora import make_adapter, merge_lora
 
     adapter = make_adapter(model, root / f"{model.name}-qlora", seed=3)
     merged = merge_lora(reference, adapter, root / f"{model.name}-reference-qlora", torch.float32)
-    return adapter, transformers_scorer(convert_to_qwen2(merged, root / f"{model.name}-reference-qlora-qwen2"))
+    return adapter, transformers_scorer(convert_to_qwen2(merged, root / f"{model.name}-reference-qlora-qwen2"), lm_head_input)
 
 
 @pytest.fixture(scope="module")
@@ -447,7 +456,7 @@ def int4_tp1(gptq_dirs, prompt_ids, qlora, model_rpc):
 def test_int4_auto_detected_and_equals_dequantized_reference(int4_tp1, reference) -> None:
     settings, got, reply, _, lm_head = int4_tp1
     assert settings == ("auto_gptq", torch.float16, "auto")
-    assert lm_head == [["torch.float16", [0]]]  # one copy: vLLM's packed one (plugin/lm_head.py)
+    assert lm_head == [["torch.float16", [0], None]]  # one copy: vLLM's packed one (plugin/lm_head.py)
     # LoRA on, no adapter asked for: the base model. Teacher-forced: the bf16 int4pack kernel
     # may resolve a near-tie of the random weights the other way (seen once in 5 runs).
     check_teacher_forced_greedy(reference, got, CPU_LOGPROB_TOL)
@@ -473,7 +482,7 @@ def int8_reference(gptq_dirs, fixtures_root) -> Path:
 @pytest.fixture(scope="module")
 def int8_qlora(gptq_dirs, int8_reference, fixtures_root):
     _, _, int8 = gptq_dirs
-    return qlora_for(int8, int8_reference, fixtures_root)
+    return qlora_for(int8, int8_reference, fixtures_root, int8_head_input())
 
 
 @pytest.fixture(scope="module")
@@ -516,13 +525,17 @@ def int8_tp2(gptq_dirs, prompt_ids, int8_qlora, int4_tp1, model_rpc) -> dict:
 def test_int8_tensor_parallel_2_equals_dequantized_reference(int8_tp2, int8_qlora, int8_reference, fixtures_root) -> None:
     """GPTQ Int8 on CPU (qwen-vllm's kernel), at TP=2, lm_head in int8 rows: the
     base model and a Q-LoRA adapter served unmerged on it equal transformers on
-    the float weights the fixture encodes, lm_head rounded (each rank's slice of
-    the weights, scales, fused LoRA and vocabulary)."""
+    the float weights the fixture encodes, the lm_head and its input rounded as
+    the int8 GEMM rounds them (each rank's slice of the weights, scales, fused
+    LoRA and vocabulary)."""
     from qwen_vllm.checkpoints.convert import convert_to_qwen2
 
     assert int8_tp2["quantization"] == "auto_gptq"
-    assert int8_tp2["lm_head"] == [["torch.int8", [151936 // 2, 128]]] * 2  # each rank: half the vocabulary
-    base_score = transformers_scorer(convert_to_qwen2(int8_reference, fixtures_root / "gptq-int8-reference-qwen2"))
+    # Each rank: half the vocabulary in int8, in vLLM's oneDNN handler (or as int8 rows without oneDNN).
+    assert int8_tp2["lm_head"] in ([["torch.int8", [0], 151936 // 2]] * 2, [["torch.int8", [151936 // 2, 128], None]] * 2)
+    base_score = transformers_scorer(
+        convert_to_qwen2(int8_reference, fixtures_root / "gptq-int8-reference-qwen2"), int8_head_input()
+    )
     check_teacher_forced_greedy(base_score, int8_tp2["base"], CPU_LOGPROB_TOL)
     check_teacher_forced_greedy(int8_qlora[1], int8_tp2["adapted"], CPU_LOGPROB_TOL)
     assert [r["tokens"] for r in int8_tp2["adapted"]] != [r["tokens"] for r in int8_tp2["base"]]

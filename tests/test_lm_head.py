@@ -1,5 +1,6 @@
 """Qwen v1's lm_head on CPU (qwen_vllm/plugin/lm_head.py), without an engine:
-held once (vLLM's packed copy only), and the opt-in int8 rows. Engines serve
+held once (vLLM's packed copy only), and the opt-in int8 rows (vLLM's oneDNN
+W8A8 GEMM, or PyTorch's weight-only kernel where vLLM has no oneDNN). Engines serve
 both in test_gptq.py (Int4 at TP=1: one copy; Int8 at TP=2: int8 rows, each
 rank its share of the vocabulary) against references with those weights."""
 
@@ -24,9 +25,11 @@ from qwen_vllm.plugin.lm_head import (
 
 
 def lm_head_weight(model: torch.nn.Module) -> list:
-    """[dtype, shape] of a vLLM model's lm_head weight (run in the engine's
-    workers by ``LLM.apply_model``: a module-level function, pickled by name)."""
-    return [str(model.lm_head.weight.dtype), list(model.lm_head.weight.shape)]
+    """[dtype, shape] of a vLLM model's lm_head weight, and the vocabulary rows
+    an int8 oneDNN handler holds (None without one); run in the engine's
+    workers by ``LLM.apply_model`` (a module-level function, pickled by name)."""
+    handler = getattr(model.lm_head, "int8_handler", None)
+    return [str(model.lm_head.weight.dtype), list(model.lm_head.weight.shape), handler and handler.n]
 
 
 def rounded_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -100,23 +103,44 @@ def test_one_copy_frees_the_unpacked_weight() -> None:
     assert grown["QWenLMHeadMethod"] < 0.1 * weight_bytes, grown  # the packed copy instead of it
 
 
+def rounded_tokens(x: torch.Tensor) -> torch.Tensor:
+    """The hidden state as vLLM's W8A8 GEMM sees it, written out independently:
+    per token, scale = max|x| / 127, x ~ round(x / scale) * scale."""
+    x = x.double()
+    scale = x.abs().max(dim=1, keepdim=True).values / 127
+    scale[scale == 0] = 1
+    return torch.round(x / scale) * scale
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["vllm-onednn-w8a8", "torch-int8pack"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_int8_rows_equal_the_rounded_weights(dtype: torch.dtype) -> None:
-    """The int8 lm_head computes x @ rounded(W).T up to the activation dtype's
-    rounding; it holds a quarter of fp32's bytes, half of bf16's."""
+def test_int8_rows_equal_the_rounded_weights(dtype: torch.dtype, onednn: bool, monkeypatch) -> None:
+    """The int8 lm_head computes rounded(x) @ rounded(W).T with vLLM's oneDNN
+    int8 GEMM (x rounded per token), or x @ rounded(W).T with PyTorch's
+    weight-only kernel where vLLM's build has no oneDNN (forced here), up to
+    the activation dtype's rounding; the int8 rows are all it keeps."""
+    from vllm import _custom_ops
+
+    if not onednn:
+        monkeypatch.setattr(_custom_ops, "_supports_onednn", False)
+    elif not _custom_ops._supports_onednn:
+        pytest.skip("this vLLM build has no oneDNN")
     torch.manual_seed(1)
     w, x = torch.randn(4096, 128).to(dtype) * 0.05, torch.randn(5, 128).to(dtype)
     layer, method = head(w), QWenLMHeadMethod(int8=True)
     method.process_weights_after_loading(layer)
-    assert layer.weight.dtype == torch.int8 and layer.int8_scale.dtype == dtype
+    if onednn:
+        assert layer.int8_handler is not None and layer.weight.numel() == 0  # packed by oneDNN
+    else:
+        assert layer.weight.dtype == torch.int8 and layer.weight.shape == w.shape and layer.int8_scale.dtype == dtype
     got = method.apply(layer, x).float()
-    want = x.double() @ rounded_rows(w.double()).T
+    want = (rounded_tokens(x) if onednn else x.double()) @ rounded_rows(w.double()).T
     tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype] * want.abs().max().item()
     assert (got - want).abs().max().item() <= tol
     if dtype == torch.float32:  # the rounding is visible above fp32's tolerance: the check can fail
         assert (x.double() @ w.double().T - want).abs().max().item() > 100 * tol
     bias = torch.randn(4096).to(dtype)
-    assert torch.allclose(method.apply(layer, x, bias), method.apply(layer, x) + bias)
+    assert torch.allclose(method.apply(layer, x, bias).float(), method.apply(layer, x).float() + bias.float(), atol=tol)
     with pytest.raises(NotImplementedError, match="not tied"):
         method.embedding(layer, torch.tensor([1]))
 

@@ -12,10 +12,15 @@ lm_head in fp16). Two things on vLLM's CPU backend:
   to ``F.linear`` it keeps it): the same logits, one lm_head less of memory.
 * **int8, opt-in** (``additional_config={"qwen_int8_lm_head": true}``, vLLM's
   ``--additional-config``): each row stored as int8 with one scale (symmetric,
-  round to nearest), multiplied by PyTorch's ``aten._weight_int8pack_mm``; a
-  quarter of fp32's bytes, half of bf16's. It changes the logits by the
-  rounding (docs/quantization.md); llama.cpp's Q4_0 files round their output
-  matrix too (to 6 bits). CPU only: refused on other devices before an engine starts.
+  round to nearest): a quarter of fp32's bytes, half of bf16's. vLLM's own
+  oneDNN int8 GEMM runs it (``ops.onednn_scaled_mm``, as its W8A8 layers do:
+  the hidden state rounded to int8 per token, dynamically), at the memory
+  bandwidth for decode-sized batches; PyTorch's weight-only
+  ``aten._weight_int8pack_mm`` where vLLM's build has no oneDNN (it keeps the
+  activations but is slower than bf16 from 8 rows on). It changes the logits
+  by the rounding (docs/quantization.md); llama.cpp's Q4_0 files round their
+  output matrix too (to 6 bits), and their activations to 8 bits. CPU only:
+  refused on other devices before an engine starts.
 """
 
 from __future__ import annotations
@@ -69,20 +74,36 @@ class QWenLMHeadMethod(UnquantizedEmbeddingMethod):
         self.int8 = int8
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        from vllm import _custom_ops as ops
+
         if not self.int8:
             from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
             return
         values, scale = quantize_rows(layer.weight.data)
+        layer.int8_handler = None
+        if ops._supports_onednn:  # the int8 rows packed into oneDNN's handler, as vLLM's W8A8 layers do
+            layer.int8_scale = torch.nn.Parameter(scale.view(1, -1), requires_grad=False)  # the handler reads it
+            layer.int8_handler = ops.create_onednn_scaled_mm(values.t(), layer.int8_scale, layer.params_dtype, True, False, 32)
+            values = torch.empty(0, dtype=torch.int8)
+        else:
+            layer.int8_scale = torch.nn.Parameter(scale.to(layer.params_dtype), requires_grad=False)
         layer.weight = torch.nn.Parameter(values, requires_grad=False)
-        layer.int8_scale = torch.nn.Parameter(scale.to(layer.params_dtype), requires_grad=False)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self.int8:
             return super().apply(layer, x, bias)
+        from vllm import _custom_ops as ops
+
+        x = x.contiguous()
+        if layer.int8_handler is not None:
+            x_q, x_scale, x_zp = ops.onednn_scaled_int8_quant(x, None, None, True)
+            out = torch.empty((x.shape[0], layer.int8_handler.n), dtype=x.dtype)
+            ops.onednn_scaled_mm(layer.int8_handler, x_q, out, x_scale, x_zp, None, bias)
+            return out
         scale = layer.int8_scale if layer.int8_scale.dtype == x.dtype else layer.int8_scale.to(x.dtype)
-        out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.weight, scale)
+        out = torch.ops.aten._weight_int8pack_mm(x, layer.weight, scale)
         return out if bias is None else out + bias
 
     def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
