@@ -3,7 +3,9 @@ same model in float.
 
 1. Kernel: one linear at a Qwen-1.8B MLP shape, qwen-vllm's GPTQ kernel
    (plugin/cpu_gptq.py) vs vLLM's CPUWNA16 (where this CPU's vLLM library has
-   it) vs torch's float linear, per activation dtype and batch size M.
+   it) vs torch's float linear, per activation dtype and batch size M; and
+   Qwen v1's lm_head (plugin/lm_head.py): vLLM's bf16 copy vs the int8 rows
+   on vLLM's oneDNN W8A8 GEMM vs PyTorch's weight-only int8 kernel.
 2. Engine: a Qwen-1.8B-shaped fixture (hidden 2048, 16 heads, MLP 5504, a few
    layers; random weights, GPTQ group 128 like Qwen's) written as GPTQ Int4,
    Int8 and float16; each engine (Int4 and Int8 in bfloat16, float bf16 and
@@ -125,6 +127,39 @@ def bench_kernel(runs: int, k: int = 2048, n: int = 5504, group: int = 128) -> d
     return {"shape": [k, n], "group_size": group, "vllm_native_int4": native, "rows": out}
 
 
+def bench_lm_head(runs: int, vocab: int = 151936, hidden: int = 2048) -> dict:
+    """Qwen v1's lm_head (plugin/lm_head.py) at the Qwen-1.8B shape, bf16: vLLM's
+    packed bf16 copy (the default), the int8 rows on vLLM's oneDNN W8A8 GEMM
+    (the opt-in) and PyTorch's weight-only int8 kernel (its path without oneDNN)."""
+    import torch
+    from vllm import _custom_ops
+
+    from qwen_vllm.plugin.lm_head import QWenLMHeadMethod
+
+    torch.manual_seed(0)
+    weight = (torch.randn(vocab, hidden) / 45).to(torch.bfloat16)
+
+    def prepared(int8: bool, onednn: bool):
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        layer.params_dtype = torch.bfloat16
+        method, saved = QWenLMHeadMethod(int8), _custom_ops._supports_onednn
+        _custom_ops._supports_onednn = onednn and saved
+        try:
+            method.process_weights_after_loading(layer)
+        finally:
+            _custom_ops._supports_onednn = saved
+        return lambda x: method.apply(layer, x)
+
+    heads = {"bf16_ms": prepared(False, True), "int8_w8a8_ms": prepared(True, True), "int8_weight_only_ms": prepared(True, False)}
+    rows = {}
+    for m in (1, 8, 32):
+        x = torch.randn(m, hidden).to(torch.bfloat16)
+        rows[f"m{m}"] = row = {name: median_ms(lambda f=f: f(x), runs) for name, f in heads.items()}
+        print(f"lm_head m={m}: {row}", file=sys.stderr)
+    return {"shape": [vocab, hidden], "rows": rows}
+
+
 def weight_bytes(model_dir: Path) -> dict[str, int]:
     """Bytes on disk: the whole checkpoint, and the transformer layers alone
     (what GPTQ quantizes; wte and lm_head stay float16 in Qwen's Int4 models
@@ -163,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/bench_gptq.json")
     args = parser.parse_args(argv)
 
-    result: dict = {"kernel": bench_kernel(max(args.runs, 5))}
+    result: dict = {"kernel": bench_kernel(max(args.runs, 5)), "lm_head": bench_lm_head(max(args.runs, 5))}
     if not args.skip_engine:
         from qwen_vllm.checkpoints.fixtures import make_model
 
@@ -209,6 +244,13 @@ def print_table(result: dict) -> None:
         o4, v4, f = row["ours_int4_ms"], row["vllm_int4_ms"], row["float_linear_ms"]
         v_ms, v_ratio = ("-", "-") if v4 is None else (f"{v4:.2f}", f"{f / v4:.2f}")
         print(f"| {key.replace(' m', ', ')} | {o4:.2f} | {v_ms} | {f:.2f} | {f / o4:.2f} | {v_ratio} |")
+    h = result["lm_head"]
+    print(f"\nlm_head {h['shape'][0]} x {h['shape'][1]}, bf16 activations, median ms; ratios are bf16 / int8:")
+    print("| M | bf16 (vLLM oneDNN) | int8 W8A8 (vLLM oneDNN) | int8 weight-only (torch) | bf16 / W8A8 | bf16 / weight-only |\n"
+          "|---|---|---|---|---|---|")  # fmt: skip
+    for key, row in h["rows"].items():
+        b, w8, wo = row["bf16_ms"], row["int8_w8a8_ms"], row["int8_weight_only_ms"]
+        print(f"| {key[1:]} | {b:.2f} | {w8:.2f} | {wo:.2f} | {b / w8:.2f} | {b / wo:.2f} |")
     if "engine" not in result:
         return
     e, med = result["engine"], result["engine"]["median"]

@@ -29,12 +29,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     UnquantizedEmbeddingMethod,
 )
 
 from qwen_vllm.errors import QwenQuantizationError
 
+logger = init_logger(f"vllm.{__name__}")  # vLLM's log handler and format
 INT8_KEY = "qwen_int8_lm_head"  # in vLLM's additional_config
 
 
@@ -65,6 +67,31 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
+def _w8a8(handler: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (rounded to int8 per token, dynamically) times the handler's int8 rows."""
+    from vllm import _custom_ops as ops
+
+    x_q, x_scale, x_zp = ops.onednn_scaled_int8_quant(x, None, None, True)
+    out = torch.empty((x.shape[0], handler.n), dtype=x.dtype)
+    ops.onednn_scaled_mm(handler, x_q, out, x_scale, x_zp, None, bias)
+    return out
+
+
+def _onednn_int8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Any:
+    """vLLM's oneDNN int8 GEMM handler for the int8 rows, or None where this
+    CPU or build cannot run it with ``dtype`` output (tried once here: oneDNN
+    builds its kernel at the first call)."""
+    from vllm import _custom_ops as ops
+
+    try:
+        handler = ops.create_onednn_scaled_mm(values.t(), scale, dtype, True, False, 32)
+        _w8a8(handler, torch.ones(1, values.shape[1], dtype=dtype), None)
+        return handler
+    except RuntimeError as exc:
+        logger.warning("int8 lm_head: vLLM's oneDNN int8 GEMM cannot run here (%s); using PyTorch's weight-only kernel", exc)
+        return None
+
+
 class QWenLMHeadMethod(UnquantizedEmbeddingMethod):
     """vLLM's method for an untied CPU lm_head, keeping one copy of it
     (``int8``: the int8 rows instead)."""
@@ -82,10 +109,9 @@ class QWenLMHeadMethod(UnquantizedEmbeddingMethod):
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
             return
         values, scale = quantize_rows(layer.weight.data)
-        layer.int8_handler = None
-        if ops._supports_onednn:  # the int8 rows packed into oneDNN's handler, as vLLM's W8A8 layers do
-            layer.int8_scale = torch.nn.Parameter(scale.view(1, -1), requires_grad=False)  # the handler reads it
-            layer.int8_handler = ops.create_onednn_scaled_mm(values.t(), layer.int8_scale, layer.params_dtype, True, False, 32)
+        layer.int8_scale = torch.nn.Parameter(scale.view(1, -1), requires_grad=False)  # a handler reads it
+        layer.int8_handler = _onednn_int8(values, layer.int8_scale, layer.params_dtype) if ops._supports_onednn else None
+        if layer.int8_handler is not None:  # the rows are packed inside it, as vLLM's W8A8 layers do
             values = torch.empty(0, dtype=torch.int8)
         else:
             layer.int8_scale = torch.nn.Parameter(scale.to(layer.params_dtype), requires_grad=False)
@@ -94,14 +120,9 @@ class QWenLMHeadMethod(UnquantizedEmbeddingMethod):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self.int8:
             return super().apply(layer, x, bias)
-        from vllm import _custom_ops as ops
-
         x = x.contiguous()
         if layer.int8_handler is not None:
-            x_q, x_scale, x_zp = ops.onednn_scaled_int8_quant(x, None, None, True)
-            out = torch.empty((x.shape[0], layer.int8_handler.n), dtype=x.dtype)
-            ops.onednn_scaled_mm(layer.int8_handler, x_q, out, x_scale, x_zp, None, bias)
-            return out
+            return _w8a8(layer.int8_handler, x, bias)
         scale = layer.int8_scale if layer.int8_scale.dtype == x.dtype else layer.int8_scale.to(x.dtype)
         out = torch.ops.aten._weight_int8pack_mm(x, layer.weight, scale)
         return out if bias is None else out + bias
