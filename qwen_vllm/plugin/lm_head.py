@@ -16,8 +16,9 @@ lm_head in fp16). Two things on vLLM's CPU backend:
   oneDNN int8 GEMM runs it (``ops.onednn_scaled_mm``, as its W8A8 layers do:
   the hidden state rounded to int8 per token, dynamically), at the memory
   bandwidth for decode-sized batches; PyTorch's weight-only
-  ``aten._weight_int8pack_mm`` where vLLM's build has no oneDNN (it keeps the
-  activations but is slower than bf16 from 8 rows on). It changes the logits
+  ``aten._weight_int8pack_mm`` where vLLM's build has no oneDNN or its int8
+  GEMM cannot run (it keeps the activations but is slower than bf16 from 8
+  rows on). It changes the logits
   by the rounding (docs/quantization.md); llama.cpp's Q4_0 files round their
   output matrix too (to 6 bits), and their activations to 8 bits. CPU only:
   refused on other devices before an engine starts.
