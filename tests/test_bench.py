@@ -130,7 +130,7 @@ def recorded(mode: str) -> dict:
     return json.loads((RECORDED / f"{mode}.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant", "llamacpp"])
+@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant", "quant-int8-lm-head", "llamacpp"])
 def test_recorded_reports_render_as_recorded(mode: str, tmp_path: Path) -> None:
     from qwen_vllm.bench.report import markdown, plot
 
@@ -196,6 +196,28 @@ def test_quant_report() -> None:
         assert roof["tok_s"] == pytest.approx(data["read_gib_s"] / roof["gib_per_step"])
         assert roof["achieved"] == pytest.approx(tok[name, 1] / roof["tok_s"])
     assert data["roofline"]["int4"]["gib_per_step"] < 0.5 * data["roofline"]["float"]["gib_per_step"]
+
+
+def test_quant_int8_lm_head_report() -> None:
+    """The recorded ``quant --bits 4 --int8-lm-head`` run: each model again with
+    its lm_head in int8 rows, the same kernel for its layers, a decode step that
+    reads the lm_head's bytes once instead of twice, ratios and goals of its own."""
+    from qwen_vllm.bench.shapes import SIZES
+
+    data = recorded("quant-int8-lm-head")["data"]
+    names = ["float", "float + int8 lm_head", "int4", "int4 + int8 lm_head"]
+    assert list(data["kernels"]) == names and data["kernels"]["int4 + int8 lm_head"] == data["kernels"]["int4"]
+    tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
+    for name in names[1:]:
+        for b in (1, 8):
+            assert data["ratios"][f"{name}/float batch {b}"] == pytest.approx(tok[name, b] / tok["float", b])
+    shape = SIZES["1.8B"]
+    head_gib = shape["vocab"] * shape["hidden"] / 2**30  # bf16 (2 bytes) -> int8 (1 byte)
+    for plain in ("float", "int4"):
+        saved = data["roofline"][plain]["gib_per_step"] - data["roofline"][f"{plain} + int8 lm_head"]["gib_per_step"]
+        assert saved == pytest.approx(head_gib)
+    goal = "Int4 + int8 lm_head decode at batch 1 >= 2x float"
+    assert data["goals"][goal] == (data["ratios"]["int4 + int8 lm_head/float batch 1"] >= 2)
 
 
 def test_quant_shape_models_declare_gptq_as_qwens_do(tmp_path: Path) -> None:
