@@ -386,12 +386,11 @@ def with_int8_lm_head(model: Path, reference: Path, out: Path) -> Path:
     return out
 
 
-def int8_head_input():
-    """How the int8 lm_head sees the hidden state: rounded per token where
-    vLLM's oneDNN W8A8 GEMM runs it, as it is elsewhere (test_lm_head.py)."""
-    from vllm import _custom_ops
-
-    return rounded_tokens if _custom_ops._supports_onednn else None
+def int8_head_input(lm_head: list[list]):
+    """How the engine's int8 lm_head (``lm_head_weights``) sees the hidden
+    state: rounded per token where it runs on vLLM's oneDNN W8A8 GEMM, as it is
+    on PyTorch's weight-only kernel (test_lm_head.py)."""
+    return rounded_tokens if lm_head[0][2] is not None else None
 
 
 def lm_head_weights(llm) -> list[list]:
@@ -403,31 +402,27 @@ def lm_head_weights(llm) -> list[list]:
 def model_rpc():
     """vLLM hands a function to its engine processes (apply_model) only when
     allowed to pickle; for the engines of this module only."""
-    saved = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    yield
-    if saved is None:
-        os.environ.pop("VLLM_ALLOW_INSECURE_SERIALIZATION")
-    else:
-        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        yield
 
 
-def qlora_for(model: Path, reference: Path, root: Path, lm_head_input=None):
-    """(a Q-LoRA adapter for the GPTQ fixture ``model``, transformers scoring on
-    its float ``reference`` weights with that adapter merged in float32;
-    ``lm_head_input``: as transformers_scorer's)."""
+def qlora_for(model: Path, reference: Path, root: Path):
+    """(a Q-LoRA adapter for the GPTQ fixture ``model``, the Qwen2 copy of its
+    float ``reference`` weights with that adapter merged in float32)."""
     from qwen_vllm.checkpoints.convert import convert_to_qwen2
     from qwen_vllm.checkpoints.lora import make_adapter, merge_lora
 
     adapter = make_adapter(model, root / f"{model.name}-qlora", seed=3)
     merged = merge_lora(reference, adapter, root / f"{model.name}-reference-qlora", torch.float32)
-    return adapter, transformers_scorer(convert_to_qwen2(merged, root / f"{model.name}-reference-qlora-qwen2"), lm_head_input)
+    return adapter, convert_to_qwen2(merged, root / f"{model.name}-reference-qlora-qwen2")
 
 
 @pytest.fixture(scope="module")
 def qlora(gptq_dirs, fixtures_root):
     int4, ref, _ = gptq_dirs
-    return qlora_for(int4, ref, fixtures_root)
+    adapter, merged = qlora_for(int4, ref, fixtures_root)
+    return adapter, transformers_scorer(merged)
 
 
 @pytest.fixture(scope="module")
@@ -482,7 +477,7 @@ def int8_reference(gptq_dirs, fixtures_root) -> Path:
 @pytest.fixture(scope="module")
 def int8_qlora(gptq_dirs, int8_reference, fixtures_root):
     _, _, int8 = gptq_dirs
-    return qlora_for(int8, int8_reference, fixtures_root, int8_head_input())
+    return qlora_for(int8, int8_reference, fixtures_root)
 
 
 @pytest.fixture(scope="module")
@@ -533,11 +528,10 @@ def test_int8_tensor_parallel_2_equals_dequantized_reference(int8_tp2, int8_qlor
     assert int8_tp2["quantization"] == "auto_gptq"
     # Each rank: half the vocabulary in int8, in vLLM's oneDNN handler (or as int8 rows without oneDNN).
     assert int8_tp2["lm_head"] in ([["torch.int8", [0], 151936 // 2]] * 2, [["torch.int8", [151936 // 2, 128], None]] * 2)
-    base_score = transformers_scorer(
-        convert_to_qwen2(int8_reference, fixtures_root / "gptq-int8-reference-qwen2"), int8_head_input()
-    )
-    check_teacher_forced_greedy(base_score, int8_tp2["base"], CPU_LOGPROB_TOL)
-    check_teacher_forced_greedy(int8_qlora[1], int8_tp2["adapted"], CPU_LOGPROB_TOL)
+    head_input = int8_head_input(int8_tp2["lm_head"])
+    base = convert_to_qwen2(int8_reference, fixtures_root / "gptq-int8-reference-qwen2")
+    check_teacher_forced_greedy(transformers_scorer(base, head_input), int8_tp2["base"], CPU_LOGPROB_TOL)
+    check_teacher_forced_greedy(transformers_scorer(int8_qlora[1], head_input), int8_tp2["adapted"], CPU_LOGPROB_TOL)
     assert [r["tokens"] for r in int8_tp2["adapted"]] != [r["tokens"] for r in int8_tp2["base"]]
 
 

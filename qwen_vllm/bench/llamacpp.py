@@ -203,17 +203,15 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
         native_env,
         native_server,
     )
-    from qwen_vllm.bench.shapes import INT8_HEAD, write_shape_model
+    from qwen_vllm.bench.shapes import lm_head_variants, write_shape_model
     from qwen_vllm.runtime.ports import free_ports
 
     qwen_vllm.register()  # the benchmark client loads the model's QWenTokenizer
     spec = {"new_tokens": args.new_tokens, "concurrency": args.concurrency, "input_len": args.input_len,
             "prompts_per_client": args.prompts_per_client, "rounds": args.rounds}  # fmt: skip
     ctx = args.input_len + args.new_tokens + 64
-    from qwen_vllm.plugin.lm_head import INT8_KEY
-
     ours = {"float": None, **{f"int{b}": b for b in args.bits}}
-    heads = (False, True) if args.int8_lm_head else (False,)
+    variants = lm_head_variants(args.int8_lm_head)
     env = native_env()
     runs: dict[tuple[str, int], list[dict]] = {}
     port = free_ports(1)
@@ -221,11 +219,11 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
         work = Path(tmp)
         for name, bits in ours.items():
             shape = model if bits is None else write_shape_model(args.size, work / f"int{bits}", gptq_bits=bits)
-            for head in heads:
-                target = name + INT8_HEAD * head
+            for suffix, config in variants:
+                target = name + suffix
                 say(f"{target}: vLLM server ...")
                 engine = native_args(args.dtype, "dummy", ctx, args.compiled)
-                engine += ["--additional-config", json.dumps({INT8_KEY: True})] if head else []
+                engine += ["--additional-config", json.dumps(config)] if config else []
                 with native_server(shape, model.name, port, engine, env, work / f"{target}.log") as bases:
                     runs |= measure({target: bases["native"]}, model, {target: model.name}, spec)
         failed: dict[str, str] = {}
@@ -250,7 +248,7 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
     ratios, goals = {}, {}
     for kind, mine in PAIRS.items():
         for c in args.concurrency:
-            for target in (mine + INT8_HEAD * head for head in heads):
+            for target in (mine + suffix for suffix, _ in variants):
                 if (target, c) in tok and (f"llama.cpp {kind}", c) in tok:
                     ratios[f"{target} / llama.cpp {kind} concurrency {c}"] = tok[target, c] / tok[f"llama.cpp {kind}", c]
     if "int4 / llama.cpp Q4_0 concurrency 1" in ratios:

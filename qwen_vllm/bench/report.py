@@ -47,7 +47,12 @@ from qwen_vllm.bench.engine import (
     write_json,
 )
 from qwen_vllm.bench.serving import stop_group
-from qwen_vllm.bench.shapes import GPTQ_GROUP_SIZE, INT8_HEAD, SIZES, write_shape_model
+from qwen_vllm.bench.shapes import (
+    GPTQ_GROUP_SIZE,
+    SIZES,
+    lm_head_variants,
+    write_shape_model,
+)
 from qwen_vllm.runtime.ports import free_ports
 
 # Goals the report checks (same machine, Qwen-1.8B shape fp32; docs/performance.md).
@@ -265,8 +270,6 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
     all in ``--dtype``: decode and prefill tokens/s at each batch size and peak
     memory, each engine in a fresh process; ``--int8-lm-head`` adds each model
     again with its lm_head in int8 rows (plugin/lm_head.py)."""
-    from qwen_vllm.plugin.lm_head import INT8_KEY
-
     spec = {**base_spec(args, model), "kind": "vllm", "targets": ["raw", "prefill"], "batches": args.batches,
             "prefill_tokens": args.prefill_tokens, "tokens_per_sequence": {"prefill": args.prefill_tokens}}  # fmt: skip
     jobs: dict[str, dict] = {}
@@ -276,11 +279,10 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
         for bits in args.bits:
             models[f"int{bits}"] = (write_shape_model(args.size, Path(tmp) / f"int{bits}", gptq_bits=bits), bits)
         for name, (path, bits) in models.items():
-            for head in (False, True) if args.int8_lm_head else (False,):
-                extra = {"additional_config": {INT8_KEY: True}} if head else {}
-                label = name + INT8_HEAD * head
-                jobs[label] = run_job({**spec, "model": str(path), "engine": {**spec["engine"], **extra}})
-                layout[label] = (bits, head)
+            for suffix, config in lm_head_variants(args.int8_lm_head):
+                extra = {"additional_config": config} if config else {}
+                jobs[name + suffix] = run_job({**spec, "model": str(path), "engine": {**spec["engine"], **extra}})
+                layout[name + suffix] = (bits, bool(config))
     rows = [dict(r, target=name) for name, job in jobs.items() for r in job["rows"] if r["target"] == "raw"]
     prefill = [dict(r, target=name, prompt_tokens=args.prefill_tokens) for name, job in jobs.items() for r in job["rows"] if r["target"] == "prefill"]  # fmt: skip
     tok = {(r["target"], r["batch"]): r["tok_s"] for r in rows}

@@ -17,6 +17,14 @@ GPTQ_GROUP_SIZE = 128  # Qwen's Int4/Int8 checkpoints
 INT8_HEAD = " + int8 lm_head"  # appended to a model's name in a report: its lm_head in int8 rows
 
 
+def lm_head_variants(int8_lm_head: bool) -> list[tuple[str, dict]]:
+    """(name suffix, vLLM additional_config) for each engine a model gets: as
+    it is, and with ``--int8-lm-head`` again with its lm_head in int8 rows."""
+    from qwen_vllm.plugin.lm_head import INT8_KEY
+
+    return [("", {}), (INT8_HEAD, {INT8_KEY: True})] if int8_lm_head else [("", {})]
+
+
 def write_shape_model(size: str, out_dir: Path, gptq_bits: int | None = None) -> Path:
     """A weightless Qwen v1 chat directory with ``size``'s real config shapes;
     with ``gptq_bits``, declared GPTQ as Qwen's Int4/Int8 checkpoints are (group 128)."""

@@ -110,12 +110,13 @@ class QWenLMHeadMethod(UnquantizedEmbeddingMethod):
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
             return
         values, scale = quantize_rows(layer.weight.data)
-        layer.int8_scale = torch.nn.Parameter(scale.view(1, -1), requires_grad=False)  # a handler reads it
-        layer.int8_handler = _onednn_int8(values, layer.int8_scale, layer.params_dtype) if ops._supports_onednn else None
+        row_scale = scale.view(1, -1)  # a handler reads it: kept on the layer
+        layer.int8_handler = _onednn_int8(values, row_scale, layer.params_dtype) if ops._supports_onednn else None
         if layer.int8_handler is not None:  # the rows are packed inside it, as vLLM's W8A8 layers do
-            values = torch.empty(0, dtype=torch.int8)
-        else:
-            layer.int8_scale = torch.nn.Parameter(scale.to(layer.params_dtype), requires_grad=False)
+            values, scale = torch.empty(0, dtype=torch.int8), row_scale
+        else:  # PyTorch's kernel takes the scales in the activation dtype
+            scale = scale.to(layer.params_dtype)
+        layer.int8_scale = torch.nn.Parameter(scale, requires_grad=False)
         layer.weight = torch.nn.Parameter(values, requires_grad=False)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
