@@ -130,7 +130,7 @@ def recorded(mode: str) -> dict:
     return json.loads((RECORDED / f"{mode}.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant", "quant-int8-lm-head", "llamacpp"])
+@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant", "quant-int8-lm-head", "quant-compiled", "quant-avx2", "llamacpp"])
 def test_recorded_reports_render_as_recorded(mode: str, tmp_path: Path) -> None:
     from qwen_vllm.bench.report import markdown, plot
 
@@ -198,13 +198,17 @@ def test_quant_report() -> None:
     assert data["roofline"]["int4"]["gib_per_step"] < 0.5 * data["roofline"]["float"]["gib_per_step"]
 
 
-def test_quant_int8_lm_head_report() -> None:
-    """The recorded ``quant --bits 4 --int8-lm-head`` run: each model again with
-    its lm_head in int8 rows, the same kernel for its layers, a decode step that
-    reads the lm_head's bytes once instead of twice, ratios and goals of its own."""
+@pytest.mark.parametrize("run", ["quant-int8-lm-head", "quant-compiled"])
+def test_quant_int8_lm_head_report(run: str) -> None:
+    """The recorded ``quant --bits 4 --int8-lm-head`` runs (eager and
+    ``--compiled``): each model again with its lm_head in int8 rows, the same
+    kernel for its layers, a decode step that reads the lm_head's bytes once
+    instead of twice, ratios and goals of its own."""
     from qwen_vllm.bench.shapes import SIZES
 
-    data = recorded("quant-int8-lm-head")["data"]
+    result = recorded(run)
+    assert result.get("compiled", False) == (run == "quant-compiled") == ("--compiled" in result["command"])
+    data = result["data"]
     names = ["float", "float + int8 lm_head", "int4", "int4 + int8 lm_head"]
     assert list(data["kernels"]) == names and data["kernels"]["int4 + int8 lm_head"] == data["kernels"]["int4"]
     tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
@@ -218,6 +222,26 @@ def test_quant_int8_lm_head_report() -> None:
         assert saved == pytest.approx(head_gib)
     goal = "Int4 + int8 lm_head decode at batch 1 >= 2x float"
     assert data["goals"][goal] == (data["ratios"]["int4 + int8 lm_head/float batch 1"] >= 2)
+
+
+def test_quant_avx2_report() -> None:
+    """The recorded ``quant --cpu-isa avx2 --float-dtype float32`` run: every
+    engine as an AVX2-only CPU runs it (emulated on an AVX-512 one), Int4 on
+    qwen-vllm's int4pack kernel, against a float32 model whose decode step
+    reads four bytes a weight (the GPTQ models' bf16 lm_head two)."""
+    from qwen_vllm.bench.shapes import SIZES
+
+    result = recorded("quant-avx2")
+    data = result["data"]
+    assert result["machine"].startswith("x86_64 AVX2 only") and "emulated on AVX-512" in result["machine"]
+    assert "--cpu-isa avx2" in result["command"] and "--float-dtype float32" in result["command"]
+    assert data["kernels"]["float"] == "torch, float32" and data["kernels"]["int4"] == "qwen-vllm int4pack (PyTorch)"
+    head = SIZES["1.8B"]["vocab"] * SIZES["1.8B"]["hidden"] / 2**30
+    roof = {name: r["gib_per_step"] for name, r in data["roofline"].items()}
+    assert roof["float"] - roof["float + int8 lm_head"] == pytest.approx(3 * head)
+    assert roof["int4"] - roof["int4 + int8 lm_head"] == pytest.approx(head)
+    tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
+    assert data["ratios"]["int4 + int8 lm_head/float batch 1"] == pytest.approx(tok["int4 + int8 lm_head", 1] / tok["float", 1])
 
 
 def test_quant_shape_models_declare_gptq_as_qwens_do(tmp_path: Path) -> None:

@@ -68,3 +68,29 @@ def test_engine_environment_puts_everything_back(libs: Path, monkeypatch) -> Non
     assert "LD_PRELOAD" not in os.environ and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
     with cpu.engine_environment(2):  # a later engine with another TP size binds its own cores
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
+
+
+def test_avx2_emulation_loads_what_an_avx2_cpu_loads() -> None:
+    """``bench --cpu-isa avx2``: a process started with ``avx2_environment()``
+    sees an AVX2-only CPU in PyTorch, in ``cpu_caps()`` and in vLLM, which loads
+    its ``_C_AVX2`` library (on an AVX2 CPU that is simply so); oneDNN and MKL
+    are capped by their own variables."""
+    import json
+    import subprocess
+    import sys
+
+    from qwen_vllm.bench.engine import child_env
+
+    code = (
+        "import json, torch, vllm._custom_ops\n"
+        "from qwen_vllm.runtime.cpu import cpu_caps\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "libs = [n for n in ('vllm/_C.abi3', 'vllm/_C_AVX2', 'vllm/_C_AVX512') if n in maps]\n"
+        "print(json.dumps([torch.backends.cpu.get_cpu_capability(), cpu_caps().isa, cpu_caps().float_dtype, libs]))\n"
+    )
+    env = child_env(cpu.avx2_environment(child_env()))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["AVX2", "AVX2 only", "float32", ["vllm/_C_AVX2"]]
+    assert (env["ONEDNN_MAX_CPU_ISA"], env["MKL_ENABLE_INSTRUCTIONS"]) == ("AVX2", "AVX2")
+    assert cpu.ISA_ENV not in os.environ  # this process is left as it is

@@ -19,9 +19,11 @@ from qwen_vllm.plugin.lm_head import (
     INT8_KEY,
     QWenLMHeadMethod,
     check_int8_lm_head,
+    int8_lm_head_advice,
     int8_wanted,
     quantize_rows,
 )
+from qwen_vllm.runtime.cpu import CpuCaps
 
 
 def lm_head_weight(model: torch.nn.Module) -> list:
@@ -160,8 +162,11 @@ def test_int8_option_is_a_bool_and_cpu_only() -> None:
     assert int8_wanted(None) is False and int8_wanted({}) is False and int8_wanted({INT8_KEY: True}) is True
     with pytest.raises(QwenQuantizationError, match=f"'{INT8_KEY}' must be true or false, not 'yes'"):
         int8_wanted({INT8_KEY: "yes"})
-    check_int8_lm_head({INT8_KEY: True}, on_cpu=True)
+    check_int8_lm_head({INT8_KEY: True}, on_cpu=True)  # runs, with a warning where advised against
     check_int8_lm_head({INT8_KEY: False}, on_cpu=False)
+    avx2 = int8_lm_head_advice(CpuCaps(x86=True, avx512=False, amx=False))
+    assert avx2 is not None and "slower than the float one" in avx2 and "AVX2 only" in avx2
+    assert int8_lm_head_advice(CpuCaps(x86=True, avx512=True, amx=True, bf16=True)) is None
     with pytest.raises(QwenQuantizationError, match="is a CPU option"):
         check_int8_lm_head({INT8_KEY: True}, on_cpu=False)
 

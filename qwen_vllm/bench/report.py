@@ -278,10 +278,12 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
         models: dict[str, tuple[Path, int | None]] = {"float": (model, None)}
         for bits in args.bits:
             models[f"int{bits}"] = (write_shape_model(args.size, Path(tmp) / f"int{bits}", gptq_bits=bits), bits)
+        dtypes = {n: args.dtype if bits else args.float_dtype or args.dtype for n, (_, bits) in models.items()}
         for name, (path, bits) in models.items():
             for suffix, config in lm_head_variants(args.int8_lm_head):
                 extra = {"additional_config": config} if config else {}
-                jobs[name + suffix] = run_job({**spec, "model": str(path), "engine": {**spec["engine"], **extra}})
+                job = {**spec, "model": str(path), "dtype": dtypes[name], "engine": {**spec["engine"], **extra}}
+                jobs[name + suffix] = run_job(job)
                 layout[name + suffix] = (bits, bool(config))
     rows = [dict(r, target=name) for name, job in jobs.items() for r in job["rows"] if r["target"] == "raw"]
     prefill = [dict(r, target=name, prompt_tokens=args.prefill_tokens) for name, job in jobs.items() for r in job["rows"] if r["target"] == "prefill"]  # fmt: skip
@@ -300,11 +302,12 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
             goals[f"{label} decode at batch 1 >= 2x float"] = ratios[f"{name}/float batch 1"] >= GOAL_INT4_DECODE
             goals[f"{label} prefill at batch 1 >= 0.8x float"] = ratios[f"{name}/float prefill batch 1"] >= GOAL_INT4_PREFILL
             goals[f"{label} peak memory <= 0.5x float"] = ratios[f"{name}/float peak memory"] <= GOAL_INT4_MEMORY
-    kernels = {n: "torch (oneDNN)" if bits is None else gptq_kernel(args.dtype, bits) for n, (bits, _) in layout.items()}
+    float_kernel = "torch (oneDNN)" if not args.float_dtype or args.float_dtype == args.dtype else f"torch, {args.float_dtype}"
+    kernels = {n: float_kernel if bits is None else gptq_kernel(args.dtype, bits) for n, (bits, _) in layout.items()}
     bandwidth = read_bandwidth_gib_s()
     roofline = {}
     for name, (bits, head) in layout.items():
-        step = decode_step_gib(model, args.dtype, bits, int8_lm_head=head)
+        step = decode_step_gib(model, args.dtype if bits else args.float_dtype or args.dtype, bits, int8_lm_head=head)
         roofline[name] = {"gib_per_step": step, "tok_s": bandwidth / step, "achieved": tok[name, 1] / (bandwidth / step) if 1 in args.batches else None}
     return {"rows": rows, "prefill": prefill, "memory_gib": memory, "kernels": kernels, "read_gib_s": bandwidth, "roofline": roofline,
             "ratios": ratios, "goals": goals}  # fmt: skip
@@ -606,6 +609,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--new-tokens", type=int, default=2048 if mode == "profile" else 32)
         p.add_argument("--rounds", type=int, default=1 if mode == "profile" else 3, help="medians over this many")
         p.add_argument("--out", type=Path, default=Path("results") / "bench", help="results folder")
+        if mode != "llamacpp":  # llama.cpp picks its kernels from the CPU itself
+            p.add_argument("--cpu-isa", choices=["avx2"],
+                           help="run every engine as an AVX2-only x86 CPU does (vLLM's _C_AVX2, PyTorch, oneDNN "
+                           "and MKL capped at AVX2), emulated on this AVX-512 CPU and its memory")  # fmt: skip
         p.add_argument("--compiled", action="store_true",
                        help="CPU: run vLLM compiled (torch.compile, what its servers do unless --enforce-eager) "
                        "instead of eager; about twice the start-up")  # fmt: skip
@@ -638,6 +645,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if mode == "quant":
             p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement")
             p.add_argument("--bits", type=int, nargs="+", choices=[4, 8], default=[4, 8], help="GPTQ widths to run")
+            p.add_argument("--float-dtype", choices=["float32", "bfloat16", "float16"],
+                           help="dtype of the float model the GPTQ ones are compared with (default: --dtype; "
+                           "float32 is the one to beat on CPUs without native bf16)")  # fmt: skip
         if mode in ("quant", "llamacpp"):
             p.add_argument("--int8-lm-head", action="store_true",
                            help="also run each of our models with its lm_head in int8 rows (CPU; additional_config qwen_int8_lm_head)")  # fmt: skip
@@ -683,8 +693,17 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from qwen_vllm.errors import QwenCheckpointError
     from qwen_vllm.plugin.checkpoint import read_config, validate_checkpoint
-    from qwen_vllm.runtime.cpu import default_float_dtype
+    from qwen_vllm.runtime.cpu import cpu_caps, default_float_dtype
 
+    native = cpu_caps().isa
+    if getattr(args, "cpu_isa", None):  # before the default dtype and every child process
+        from qwen_vllm.runtime.cpu import avx2_environment, emulate_isa
+
+        if not cpu_caps().x86:
+            print("qwen-vllm bench: error: --cpu-isa avx2 needs an x86 CPU", file=sys.stderr)
+            return 2
+        os.environ.update(avx2_environment())
+        emulate_isa()
     args.dtype = args.dtype or default_float_dtype()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-ups: no engine left behind
     with tempfile.TemporaryDirectory(prefix="qwen-bench-") as tmp:
@@ -723,7 +742,7 @@ def run(args: argparse.Namespace) -> int:
         **({"compiled": True} if args.compiled else {}),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "wall_s": time.time() - started,
-        "machine": machine(),
+        "machine": machine() + (f", emulated on {native}" if getattr(args, "cpu_isa", None) else ""),
         "command": "qwen-vllm bench " + " ".join(sys.argv[sys.argv.index(args.mode) :] if args.mode in sys.argv else [args.mode]),
         "data": data,
     }

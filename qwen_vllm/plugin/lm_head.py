@@ -21,7 +21,9 @@ lm_head in fp16). Two things on vLLM's CPU backend:
   rows on). It changes the logits
   by the rounding (docs/quantization.md); llama.cpp's Q4_0 files round their
   output matrix too (to 6 bits), and their activations to 8 bits. CPU only:
-  refused on other devices before an engine starts.
+  refused on other devices before an engine starts; on CPUs without AVX-512
+  it decodes slower than the float lm_head (measured, docs/performance.md),
+  which a warning says when it is asked for there.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 )
 
 from qwen_vllm.errors import QwenQuantizationError
+from qwen_vllm.runtime.cpu import CpuCaps, cpu_caps
 
 logger = init_logger(f"vllm.{__name__}")  # vLLM's log handler and format
 INT8_KEY = "qwen_int8_lm_head"  # in vLLM's additional_config
@@ -51,12 +54,28 @@ def int8_wanted(additional_config: Any) -> bool:
 
 
 def check_int8_lm_head(additional_config: Any, *, on_cpu: bool) -> None:
-    """Refuse the int8 lm_head where it does not run (before an engine starts)."""
-    if int8_wanted(additional_config) and not on_cpu:
+    """Refuse the int8 lm_head where it does not run, and warn where it runs
+    slower than the float one (before an engine starts)."""
+    if not int8_wanted(additional_config):
+        return
+    if not on_cpu:
         raise QwenQuantizationError(
             f"additional_config {INT8_KEY!r} is a CPU option (PyTorch's int8 weight-only CPU kernel); "
             "leave it out on GPUs"
         )
+    if (advice := int8_lm_head_advice(cpu_caps())) is not None:
+        logger.warning(advice)
+
+
+def int8_lm_head_advice(caps: CpuCaps) -> str | None:
+    """Why not to use the int8 lm_head on a CPU of ``caps``'s kind, if so."""
+    if caps.avx512:
+        return None
+    return (
+        f"additional_config {INT8_KEY!r}: on a CPU without AVX-512 (this one: {caps.isa}) the int8 lm_head "
+        "decodes slower than the float one (measured 0.59x with Int4 layers, 0.82x with float32 ones, at "
+        "batch 1; docs/performance.md); leave it out here"
+    )
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

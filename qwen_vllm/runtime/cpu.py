@@ -84,6 +84,48 @@ def cpu_caps() -> CpuCaps:
     bf16 = amx or (x86 and torch.cpu._is_avx512_bf16_supported())
     return CpuCaps(x86, x86 and torch.cpu._is_avx512_supported(), amx, bf16)
 
+# ``qwen-vllm bench --cpu-isa avx2`` runs a bench on an AVX-512 machine as an
+# AVX2-only CPU runs it: every Python process of its jobs starts with
+# ``runtime/avx2_site/sitecustomize.py`` on its path, which calls
+# :func:`emulate_isa` before vLLM picks its kernel library; PyTorch, oneDNN and
+# MKL are capped at AVX2 by their own variables. The memory system stays this
+# machine's: the figures show the AVX2 kernels, not an AVX2 machine's bandwidth.
+ISA_ENV = "QWEN_VLLM_CPU_ISA"
+_TORCH_CPU_FEATURES = (  # what vLLM and cpu_caps() ask (torch.cpu, read at each call)
+    "_is_avx512_supported",
+    "_is_avx512_bf16_supported",
+    "_is_avx512_vnni_supported",
+    "_is_amx_tile_supported",
+    "_is_amx_fp16_supported",
+)
+
+
+def avx2_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """The variables under which every process started with them sees this
+    x86 CPU as AVX2-only (``environ``'s PYTHONPATH kept behind ours)."""
+    environ = os.environ if environ is None else environ
+    site = str(Path(__file__).with_name("avx2_site"))
+    return {
+        ISA_ENV: "avx2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "PYTHONPATH": os.pathsep.join(filter(None, [site, environ.get("PYTHONPATH")])),
+    }
+
+
+def emulate_isa() -> None:
+    """Under ``QWEN_VLLM_CPU_ISA=avx2`` (:func:`avx2_environment`), make
+    PyTorch's CPU feature tests answer as on an AVX2-only CPU; else nothing."""
+    if os.environ.get(ISA_ENV) != "avx2":
+        return
+    import torch
+
+    for name in _TORCH_CPU_FEATURES:
+        setattr(torch.cpu, name, lambda: False)
+    cpu_caps.cache_clear()
+
+
 # KV-cache space in GiB when the user sets none. vLLM's own CPU default is
 # 90% of RAM minus what the process holds: on a shared host that starves every
 # other process, and a second engine fails to start. Qwen v1 has no GQA, so a
