@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-llamacpp test test-gpu demo
+.PHONY: setup setup-llamacpp setup-llamacpp-avx2 test test-gpu demo
 
 setup:
 	./scripts/setup.sh
@@ -11,6 +11,9 @@ setup:
 # Only for `qwen-vllm bench llamacpp`: llama-cpp-python in .venv-llamacpp (built by pip).
 setup-llamacpp:
 	./scripts/setup-llamacpp.sh
+
+setup-llamacpp-avx2:
+	LLAMACPP_ISA=avx2 LLAMACPP_VENV=.venv-llamacpp-avx2 ./scripts/setup-llamacpp.sh
 
 test: setup
 	$(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)

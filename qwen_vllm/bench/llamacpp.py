@@ -46,7 +46,8 @@ from typing import Any
 FILE_TYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2}
 # Which of our models each llama.cpp file is compared with.
 PAIRS = {"F16": "float", "Q8_0": "int8", "Q4_0": "int4"}
-DEFAULT_PYTHON = Path(".venv-llamacpp/bin/python")
+DEFAULT_PYTHON = Path(".venv-llamacpp/bin/python")  # make setup-llamacpp
+AVX2_PYTHON = Path(".venv-llamacpp-avx2/bin/python")  # make setup-llamacpp-avx2: for --cpu-isa avx2
 PAD_TOKEN = "[PAD{}]"  # rows of the embedding beyond the tokenizer, as llama.cpp's converter names them
 
 
@@ -259,9 +260,16 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
     return {"rows": rows, "ratios": ratios, "goals": goals, "failed": failed, "llamacpp": llamacpp_version(args.llamacpp_python)}
 
 
+# The instruction sets llama.cpp's system info names that tell the CPU kinds apart.
+LLAMACPP_ISA = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX_INT8")
+
+
 def llamacpp_version(python: Path) -> str:
-    out = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True)
-    return f"llama-cpp-python {out.stdout.strip() or '?'}"
+    """"llama-cpp-python VERSION (the instruction sets of its CPU build)"."""
+    code = "import llama_cpp; print(llama_cpp.__version__); print(llama_cpp.llama_print_system_info().decode())"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.splitlines()
+    isa = [k for k in LLAMACPP_ISA if f"| {k} = 1 |" in f"| {out[1] if len(out) > 1 else ''}"]
+    return f"llama-cpp-python {out[0].strip() if out else '?'} ({', '.join(isa) or 'no AVX2'})"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -271,8 +279,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, nargs="*", choices=[4, 8], default=[4], help="our GPTQ widths (none: float only)")
     p.add_argument("--llamacpp-files", nargs="+", choices=list(FILE_TYPES), default=["F16", "Q4_0"],
                    help="GGUF types to serve with llama.cpp")  # fmt: skip
-    p.add_argument("--llamacpp-python", type=Path, default=DEFAULT_PYTHON,
-                   help=f"python of the llama.cpp environment (default {DEFAULT_PYTHON}, made by make setup-llamacpp)")  # fmt: skip
+    p.add_argument("--llamacpp-python", type=Path,
+                   help=f"python of the llama.cpp environment (default {DEFAULT_PYTHON}, made by make setup-llamacpp; "
+                   f"with --cpu-isa avx2 {AVX2_PYTHON}, made by make setup-llamacpp-avx2)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -609,10 +609,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--new-tokens", type=int, default=2048 if mode == "profile" else 32)
         p.add_argument("--rounds", type=int, default=1 if mode == "profile" else 3, help="medians over this many")
         p.add_argument("--out", type=Path, default=Path("results") / "bench", help="results folder")
-        if mode != "llamacpp":  # llama.cpp picks its kernels from the CPU itself
-            p.add_argument("--cpu-isa", choices=["avx2"],
-                           help="run every engine as an AVX2-only x86 CPU does (vLLM's _C_AVX2, PyTorch, oneDNN "
-                           "and MKL capped at AVX2), emulated on this AVX-512 CPU and its memory")  # fmt: skip
+        p.add_argument("--cpu-isa", choices=["avx2"],
+                       help="run every engine as an AVX2-only x86 CPU does (vLLM's _C_AVX2, PyTorch, oneDNN and MKL "
+                       "capped at AVX2), emulated on this AVX-512 CPU and its memory; llamacpp: give it a "
+                       "llama.cpp built for AVX2 (--llamacpp-python)")  # fmt: skip
         p.add_argument("--compiled", action="store_true",
                        help="CPU: run vLLM compiled (torch.compile, what its servers do unless --enforce-eager) "
                        "instead of eager; about twice the start-up")  # fmt: skip
@@ -682,8 +682,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.mode} compares layouts of one shape: give --size (dummy weights)")
     if args.mode == "llamacpp" and args.bits and args.dtype not in ("float16", "bfloat16"):
         raise ValueError(f"vLLM runs GPTQ in float16 or bfloat16, not {args.dtype}: give --dtype, or --bits with none")
-    if args.mode == "llamacpp" and not args.llamacpp_python.exists():
-        raise ValueError(f"{args.llamacpp_python}: no llama.cpp environment; run `make setup-llamacpp`")
+    if args.mode == "llamacpp":
+        from qwen_vllm.bench.llamacpp import (
+            AVX2_PYTHON,
+            DEFAULT_PYTHON,
+            llamacpp_version,
+        )
+
+        args.llamacpp_python = args.llamacpp_python or (AVX2_PYTHON if args.cpu_isa else DEFAULT_PYTHON)
+        if not args.llamacpp_python.exists():
+            setup = "setup-llamacpp-avx2" if args.cpu_isa else "setup-llamacpp"
+            raise ValueError(f"{args.llamacpp_python}: no llama.cpp environment; run `make {setup}`")
+        if args.cpu_isa and "AVX512" in (build := llamacpp_version(args.llamacpp_python)):
+            raise ValueError(f"--cpu-isa {args.cpu_isa}: {args.llamacpp_python} is {build}, which picks its own "
+                             "kernels; give --llamacpp-python a llama.cpp built for AVX2 (docs/performance.md)")  # fmt: skip
     if args.mode == "quant" and args.dtype not in ("float16", "bfloat16"):
         raise ValueError(f"vLLM runs GPTQ in float16 or bfloat16, not {args.dtype}: give --dtype")
     if args.new_tokens + 64 > args.seq_length:
@@ -696,7 +708,7 @@ def run(args: argparse.Namespace) -> int:
     from qwen_vllm.runtime.cpu import cpu_caps, default_float_dtype
 
     native = cpu_caps().isa
-    if getattr(args, "cpu_isa", None):  # before the default dtype and every child process
+    if args.cpu_isa:  # before the default dtype and every child process
         from qwen_vllm.runtime.cpu import avx2_environment, emulate_isa
 
         if not cpu_caps().x86:
@@ -742,7 +754,7 @@ def run(args: argparse.Namespace) -> int:
         **({"compiled": True} if args.compiled else {}),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "wall_s": time.time() - started,
-        "machine": machine() + (f", emulated on {native}" if getattr(args, "cpu_isa", None) else ""),
+        "machine": machine() + (f", emulated on {native}" if args.cpu_isa else ""),
         "command": "qwen-vllm bench " + " ".join(sys.argv[sys.argv.index(args.mode) :] if args.mode in sys.argv else [args.mode]),
         "data": data,
     }

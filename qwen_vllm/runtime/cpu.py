@@ -119,7 +119,10 @@ def emulate_isa() -> None:
     PyTorch's CPU feature tests answer as on an AVX2-only CPU; else nothing."""
     if os.environ.get(ISA_ENV) != "avx2":
         return
-    import torch
+    try:
+        import torch
+    except ImportError:  # a process without PyTorch (the bench's llama.cpp server): nothing asks
+        return
 
     for name in _TORCH_CPU_FEATURES:
         setattr(torch.cpu, name, lambda: False)
