@@ -130,7 +130,7 @@ def recorded(mode: str) -> dict:
     return json.loads((RECORDED / f"{mode}.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant", "quant-int8-lm-head", "quant-compiled", "quant-avx2", "llamacpp"])
+@pytest.mark.parametrize("mode", ["versus", "profile", "cpu-defaults", "lora", "quant", "quant-int8-lm-head", "quant-compiled", "quant-avx2", "llamacpp", "llamacpp-avx2"])
 def test_recorded_reports_render_as_recorded(mode: str, tmp_path: Path) -> None:
     from qwen_vllm.bench.report import markdown, plot
 
@@ -446,3 +446,18 @@ def test_llamacpp_report() -> None:
         "Int4 vs Q4_0 at concurrency 8 >= 2x": data["ratios"]["int4 / llama.cpp Q4_0 concurrency 8"] >= 2,
     }
     assert data["llamacpp"] == "llama-cpp-python 0.3.36"
+
+
+def test_llamacpp_avx2_report() -> None:
+    """The recorded ``llamacpp --cpu-isa avx2`` run: ours as an AVX2-only CPU runs
+    it (emulated), against a llama.cpp build with AVX2 and nothing above it."""
+    result = recorded("llamacpp-avx2")
+    data = result["data"]
+    assert result["machine"].startswith("x86_64 AVX2 only") and "emulated on AVX-512" in result["machine"]
+    assert data["llamacpp"] == "llama-cpp-python 0.3.36 (AVX2)" and "--cpu-isa avx2" in result["command"]
+    tok = {(r["target"], r["concurrency"]): r["tok_s"] for r in data["rows"]}
+    assert sorted(tok) == sorted((t, c) for t in ("float", "int4", "llama.cpp Q4_0") for c in (1, 8))
+    for c in (1, 8):
+        want = tok["int4", c] / tok["llama.cpp Q4_0", c]
+        assert data["ratios"][f"int4 / llama.cpp Q4_0 concurrency {c}"] == pytest.approx(want)
+    assert data["goals"]["Int4 vs Q4_0 at batch 1 >= 1x"] == (data["ratios"]["int4 / llama.cpp Q4_0 concurrency 1"] >= 1)
