@@ -4,7 +4,8 @@ table, JSON and PNG. Figures are never asserted (the machine is shared); only
 that they exist, are positive and the ratios finite.
 
 Two tiny live runs, side by side at module set-up: ``profile`` (one engine:
-the engine job every offline mode runs, in its own process) and ``versus``'s
+the engine job every offline mode runs, in its own process; with ``--cpu-isa
+avx2`` on x86, so AVX-512 machines run an engine on vLLM's AVX2 library too) and ``versus``'s
 serving half, with ``--target``: the session's vLLM server vs the shared
 FastChat topology's worker and front, so it starts no engine. ``cpu-defaults``
 runs that same engine job once per variant (two engines): its variants are
@@ -27,14 +28,14 @@ from pathlib import Path
 import pytest
 from reliability_stack import topology  # noqa: F401 (a fixture: versus measures its worker and front)
 
-from qwen_vllm.runtime.cpu import default_float_dtype
+from qwen_vllm.runtime.cpu import cpu_caps, default_float_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 4
 COMMON = ["--new-tokens", str(NEW_TOKENS), "--rounds", "1"]
 RUNS = {
     "versus": ["--only", "serving", "--concurrency", "1", "8", "--prompts-per-client", "1", "--input-len", "16"],
-    "profile": ["--batch", "4"],
+    "profile": ["--batch", "4", *(["--cpu-isa", "avx2"] if cpu_caps().x86 else [])],
 }  # fmt: skip
 USES_TOPOLOGY = True  # live runs reach bench_runs through getfixturevalue (reliability_stack)
 pytestmark = pytest.mark.timeout(1800)  # an engine start: slow when the machine is shared
@@ -93,7 +94,8 @@ def load(bench_runs: dict, mode: str) -> dict:
     assert md.startswith(f"## qwen-vllm bench {mode}:") and "|---|" in md
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
     result = json.loads((out / f"{mode}.json").read_text())
-    assert result["mode"] == mode and result["new_tokens"] == NEW_TOKENS and result["dtype"] == default_float_dtype()
+    dtype = "float32" if "--cpu-isa" in RUNS.get(mode, []) else default_float_dtype()  # auto as on AVX2
+    assert result["mode"] == mode and result["new_tokens"] == NEW_TOKENS and result["dtype"] == dtype
     return result
 
 
@@ -110,7 +112,8 @@ def result_of(request: pytest.FixtureRequest, mode: str, source: str) -> dict:
 
 @pytest.mark.parametrize("source", ["live", "recorded"])
 def test_profile(request: pytest.FixtureRequest, source: str) -> None:
-    data = result_of(request, "profile", source)["data"]
+    result = result_of(request, "profile", source)
+    data = result["data"]
     rows = data["rows"]
     if source == "live":  # run with QWEN_VLLM_PRELOAD=1: the engine processes start with what is installed
         from qwen_vllm.runtime.cpu import preload_value
@@ -120,6 +123,10 @@ def test_profile(request: pytest.FixtureRequest, source: str) -> None:
         assert set(wanted) <= set(loaded) if wanted else any(n.startswith("libgomp") for n in loaded), loaded
         # our thread binding reached the engine: every core this process may use
         assert data["engine"]["omp_threads_bind"] == ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        if "--cpu-isa" in RUNS["profile"]:  # as an AVX2-only CPU: vLLM loaded its AVX2 library
+            machine = result["machine"]
+            assert data["engine"]["vllm_kernels"] == "_C_AVX2.abi3.so", data["engine"]["vllm_kernels"]
+            assert machine.startswith("x86_64 AVX2 only") and ("emulated on" in machine) == cpu_caps().avx512
     assert sorted(r["batch"] for r in rows) == [1, 4]
     for r in rows:
         assert r["target"] == "wrapper" and r["new_tokens"] == NEW_TOKENS

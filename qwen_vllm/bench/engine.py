@@ -262,6 +262,7 @@ def vllm_job(spec: dict) -> dict:
         "max_num_batched_tokens": wrapper.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens,
         "omp_threads_bind": binding,
         "ld_preload": engine_libraries(),
+        "vllm_kernels": engine_libraries(("_C",), folder="vllm"),  # _C, _C_AVX512 or _C_AVX2: by CPU kind
         "prompt_tokens": statistics.median(len(i) for i in ids),
     }
 
@@ -270,17 +271,19 @@ def vllm_job(spec: dict) -> dict:
 RUNTIME_LIBRARIES = ("libtcmalloc", "libjemalloc", "libiomp", "libgomp")
 
 
-def engine_libraries() -> str:
-    """The allocator and OpenMP libraries vLLM's engine-core process has loaded
-    (file names, in load order): what LD_PRELOAD decided. Its environment
-    cannot be read back: vLLM retitles the process over it."""
+def engine_libraries(prefixes: tuple[str, ...] = RUNTIME_LIBRARIES, folder: str | None = None) -> str:
+    """The libraries vLLM's engine-core process has loaded whose file names
+    start with ``prefixes`` (in ``folder`` if given), in load order: by default
+    the allocator and OpenMP ones, what LD_PRELOAD decided (its environment
+    cannot be read back: vLLM retitles the process over it)."""
     import psutil
 
     for child in psutil.Process().children(recursive=True):
         try:
             if "EngineCore" in " ".join(child.cmdline()):
-                names = (Path(m.path).name for m in child.memory_maps(grouped=False))
-                return " ".join(dict.fromkeys(n for n in names if n.startswith(RUNTIME_LIBRARIES)))
+                paths = (Path(m.path) for m in child.memory_maps(grouped=False))
+                names = (p.name for p in paths if folder is None or p.parent.name == folder)
+                return " ".join(dict.fromkeys(n for n in names if n.startswith(prefixes)))
         except psutil.Error:
             continue
     return ""

@@ -754,7 +754,7 @@ def run(args: argparse.Namespace) -> int:
         **({"compiled": True} if args.compiled else {}),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "wall_s": time.time() - started,
-        "machine": machine() + (f", emulated on {native}" if args.cpu_isa else ""),
+        "machine": machine() + (f", emulated on {native}" if native != cpu_caps().isa else ""),
         "command": "qwen-vllm bench " + " ".join(sys.argv[sys.argv.index(args.mode) :] if args.mode in sys.argv else [args.mode]),
         "data": data,
     }
