@@ -267,24 +267,25 @@ def lora(args: argparse.Namespace, model: Path) -> dict:
 def quant(args: argparse.Namespace, model: Path) -> dict:
     """GPTQ Int4/Int8 against the float model of the same shape (``--size``,
     dummy weights in GPTQ layout: the kernels and memory are the real ones),
-    all in ``--dtype``: decode and prefill tokens/s at each batch size and peak
-    memory, each engine in a fresh process; ``--int8-lm-head`` adds each model
-    again with its lm_head in int8 rows (plugin/lm_head.py)."""
+    all in ``--dtype`` (the float one in ``--float-dtype`` if given): decode and
+    prefill tokens/s at each batch size and peak memory, each engine in a fresh
+    process; ``--int8-lm-head`` adds each model again with its lm_head in int8
+    rows (plugin/lm_head.py)."""
     spec = {**base_spec(args, model), "kind": "vllm", "targets": ["raw", "prefill"], "batches": args.batches,
             "prefill_tokens": args.prefill_tokens, "tokens_per_sequence": {"prefill": args.prefill_tokens}}  # fmt: skip
     jobs: dict[str, dict] = {}
-    layout: dict[str, tuple[int | None, bool]] = {}  # name -> (GPTQ bits, int8 lm_head)
+    layout: dict[str, tuple[int | None, bool, str]] = {}  # name -> (GPTQ bits, int8 lm_head, dtype)
+    float_dtype = args.float_dtype or args.dtype
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
         models: dict[str, tuple[Path, int | None]] = {"float": (model, None)}
         for bits in args.bits:
             models[f"int{bits}"] = (write_shape_model(args.size, Path(tmp) / f"int{bits}", gptq_bits=bits), bits)
-        dtypes = {n: args.dtype if bits else args.float_dtype or args.dtype for n, (_, bits) in models.items()}
         for name, (path, bits) in models.items():
+            dtype = args.dtype if bits else float_dtype
             for suffix, config in lm_head_variants(args.int8_lm_head):
                 extra = {"additional_config": config} if config else {}
-                job = {**spec, "model": str(path), "dtype": dtypes[name], "engine": {**spec["engine"], **extra}}
-                jobs[name + suffix] = run_job(job)
-                layout[name + suffix] = (bits, bool(config))
+                jobs[name + suffix] = run_job({**spec, "model": str(path), "dtype": dtype, "engine": {**spec["engine"], **extra}})
+                layout[name + suffix] = (bits, bool(config), dtype)
     rows = [dict(r, target=name) for name, job in jobs.items() for r in job["rows"] if r["target"] == "raw"]
     prefill = [dict(r, target=name, prompt_tokens=args.prefill_tokens) for name, job in jobs.items() for r in job["rows"] if r["target"] == "prefill"]  # fmt: skip
     tok = {(r["target"], r["batch"]): r["tok_s"] for r in rows}
@@ -302,12 +303,12 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
             goals[f"{label} decode at batch 1 >= 2x float"] = ratios[f"{name}/float batch 1"] >= GOAL_INT4_DECODE
             goals[f"{label} prefill at batch 1 >= 0.8x float"] = ratios[f"{name}/float prefill batch 1"] >= GOAL_INT4_PREFILL
             goals[f"{label} peak memory <= 0.5x float"] = ratios[f"{name}/float peak memory"] <= GOAL_INT4_MEMORY
-    float_kernel = "torch (oneDNN)" if not args.float_dtype or args.float_dtype == args.dtype else f"torch, {args.float_dtype}"
-    kernels = {n: float_kernel if bits is None else gptq_kernel(args.dtype, bits) for n, (bits, _) in layout.items()}
+    float_kernel = "torch (oneDNN)" if float_dtype == args.dtype else f"torch, {float_dtype}"
+    kernels = {n: float_kernel if bits is None else gptq_kernel(dtype, bits) for n, (bits, _, dtype) in layout.items()}
     bandwidth = read_bandwidth_gib_s()
     roofline = {}
-    for name, (bits, head) in layout.items():
-        step = decode_step_gib(model, args.dtype if bits else args.float_dtype or args.dtype, bits, int8_lm_head=head)
+    for name, (bits, head, dtype) in layout.items():
+        step = decode_step_gib(model, dtype, bits, int8_lm_head=head)
         roofline[name] = {"gib_per_step": step, "tok_s": bandwidth / step, "achieved": tok[name, 1] / (bandwidth / step) if 1 in args.batches else None}
     return {"rows": rows, "prefill": prefill, "memory_gib": memory, "kernels": kernels, "read_gib_s": bandwidth, "roofline": roofline,
             "ratios": ratios, "goals": goals}  # fmt: skip
