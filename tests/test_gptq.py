@@ -27,7 +27,7 @@ from greedy_reference import (
     PROMPTS,
     transformers_scorer,
 )
-from test_lm_head import lm_head_weight, rounded_rows, rounded_tokens
+from test_lm_head import embedding_weight, lm_head_weight, rounded_rows, rounded_tokens
 from test_long_context import check_teacher_forced_greedy, run
 
 from qwen_vllm.errors import QwenQuantizationError
@@ -369,33 +369,36 @@ def reference(gptq_dirs, fixtures_root):
     return transformers_scorer(convert_to_qwen2(ref, fixtures_root / "gptq-int4-reference-qwen2"))
 
 
-def with_int8_lm_head(model: Path, reference: Path, out: Path) -> Path:
-    """A copy of the float ``reference`` whose lm_head is the GPTQ ``model``'s
-    (float16 in the checkpoint) rounded as the int8 lm_head holds it."""
+def with_int8_vocab(model: Path, reference: Path, out: Path) -> Path:
+    """A copy of the float ``reference`` whose lm_head and embedding are the
+    GPTQ ``model``'s (float16 in the checkpoint) rounded as the int8 lm_head
+    and the int8 embedding hold them."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    def lm_head_file(root: Path) -> Path:
-        return root / json.loads((root / "model.safetensors.index.json").read_text())["weight_map"]["lm_head.weight"]
+    def file_of(root: Path, name: str) -> Path:
+        return root / json.loads((root / "model.safetensors.index.json").read_text())["weight_map"][name]
 
     shutil.copytree(reference, out, dirs_exist_ok=True)
-    tensors = load_file(lm_head_file(out))
-    tensors["lm_head.weight"] = rounded_rows(load_file(lm_head_file(model))["lm_head.weight"].float())
-    save_file(tensors, lm_head_file(out), metadata={"format": "pt"})
+    for name in ("lm_head.weight", "transformer.wte.weight"):
+        tensors = load_file(file_of(out, name))
+        tensors[name] = rounded_rows(load_file(file_of(model, name))[name].float())
+        save_file(tensors, file_of(out, name), metadata={"format": "pt"})
     return out
 
 
 def int8_head_input(lm_head: list[list]):
-    """How the engine's int8 lm_head (``lm_head_weights``) sees the hidden
+    """How the engine's int8 lm_head (``vocab_layers``) sees the hidden
     state: rounded per token where it runs on vLLM's oneDNN W8A8 GEMM, as it is
     on PyTorch's weight-only kernel (test_lm_head.py)."""
     return rounded_tokens if lm_head[0][2] is not None else None
 
 
-def lm_head_weights(llm) -> list[list]:
-    """Each rank's lm_head weight as [dtype, shape], asked of the engine's workers."""
-    return llm.apply_model(lm_head_weight)
+def vocab_layers(llm) -> dict[str, list[list]]:
+    """Each rank's lm_head and embedding weights as test_lm_head describes
+    them, asked of the engine's workers."""
+    return {"lm_head": llm.apply_model(lm_head_weight), "embedding": llm.apply_model(embedding_weight)}
 
 
 @pytest.fixture(scope="module")
@@ -441,7 +444,7 @@ def int4_tp1(gptq_dirs, prompt_ids, qlora, model_rpc):
         settings = (config.model_config.quantization, config.model_config.dtype, config.cache_config.cache_dtype)
         base = run(wrapper.llm, prompt_ids, NEW_TOKENS)
         adapted = run(wrapper.llm, prompt_ids, NEW_TOKENS, lora=wrapper.lora_request(qlora[0]))
-        return settings, base, wrapper.chat("Hi", max_new_tokens=8)[0], adapted, lm_head_weights(wrapper.llm)
+        return settings, base, wrapper.chat("Hi", max_new_tokens=8)[0], adapted, vocab_layers(wrapper.llm)
     finally:
         wrapper.llm.llm_engine.engine_core.shutdown()
 
@@ -449,9 +452,10 @@ def int4_tp1(gptq_dirs, prompt_ids, qlora, model_rpc):
 # Engine start-up on the shared 2-core machine has taken 13 minutes under load.
 @pytest.mark.timeout(1800)
 def test_int4_auto_detected_and_equals_dequantized_reference(int4_tp1, reference) -> None:
-    settings, got, reply, _, lm_head = int4_tp1
+    settings, got, reply, _, vocab = int4_tp1
     assert settings == ("auto_gptq", torch.float16, "auto")
-    assert lm_head == [["torch.float16", [0], None]]  # one copy: vLLM's packed one (plugin/lm_head.py)
+    assert vocab["lm_head"] == [["torch.float16", [0], None]]  # one copy: vLLM's packed one (plugin/lm_head.py)
+    assert vocab["embedding"] == [["torch.float16", [151936, 128], None, False]]  # one copy: the weight
     # LoRA on, no adapter asked for: the base model. Teacher-forced: the bf16 int4pack kernel
     # may resolve a near-tie of the random weights the other way (seen once in 5 runs).
     check_teacher_forced_greedy(reference, got, CPU_LOGPROB_TOL)
@@ -469,9 +473,10 @@ def test_qlora_adapter_equals_the_merged_dequantized_reference(int4_tp1, qlora) 
 
 @pytest.fixture(scope="module")
 def int8_reference(gptq_dirs, fixtures_root) -> Path:
-    """The Int8 fixture's float weights, its lm_head as the int8 lm_head holds it."""
+    """The Int8 fixture's float weights, its lm_head and embedding as the int8
+    lm_head and embedding hold them."""
     _, _, int8 = gptq_dirs
-    return with_int8_lm_head(int8, fixtures_root / "gptq-int8-reference", fixtures_root / "gptq-int8-reference-int8-head")
+    return with_int8_vocab(int8, fixtures_root / "gptq-int8-reference", fixtures_root / "gptq-int8-reference-int8-vocab")
 
 
 @pytest.fixture(scope="module")
@@ -484,18 +489,19 @@ def int8_qlora(gptq_dirs, int8_reference, fixtures_root):
 def int8_tp2(gptq_dirs, prompt_ids, int8_qlora, int4_tp1, model_rpc) -> dict:
     """The wrapper at TP=2 on the Int8 fixture (a base model), LoRA on, the
     lm_head int8: its outputs with and without a Q-LoRA adapter, and what it
-    does as a base model. Starts after the TP=1 engine is gone (``int4_tp1``)."""
+    does as a base model, and each rank's embedding. Starts after the TP=1
+    engine is gone (``int4_tp1``)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from qwen_vllm.plugin.lm_head import INT8_KEY
+    from qwen_vllm.plugin.lm_head import INT8_EMBEDDING_KEY, INT8_KEY
     from qwen_vllm.plugin.tokenizer import IM_END_ID
     from qwen_vllm.wrapper.chat import QwenChatFormatError, vLLMWrapper
 
     _, _, int8 = gptq_dirs
     wrapper = vLLMWrapper(
         str(int8), tensor_parallel_size=2, dtype="float16", enforce_eager=True, max_model_len=1024, enable_lora=True,
-        additional_config={INT8_KEY: True},
+        additional_config={INT8_KEY: True, INT8_EMBEDDING_KEY: True},
     )  # fmt: skip
     try:
         with pytest.raises(QwenChatFormatError, match="use generate") as chat_error:
@@ -510,7 +516,7 @@ def int8_tp2(gptq_dirs, prompt_ids, int8_qlora, int4_tp1, model_rpc) -> dict:
             "chat_error": str(chat_error.value),
             "forced_im_end": list(forced.outputs[0].token_ids),
             "text": wrapper.generate("Hello", do_sample=False, max_new_tokens=4),
-            "lm_head": lm_head_weights(wrapper.llm),
+            **vocab_layers(wrapper.llm),
         }
     finally:
         wrapper.llm.llm_engine.engine_core.shutdown()
@@ -521,13 +527,14 @@ def test_int8_tensor_parallel_2_equals_dequantized_reference(int8_tp2, int8_qlor
     """GPTQ Int8 on CPU (qwen-vllm's kernel), at TP=2, lm_head in int8 rows: the
     base model and a Q-LoRA adapter served unmerged on it equal transformers on
     the float weights the fixture encodes, the lm_head and its input rounded as
-    the int8 GEMM rounds them (each rank's slice of the weights, scales, fused
-    LoRA and vocabulary)."""
+    the int8 GEMM rounds them, the embedding rows as its int8 rows hold them
+    (each rank's slice of the weights, scales, fused LoRA and vocabulary)."""
     from qwen_vllm.checkpoints.convert import convert_to_qwen2
 
     assert int8_tp2["quantization"] == "auto_gptq"
     # Each rank: half the vocabulary in int8, in vLLM's oneDNN handler (or as int8 rows without oneDNN).
     assert int8_tp2["lm_head"] in ([["torch.int8", [0], 151936 // 2]] * 2, [["torch.int8", [151936 // 2, 128], None]] * 2)
+    assert int8_tp2["embedding"] == [["torch.int8", [151936 // 2, 128], "torch.float32", False]] * 2
     head_input = int8_head_input(int8_tp2["lm_head"])
     base = convert_to_qwen2(int8_reference, fixtures_root / "gptq-int8-reference-qwen2")
     check_teacher_forced_greedy(transformers_scorer(base, head_input), int8_tp2["base"], CPU_LOGPROB_TOL)

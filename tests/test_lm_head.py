@@ -1,8 +1,9 @@
-"""Qwen v1's lm_head on CPU (qwen_vllm/plugin/lm_head.py), without an engine:
-held once (vLLM's packed copy only), and the opt-in int8 rows (vLLM's oneDNN
-W8A8 GEMM, or PyTorch's weight-only kernel where vLLM has no oneDNN). Engines serve
-both in test_gptq.py (Int4 at TP=1: one copy; Int8 at TP=2: int8 rows, each
-rank its share of the vocabulary) against references with those weights."""
+"""Qwen v1's lm_head and embedding on CPU (qwen_vllm/plugin/lm_head.py), without
+an engine: the lm_head held once (vLLM's packed copy only), the opt-in int8 rows
+(vLLM's oneDNN W8A8 GEMM, or PyTorch's weight-only kernel where vLLM has no
+oneDNN), the opt-in int8 embedding. Engines serve them in test_gptq.py (Int4 at
+TP=1: one copy; Int8 at TP=2: int8 lm_head and embedding, each rank its share
+of the vocabulary) against references with those weights."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import torch.nn.functional as F
 
 from qwen_vllm.errors import QwenQuantizationError
 from qwen_vllm.plugin.lm_head import (
+    INT8_EMBEDDING_KEY,
     INT8_KEY,
+    QWenEmbeddingMethod,
     QWenLMHeadMethod,
-    check_int8_lm_head,
+    check_int8_options,
     int8_lm_head_advice,
     int8_wanted,
     quantize_rows,
@@ -32,6 +35,16 @@ def lm_head_weight(model: torch.nn.Module) -> list:
     workers by ``LLM.apply_model`` (a module-level function, pickled by name)."""
     handler = getattr(model.lm_head, "int8_handler", None)
     return [str(model.lm_head.weight.dtype), list(model.lm_head.weight.shape), handler and handler.n]
+
+
+def embedding_weight(model: torch.nn.Module) -> list:
+    """[dtype, shape] of a vLLM model's embedding weight, the dtype of its int8
+    row scales (None without) and whether vLLM packed a GEMM copy of it, run in
+    the workers like :func:`lm_head_weight`."""
+    embedding = model.model.embed_tokens
+    scale = getattr(embedding, "int8_scale", None)
+    return [str(embedding.weight.dtype), list(embedding.weight.shape), scale is not None and str(scale.dtype) or None,
+            hasattr(embedding, "cpu_linear")]  # fmt: skip
 
 
 def rounded_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -84,7 +97,7 @@ def test_one_copy_gives_vllms_logits(dtype: torch.dtype) -> None:
 FREED = """
 import json, psutil, torch
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
-from qwen_vllm.plugin.lm_head import QWenLMHeadMethod
+from qwen_vllm.plugin.lm_head import QWenEmbeddingMethod, QWenLMHeadMethod
 rss = lambda: psutil.Process().memory_info().rss
 layer = torch.nn.Module()
 layer.weight = torch.nn.Parameter(torch.ones(151936, 2048, dtype=torch.bfloat16), requires_grad=False)
@@ -95,16 +108,19 @@ print(json.dumps(rss() - before))
 
 
 def test_one_copy_frees_the_unpacked_weight() -> None:
-    """Qwen-1.8B's lm_head shape in bf16, each in a fresh process: after
-    vLLM's packing the process holds one more lm_head, after ours none more."""
+    """Qwen-1.8B's lm_head (and embedding) shape in bf16, each in a fresh
+    process: after vLLM's packing the process holds one more copy, after ours
+    (the lm_head's packed copy instead of the weight; the embedding's weight
+    alone) none more."""
     weight_bytes = 151936 * 2048 * 2
     grown = {}
-    for method in ("UnquantizedEmbeddingMethod", "QWenLMHeadMethod"):
+    for method in ("UnquantizedEmbeddingMethod", "QWenLMHeadMethod", "QWenEmbeddingMethod"):
         out = subprocess.run([sys.executable, "-c", FREED.format(method=method)], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         grown[method] = json.loads(out.stdout.strip().splitlines()[-1])
     assert grown["UnquantizedEmbeddingMethod"] > 0.9 * weight_bytes, grown  # the packed copy beside the weight
     assert grown["QWenLMHeadMethod"] < 0.1 * weight_bytes, grown  # the packed copy instead of it
+    assert grown["QWenEmbeddingMethod"] < 0.1 * weight_bytes, grown  # the weight alone
 
 
 def rounded_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -162,13 +178,41 @@ def test_int8_option_is_a_bool_and_cpu_only() -> None:
     assert int8_wanted(None) is False and int8_wanted({}) is False and int8_wanted({INT8_KEY: True}) is True
     with pytest.raises(QwenQuantizationError, match=f"'{INT8_KEY}' must be true or false, not 'yes'"):
         int8_wanted({INT8_KEY: "yes"})
-    check_int8_lm_head({INT8_KEY: True}, on_cpu=True)  # runs, with a warning where advised against
-    check_int8_lm_head({INT8_KEY: False}, on_cpu=False)
+    assert int8_wanted({INT8_KEY: True}, INT8_EMBEDDING_KEY) is False
+    with pytest.raises(QwenQuantizationError, match=f"'{INT8_EMBEDDING_KEY}' must be true or false, not 1"):
+        int8_wanted({INT8_EMBEDDING_KEY: 1}, INT8_EMBEDDING_KEY)
+    check_int8_options({INT8_KEY: True, INT8_EMBEDDING_KEY: True}, on_cpu=True)  # a warning where advised against
+    check_int8_options({INT8_KEY: False}, on_cpu=False)
     avx2 = int8_lm_head_advice(CpuCaps(x86=True, avx512=False, amx=False))
     assert avx2 is not None and "slower than the float one" in avx2 and "AVX2 only" in avx2
     assert int8_lm_head_advice(CpuCaps(x86=True, avx512=True, amx=True, bf16=True)) is None
-    with pytest.raises(QwenQuantizationError, match="is a CPU option"):
-        check_int8_lm_head({INT8_KEY: True}, on_cpu=False)
+    for key in (INT8_KEY, INT8_EMBEDDING_KEY):
+        with pytest.raises(QwenQuantizationError, match=f"'{key}' is a CPU option"):
+            check_int8_options({key: True}, on_cpu=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_embedding_looks_up_the_rounded_rows(dtype: torch.dtype) -> None:
+    """The int8 embedding holds int8 rows and a float32 scale per row and
+    returns, for any ids, the rounded rows in the model's dtype: within half
+    a step of its row (max|row| / 254) of the float rows."""
+    torch.manual_seed(0)
+    w = (torch.randn(1000, 64) * torch.logspace(-2, 1, 1000)[:, None]).to(dtype)
+    layer = head(w)
+    method = QWenEmbeddingMethod(int8=True)
+    method.process_weights_after_loading(layer)
+    assert layer.weight.dtype == torch.int8 and layer.weight.shape == w.shape
+    assert layer.int8_scale.dtype == torch.float32 and layer.int8_scale.shape == (1000, 1)
+    ids = torch.tensor([[0, 999, 7], [7, 500, 3]])
+    out = method.embedding(layer, ids)
+    assert out.dtype == dtype and out.shape == (2, 3, 64)
+    assert torch.equal(out, (layer.weight.float() * layer.int8_scale)[ids].to(dtype))  # the rows it holds
+    # ... which are the float rows rounded to their own int8 grid (and once more to dtype):
+    step, rows = w.float().abs().amax(dim=1, keepdim=True)[ids] / 127, w.float()[ids]
+    assert ((out.float() - rows).abs() <= step / 2 * (1 + 1e-6) + rows.abs() * torch.finfo(dtype).eps).all()
+    assert (layer.weight.abs().amax(dim=1) == 127).all()  # each row's largest value is a whole step
+    with pytest.raises(NotImplementedError, match="not tied"):
+        method.apply(layer, torch.ones(1, 64, dtype=dtype))
 
 
 def test_vllm_own_entry_point_names_a_bad_int8_option(random_model) -> None:
@@ -191,3 +235,22 @@ def test_linear_fallback_keeps_the_weight(monkeypatch) -> None:
     QWenLMHeadMethod().process_weights_after_loading(layer)
     assert torch.equal(layer.weight, w)
     assert torch.allclose(QWenLMHeadMethod().apply(layer, x), F.linear(x, w))
+
+
+def test_float_embedding_is_vllms_lookup_without_a_gemm_copy() -> None:
+    """The default embedding method on CPU: vLLM's lookup on the weight it
+    keeps, and no packed GEMM copy (vLLM's method packs one)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        UnquantizedEmbeddingMethod,
+    )
+
+    torch.manual_seed(0)
+    w, ids = torch.randn(512, 64, dtype=torch.bfloat16), torch.tensor([[3, 511], [0, 3]])
+    vllms, ours = head(w), head(w)
+    UnquantizedEmbeddingMethod().process_weights_after_loading(vllms)
+    QWenEmbeddingMethod().process_weights_after_loading(ours)
+    assert hasattr(vllms, "cpu_linear") and not hasattr(ours, "cpu_linear")
+    assert torch.equal(ours.weight, w)
+    assert torch.equal(QWenEmbeddingMethod().embedding(ours, ids), UnquantizedEmbeddingMethod().embedding(vllms, ids))
+    with pytest.raises(NotImplementedError, match="not tied"):
+        QWenEmbeddingMethod().apply(ours, torch.ones(1, 64, dtype=torch.bfloat16))

@@ -8,6 +8,7 @@ parent's process group and die when the parent is killed with SIGKILL.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,22 @@ from qwen_vllm.runtime.processes import (
     exit_cause,
     oom_kills,
 )
+
+# 300 MB in 100 KB blocks (below glibc's mmap threshold: from its heap), all
+# freed but the last; prints RSS after the frees, what release_freed_memory
+# reports, and RSS after it.
+FREED = """
+import json, sys
+from qwen_vllm.runtime.processes import release_freed_memory, resident_bytes
+blocks = [bytearray(100_000) for _ in range(3000)]
+for b in blocks:
+    b[::4096] = b"x" * len(b[::4096])  # touch every page
+keep = blocks[-1]
+del blocks
+before = resident_bytes()
+freed = release_freed_memory()
+print(json.dumps([before, freed, resident_bytes()]))
+"""
 
 # vLLM loads its general plugins (our register()) in the API server and in
 # every process it starts; under fork the child inherits them as loaded.
@@ -89,3 +106,13 @@ def test_exit_cause_names_the_signal_code_and_oom_killer() -> None:
         pytest.skip("this kernel exposes no memory-cgroup oom_kill counter")
     assert exit_cause(-9, count) == "killed by SIGKILL"  # nothing new
     assert exit_cause(-9, count - 1).endswith("the kernel's OOM killer ended 1 process(es) meanwhile (out of memory)")
+
+
+def test_release_freed_memory_hands_the_heap_back() -> None:
+    """What the model's post-load hook does: memory a process freed but glibc
+    kept leaves its RSS, and the function says how much (in a fresh process)."""
+    out = subprocess.run([sys.executable, "-c", FREED], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, freed, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert freed > 200e6, (before, freed, after)
+    assert before - after == pytest.approx(freed, rel=0.05)

@@ -207,6 +207,7 @@ def vllm_job(spec: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     from qwen_vllm.chat_template import make_context
+    from qwen_vllm.plugin.model import resident_model_gib
     from qwen_vllm.runtime.cpu import apply_cpu_defaults
     from qwen_vllm.stop_words import CHATML_STOP_IDS
     from qwen_vllm.wrapper.chat import vLLMWrapper
@@ -216,6 +217,9 @@ def vllm_job(spec: dict) -> dict:
     # The binding the wrapper starts the engine with (runtime/cpu.engine_environment).
     bind = "VLLM_CPU_OMP_THREADS_BIND"
     binding = apply_cpu_defaults(tp, dict(os.environ)).get(bind) or os.environ.get(bind, "auto")
+    # vLLM hands a function to its workers (LLM.apply_model, for the model's
+    # memory below) only when allowed to pickle it: this job's engines only.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     say(f"starting the vLLM engine ({spec['model']}, load_format={spec['load_format']}) ...")
     start = time.perf_counter()
     wrapper = vLLMWrapper(
@@ -263,6 +267,7 @@ def vllm_job(spec: dict) -> dict:
         "omp_threads_bind": binding,
         "ld_preload": engine_libraries(),
         "vllm_kernels": engine_libraries(("_C",), folder="vllm"),  # _C, _C_AVX512 or _C_AVX2: by CPU kind
+        "model_gib": sum(wrapper.llm.apply_model(resident_model_gib)),  # all tensor-parallel ranks
         "prompt_tokens": statistics.median(len(i) for i in ids),
     }
 

@@ -212,7 +212,7 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
             "prompts_per_client": args.prompts_per_client, "rounds": args.rounds}  # fmt: skip
     ctx = args.input_len + args.new_tokens + 64
     ours = {"float": None, **{f"int{b}": b for b in args.bits}}
-    variants = lm_head_variants(args.int8_lm_head)
+    variants = lm_head_variants(args.int8_lm_head, args.int8_embedding)
     env = native_env()
     runs: dict[tuple[str, int], list[dict]] = {}
     port = free_ports(1)

@@ -270,7 +270,9 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
     all in ``--dtype`` (the float one in ``--float-dtype`` if given): decode and
     prefill tokens/s at each batch size and peak memory, each engine in a fresh
     process; ``--int8-lm-head`` adds each model again with its lm_head in int8
-    rows (plugin/lm_head.py)."""
+    rows (plugin/lm_head.py), ``--int8-embedding`` its embedding too. Memory:
+    the peak RSS of each engine's process tree, and what its loaded model
+    holds of it (the plugin measures that in the worker)."""
     spec = {**base_spec(args, model), "kind": "vllm", "targets": ["raw", "prefill"], "batches": args.batches,
             "prefill_tokens": args.prefill_tokens, "tokens_per_sequence": {"prefill": args.prefill_tokens}}  # fmt: skip
     jobs: dict[str, dict] = {}
@@ -282,7 +284,7 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
             models[f"int{bits}"] = (write_shape_model(args.size, Path(tmp) / f"int{bits}", gptq_bits=bits), bits)
         for name, (path, bits) in models.items():
             dtype = args.dtype if bits else float_dtype
-            for suffix, config in lm_head_variants(args.int8_lm_head):
+            for suffix, config in lm_head_variants(args.int8_lm_head, args.int8_embedding):
                 extra = {"additional_config": config} if config else {}
                 jobs[name + suffix] = run_job({**spec, "model": str(path), "dtype": dtype, "engine": {**spec["engine"], **extra}})
                 layout[name + suffix] = (bits, bool(config), dtype)
@@ -291,6 +293,7 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
     tok = {(r["target"], r["batch"]): r["tok_s"] for r in rows}
     pre = {(r["target"], r["batch"]): r["tok_s"] for r in prefill}
     memory = {name: job["peak_rss_gib"] for name, job in jobs.items()}
+    model_memory = {name: job["model_gib"] for name, job in jobs.items()}
     ratios: dict[str, float] = {}
     goals: dict[str, bool] = {}
     for name in (n for n in jobs if n != "float"):
@@ -298,11 +301,13 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
             ratios[f"{name}/float batch {b}"] = tok[name, b] / tok["float", b]
             ratios[f"{name}/float prefill batch {b}"] = pre[name, b] / pre["float", b]
         ratios[f"{name}/float peak memory"] = memory[name] / memory["float"]
+        ratios[f"{name}/float model memory"] = model_memory[name] / model_memory["float"]
         if layout[name][0] == 4 and 1 in args.batches:
             label = "Int4" + name[len("int4"):]
             goals[f"{label} decode at batch 1 >= 2x float"] = ratios[f"{name}/float batch 1"] >= GOAL_INT4_DECODE
             goals[f"{label} prefill at batch 1 >= 0.8x float"] = ratios[f"{name}/float prefill batch 1"] >= GOAL_INT4_PREFILL
             goals[f"{label} peak memory <= 0.5x float"] = ratios[f"{name}/float peak memory"] <= GOAL_INT4_MEMORY
+            goals[f"{label} model memory <= 0.5x float"] = ratios[f"{name}/float model memory"] <= GOAL_INT4_MEMORY
     float_kernel = "torch (oneDNN)" if float_dtype == args.dtype else f"torch, {float_dtype}"
     kernels = {n: float_kernel if bits is None else gptq_kernel(dtype, bits) for n, (bits, _, dtype) in layout.items()}
     bandwidth = read_bandwidth_gib_s()
@@ -310,8 +315,8 @@ def quant(args: argparse.Namespace, model: Path) -> dict:
     for name, (bits, head, dtype) in layout.items():
         step = decode_step_gib(model, dtype, bits, int8_lm_head=head)
         roofline[name] = {"gib_per_step": step, "tok_s": bandwidth / step, "achieved": tok[name, 1] / (bandwidth / step) if 1 in args.batches else None}
-    return {"rows": rows, "prefill": prefill, "memory_gib": memory, "kernels": kernels, "read_gib_s": bandwidth, "roofline": roofline,
-            "ratios": ratios, "goals": goals}  # fmt: skip
+    return {"rows": rows, "prefill": prefill, "memory_gib": memory, "model_gib": model_memory, "kernels": kernels,
+            "read_gib_s": bandwidth, "roofline": roofline, "ratios": ratios, "goals": goals}  # fmt: skip
 
 
 def read_bandwidth_gib_s(gib: float = 1.0, reps: int = 7) -> float:
@@ -466,15 +471,19 @@ def markdown(result: dict) -> str:
         batches = sorted({r["batch"] for r in data["rows"]})
         tok = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"]}
         roof = data["roofline"]
+        held = data.get("model_gib")  # runs before the plugin measured it have none
         parts.append(
-            "Decode output tokens/s (raw vllm.LLM, greedy), peak host memory (GiB, engine process tree), and the "
-            f"batch-1 roofline: {data['read_gib_s']:.1f} GiB/s measured read bandwidth / bytes a decode step reads:\n"
+            "Decode output tokens/s (raw vllm.LLM, greedy), peak host memory (GiB, engine process tree"
+            + ("; model: what the loaded model holds of it" if held else "")
+            + f"), and the batch-1 roofline: {data['read_gib_s']:.1f} GiB/s measured read bandwidth / bytes a "
+            "decode step reads:\n"
         )
         parts.append(
-            table(["model", "kernel", *[f"batch {b}" for b in batches], "peak GiB", "GiB per step", "roofline tok/s",
-                   "batch 1 / roofline"],
-                  [[n, k, *[tok[n, b] for b in batches], data["memory_gib"][n], roof[n]["gib_per_step"],
-                    roof[n]["tok_s"], "-" if roof[n]["achieved"] is None else f"{roof[n]['achieved']:.0%}"]
+            table(["model", "kernel", *[f"batch {b}" for b in batches], "peak GiB", *(["model GiB"] if held else []),
+                   "GiB per step", "roofline tok/s", "batch 1 / roofline"],
+                  [[n, k, *[tok[n, b] for b in batches], data["memory_gib"][n], *([held[n]] if held else []),
+                    roof[n]["gib_per_step"], roof[n]["tok_s"],
+                    "-" if roof[n]["achieved"] is None else f"{roof[n]['achieved']:.0%}"]
                    for n, k in data["kernels"].items()])
         )  # fmt: skip
         if data.get("prefill"):
@@ -652,6 +661,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if mode in ("quant", "llamacpp"):
             p.add_argument("--int8-lm-head", action="store_true",
                            help="also run each of our models with its lm_head in int8 rows (CPU; additional_config qwen_int8_lm_head)")  # fmt: skip
+            p.add_argument("--int8-embedding", action="store_true",
+                           help="with --int8-lm-head: those runs hold the embedding in int8 rows too (qwen_int8_embedding)")  # fmt: skip
         if mode == "lora":
             p.add_argument("--rank", type=int, default=64, help="adapters' LoRA rank (finetune.py's default: 64)")
         if mode == "admission":
@@ -681,6 +692,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--target-model {pick!r}: give NAME=MODEL for a NAME given with --target")
     if args.mode in ("quant", "llamacpp") and not args.size:
         raise ValueError(f"{args.mode} compares layouts of one shape: give --size (dummy weights)")
+    if getattr(args, "int8_embedding", False) and not args.int8_lm_head:
+        raise ValueError("--int8-embedding goes with --int8-lm-head: it adds the embedding to those runs")
     if args.mode == "llamacpp" and args.bits and args.dtype not in ("float16", "bfloat16"):
         raise ValueError(f"vLLM runs GPTQ in float16 or bfloat16, not {args.dtype}: give --dtype, or --bits with none")
     if args.mode == "llamacpp":

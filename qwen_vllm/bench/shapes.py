@@ -15,14 +15,20 @@ SIZES: dict[str, dict[str, int]] = {
 }
 GPTQ_GROUP_SIZE = 128  # Qwen's Int4/Int8 checkpoints
 INT8_HEAD = " + int8 lm_head"  # appended to a model's name in a report: its lm_head in int8 rows
+INT8_VOCAB = " + int8 lm_head and embedding"  # ... and its embedding too
 
 
-def lm_head_variants(int8_lm_head: bool) -> list[tuple[str, dict]]:
+def lm_head_variants(int8_lm_head: bool, int8_embedding: bool = False) -> list[tuple[str, dict]]:
     """(name suffix, vLLM additional_config) for each engine a model gets: as
-    it is, and with ``--int8-lm-head`` again with its lm_head in int8 rows."""
-    from qwen_vllm.plugin.lm_head import INT8_KEY
+    it is, and with ``--int8-lm-head`` again with its lm_head in int8 rows
+    (``--int8-embedding``: its embedding too)."""
+    from qwen_vllm.plugin.lm_head import INT8_EMBEDDING_KEY, INT8_KEY
 
-    return [("", {}), (INT8_HEAD, {INT8_KEY: True})] if int8_lm_head else [("", {})]
+    if not int8_lm_head:
+        return [("", {})]
+    if int8_embedding:
+        return [("", {}), (INT8_VOCAB, {INT8_KEY: True, INT8_EMBEDDING_KEY: True})]
+    return [("", {}), (INT8_HEAD, {INT8_KEY: True})]
 
 
 def write_shape_model(size: str, out_dir: Path, gptq_bits: int | None = None) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader
@@ -27,6 +28,9 @@ from qwen_vllm.plugin.checkpoint import check_weight_shape
 from qwen_vllm.plugin.long_context import encoded_positions, install_long_context
 from qwen_vllm.plugin.quantization import QWenWeightsMapper
 from qwen_vllm.plugin.weights import lora_packed_modules, vllm_mapper_fields
+from qwen_vllm.runtime.processes import release_freed_memory, resident_bytes
+
+logger = init_logger(f"vllm.{__name__}")  # vLLM's log handler and format
 
 # Qwen v1 names -> vLLM's (plugin/weights.py); QWenWeightsMapper also names the
 # GPTQ modules for vLLM's quantization config (see plugin/quantization.py).
@@ -44,6 +48,12 @@ def check_shapes(
         yield name, tensor
 
 
+def resident_model_gib(model: torch.nn.Module) -> float:
+    """The host memory (GiB) a loaded :class:`QWenLMHeadModel` holds, as it
+    measured it after loading; for ``LLM.apply_model`` (the bench asks each worker)."""
+    return getattr(model, "resident_model_bytes", 0) / 2**30
+
+
 class QWenLMHeadModel(Qwen2ForCausalLM, SupportsMRoPE):
     """Qwen v1 (``QWenLMHeadModel``) served by vLLM's Qwen2 implementation."""
 
@@ -51,7 +61,10 @@ class QWenLMHeadModel(Qwen2ForCausalLM, SupportsMRoPE):
     packed_modules_mapping = lora_packed_modules()  # LoRA: c_attn whole, w2/w1 as gate/up
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        resident_before = resident_bytes()
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        # Host memory the loaded model holds (set after loading; the bench reports it).
+        self.resident_before, self.resident_model_bytes = resident_before, 0
         # Set by long_context.keep_prompt_alpha_on_resume while Model Runner V2
         # adds a request (its prefill may include output tokens on resume).
         self.prompt_len_for_positions: int | None = None
@@ -62,6 +75,17 @@ class QWenLMHeadModel(Qwen2ForCausalLM, SupportsMRoPE):
         """Per-request positions for dynamic NTK (called only when the config
         hook enabled vLLM's M-RoPE path, i.e. max_model_len > seq_length)."""
         return encoded_positions(self.long_context, input_tokens, mm_features, self.prompt_len_for_positions)
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook, after every layer's own: return what
+        loading freed to the OS (runtime/processes.release_freed_memory), then
+        note how much host memory the model holds (all of it on CPU)."""
+        freed = release_freed_memory()
+        self.resident_model_bytes = resident_bytes() - self.resident_before
+        logger.info(
+            "the loaded model holds %.2f GiB of this process's memory (%.2f GiB that loading freed returned to the OS)",
+            self.resident_model_bytes / 2**30, freed / 2**30,
+        )  # fmt: skip
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self)

@@ -37,7 +37,7 @@ from vllm.model_executor.models.utils import WeightsMapper
 
 from qwen_vllm.errors import QwenQuantizationError
 from qwen_vllm.plugin.checkpoint import read_config
-from qwen_vllm.plugin.lm_head import check_int8_lm_head
+from qwen_vllm.plugin.lm_head import check_int8_options
 from qwen_vllm.plugin.weights import LAYER_MODULES, lora_renames
 from qwen_vllm.runtime.cpu import cpu_caps
 
@@ -257,7 +257,7 @@ def check_vllm_config(vllm_config: Any) -> None:
     model_config = vllm_config.model_config
     cpu = current_platform.is_cpu()
     check_kv_cache_dtype(vllm_config.cache_config.cache_dtype, on_cpu=cpu)
-    check_int8_lm_head(vllm_config.additional_config, on_cpu=cpu)
+    check_int8_options(vllm_config.additional_config, on_cpu=cpu)
     model_dir = str(model_config.model)
     if model_config.quantization is None and Path(model_dir).is_dir() and engine_quantization(model_dir, None):
         # vLLM would build float layers and then fail on the first "qweight".
