@@ -430,6 +430,7 @@ def test_shape_model_has_the_real_config(size: str, tmp_path: Path) -> None:
         (["quant", "--new-tokens", "4"], "give --size"),
         (["quant", "--size", "1.8B", "--dtype", "float32"], "vLLM runs GPTQ in float16 or bfloat16, not float32"),
         (["quant", "--size", "1.8B", "--dtype", "bfloat16", "--prefill-tokens", "0"], "must be at least 1"),
+        (["quant", "--size", "1.8B", "--dtype", "bfloat16", "--int8-embedding"], "--int8-embedding goes with --int8-lm-head"),
         (["llamacpp", "--new-tokens", "4"], "give --size"),
         (["llamacpp", "--size", "1.8B", "--dtype", "float32"], "not float32: give --dtype, or --bits with none"),
         (["llamacpp", "--size", "1.8B", "--dtype", "bfloat16", "--llamacpp-python", "/nonexistent/python"],

@@ -80,12 +80,15 @@ class QWenLMHeadModel(Qwen2ForCausalLM, SupportsMRoPE):
         """vLLM's model-level hook, after every layer's own: return what
         loading freed to the OS (runtime/processes.release_freed_memory), then
         note how much host memory the model holds (all of it on CPU)."""
+        from vllm.platforms import current_platform
+
         freed = release_freed_memory()
         self.resident_model_bytes = resident_bytes() - self.resident_before
-        logger.info(
-            "the loaded model holds %.2f GiB of this process's memory (%.2f GiB that loading freed returned to the OS)",
-            self.resident_model_bytes / 2**30, freed / 2**30,
-        )  # fmt: skip
+        if current_platform.is_cpu():  # elsewhere the weights are in device memory
+            logger.info(
+                "the loaded model holds %.2f GiB of this process's memory (%.2f GiB that loading freed returned to the OS)",
+                self.resident_model_bytes / 2**30, freed / 2**30,
+            )  # fmt: skip
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self)
