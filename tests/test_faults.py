@@ -234,14 +234,18 @@ def test_full_worker_refuses_with_429_and_the_front_uses_the_other(topology):
     log = topology.log_dir / "worker-a.log"
     mark = log.stat().st_size
     release = threading.Event()
-    streams_ended = []
+    streams_ended, failed = [], []
 
     def hold() -> None:
-        stream = client(a_url).chat.completions.create(model=MODEL, messages=hello(), stream=True, **LONG)
-        for _ in stream:
-            if release.is_set():
-                break
-        stream.close()
+        try:
+            stream = client(a_url).chat.completions.create(model=MODEL, messages=hello(), stream=True, **LONG)
+            for _ in stream:
+                if release.is_set():
+                    break
+            stream.close()
+        except Exception as exc:  # a stream that never arrives or breaks: say why in the failure
+            failed.append(repr(exc))
+            raise
         streams_ended.append(1)
 
     threads = [threading.Thread(target=hold, daemon=True) for _ in range(A_LIMIT)]
@@ -250,7 +254,7 @@ def test_full_worker_refuses_with_429_and_the_front_uses_the_other(topology):
     try:
         deadline = time.monotonic() + 60
         while queue_length(a_url) < A_LIMIT:
-            assert time.monotonic() < deadline, f"A holds {queue_length(a_url)} requests, not {A_LIMIT}"
+            assert time.monotonic() < deadline, f"A holds {queue_length(a_url)} requests, not {A_LIMIT}; {failed}"
             time.sleep(0.1)
         with pytest.raises(openai.RateLimitError) as info:
             client(a_url).chat.completions.create(model=MODEL, messages=hello(), max_tokens=4)
