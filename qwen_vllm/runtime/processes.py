@@ -72,8 +72,8 @@ def release_freed_memory() -> int:
     Loading a model frees far more than it keeps: each checkpoint tensor read,
     the float copy a quantized layer is repacked from. glibc keeps freed blocks
     below its mmap threshold (up to 32 MiB) for reuse, so without this they
-    stay in RSS for the engine's life: measured 0.18 GiB for Qwen-1.8B's
-    shape in bf16 and 0.37 GiB as GPTQ Int4 on CPU (docs/performance.md).
+    stay in RSS for the engine's life: measured 0.19 GiB for Qwen-1.8B's
+    shape in bf16 and 0.27 GiB as GPTQ Int4 on CPU, eager (docs/performance.md).
     Nothing happens under another allocator (tcmalloc from LD_PRELOAD) or libc."""
     before = resident_bytes()
     try:
