@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -264,6 +265,7 @@ def llamacpp(args: argparse.Namespace, model: Path) -> dict:
 LLAMACPP_ISA = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX_INT8")
 
 
+@functools.cache  # asked by the argument check (--cpu-isa) and the report: one subprocess
 def llamacpp_version(python: Path) -> str:
     """"llama-cpp-python VERSION (the instruction sets of its CPU build)"."""
     code = "import llama_cpp; print(llama_cpp.__version__); print(llama_cpp.llama_print_system_info().decode())"
