@@ -63,7 +63,9 @@ def head(weight: torch.Tensor) -> torch.nn.Module:
     return layer
 
 
-def test_quantize_rows_rounds_each_row_to_its_own_grid() -> None:
+@pytest.mark.parametrize("chunk_rows", [2048, 64], ids=["one-chunk", "chunks-and-a-partial-one"])
+def test_quantize_rows_rounds_each_row_to_its_own_grid(chunk_rows: int, monkeypatch) -> None:
+    monkeypatch.setattr("qwen_vllm.plugin.lm_head.QUANTIZE_CHUNK_ROWS", chunk_rows)
     torch.manual_seed(0)
     w = torch.randn(300, 128) * torch.logspace(-3, 1, 300)[:, None]  # rows of very different sizes
     w[7] = 0  # padded vocabulary rows are zeros
@@ -121,6 +123,31 @@ def test_one_copy_frees_the_unpacked_weight() -> None:
     assert grown["UnquantizedEmbeddingMethod"] > 0.9 * weight_bytes, grown  # the packed copy beside the weight
     assert grown["QWenLMHeadMethod"] < 0.1 * weight_bytes, grown  # the packed copy instead of it
     assert grown["QWenEmbeddingMethod"] < 0.1 * weight_bytes, grown  # the weight alone
+
+
+PEAK = """
+import json, resource, psutil, torch
+from qwen_vllm.plugin.lm_head import QWenEmbeddingMethod, QWenLMHeadMethod
+layer = torch.nn.Module()
+layer.weight = torch.nn.Parameter(torch.randn(151936, 2048, dtype=torch.bfloat16), requires_grad=False)
+layer.params_dtype = torch.bfloat16
+before = psutil.Process().memory_info().rss
+{method}(int8=True).process_weights_after_loading(layer)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+"""
+
+
+@pytest.mark.parametrize("method", ["QWenLMHeadMethod", "QWenEmbeddingMethod"])
+def test_int8_rounding_peaks_below_a_second_copy(method: str) -> None:
+    """Qwen-1.8B's vocabulary shape in bf16, in a fresh process: rounding it to
+    int8 rows at load adds at most the int8 rows, the oneDNN handler's packed
+    copy of them (lm_head) and a chunk of float32 scratch to the peak. Rounded
+    all at once it added three float32 copies (6x the bf16 weight)."""
+    weight_bytes = 151936 * 2048 * 2
+    out = subprocess.run([sys.executable, "-c", PEAK.format(method=method)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown = json.loads(out.stdout.strip().splitlines()[-1])
+    assert grown < 1.25 * weight_bytes, grown / 2**30
 
 
 def rounded_tokens(x: torch.Tensor) -> torch.Tensor:

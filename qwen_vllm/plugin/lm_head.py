@@ -92,13 +92,27 @@ def int8_lm_head_advice(caps: CpuCaps) -> str | None:
     )
 
 
+# Rows rounded at a time: the float32 scratch stays 32 MiB at Qwen-7B's 4096
+# columns. Rounding a whole vocabulary matrix at once held three float32 copies
+# of it: loading peaked 6.96 GiB above a bf16 Qwen-7B-shaped matrix (1.16 GiB),
+# 0.64 GiB chunked (docs/performance.md).
+QUANTIZE_CHUNK_ROWS = 2048
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, float32 scale per row): ``weight ~ values * scale[:, None]``,
-    symmetric, round to nearest, |values| <= 127 (an all-zero row: scale 1)."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    symmetric, round to nearest, |values| <= 127 (an all-zero row: scale 1).
+    A chunk of rows at a time, so loading holds the int8 result and one chunk
+    beside the weight."""
+    values = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32)
+    for r0 in range(0, weight.shape[0], QUANTIZE_CHUNK_ROWS):
+        w = weight[r0 : r0 + QUANTIZE_CHUNK_ROWS].to(torch.float32, copy=True)
+        s = w.abs().amax(dim=1).div_(127)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        scale[r0 : r0 + QUANTIZE_CHUNK_ROWS] = s
+        values[r0 : r0 + QUANTIZE_CHUNK_ROWS] = w.div_(s[:, None]).round_().clamp_(-127, 127)
+    return values, scale
 
 
 def _w8a8(handler: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
