@@ -107,11 +107,12 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.empty(weight.shape, dtype=torch.int8)
     scale = torch.empty(weight.shape[0], dtype=torch.float32)
     for r0 in range(0, weight.shape[0], QUANTIZE_CHUNK_ROWS):
-        w = weight[r0 : r0 + QUANTIZE_CHUNK_ROWS].to(torch.float32, copy=True)
+        rows = slice(r0, r0 + QUANTIZE_CHUNK_ROWS)
+        w = weight[rows].to(torch.float32, copy=True)
         s = w.abs().amax(dim=1).div_(127)
         s = torch.where(s > 0, s, torch.ones_like(s))
-        scale[r0 : r0 + QUANTIZE_CHUNK_ROWS] = s
-        values[r0 : r0 + QUANTIZE_CHUNK_ROWS] = w.div_(s[:, None]).round_().clamp_(-127, 127)
+        scale[rows] = s
+        values[rows] = w.div_(s[:, None]).round_().clamp_(-127, 127)
     return values, scale
 
 
