@@ -22,6 +22,8 @@ from qwen_vllm.runtime.processes import (
     OWN_PROCESS_GROUP_ENV,
     exit_cause,
     oom_kills,
+    resident_bytes,
+    tree_resident_bytes,
 )
 
 # 300 MB in 100 KB blocks (below glibc's mmap threshold: from its heap), all
@@ -116,3 +118,17 @@ def test_release_freed_memory_hands_the_heap_back() -> None:
     before, freed, after = json.loads(out.stdout.strip().splitlines()[-1])
     assert freed > 200e6, (before, freed, after)
     assert before - after == pytest.approx(freed, rel=0.05)
+
+
+def test_tree_resident_bytes_counts_the_children() -> None:
+    """What the benches sample: this process and every process under it; a
+    child holding 200 MB adds at least that, and a pid that is gone counts 0."""
+    code = "import sys; b = bytearray(200_000_000); b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert tree_resident_bytes() - resident_bytes() > 200e6
+        assert tree_resident_bytes(child.pid) > 200e6
+    finally:
+        child.communicate("", timeout=60)
+    assert tree_resident_bytes(child.pid) == 0

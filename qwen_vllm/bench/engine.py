@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qwen_vllm.runtime.processes import tree_resident_bytes
+
 RESULT_PREFIX = "BENCH_RESULT "
 
 
@@ -63,35 +65,21 @@ class PeakMemory:
     engine core is a child process) while the job runs."""
 
     def __init__(self, interval: float = 0.25) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
         self._interval = interval
         self.peak_bytes = 0
         self.window_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
-        import psutil
-
-        total = 0
-        for p in [self._proc, *self._proc.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            now = self._sample()
+            now = tree_resident_bytes()
             self.peak_bytes = max(self.peak_bytes, now)
             self.window_bytes = max(self.window_bytes, now)
 
     def window(self) -> int:
         """Peak since the previous call (and now), then start a new window."""
-        peak, self.window_bytes = max(self.window_bytes, self._sample()), 0
+        peak, self.window_bytes = max(self.window_bytes, tree_resident_bytes()), 0
         return peak
 
     def __enter__(self) -> PeakMemory:
@@ -101,7 +89,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, self._sample())
+        self.peak_bytes = max(self.peak_bytes, tree_resident_bytes())
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
+
+from qwen_vllm.runtime.processes import tree_resident_bytes
 
 MODEL = "bench"  # the name the stack serves the model as
 SEND_GAP_S = 0.02  # between a burst's requests: their arrival order is their index
@@ -59,18 +60,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def stack_rss_mib(pid: int) -> float:
     """Resident memory of the stack and every process under it, MiB."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
+    return tree_resident_bytes(pid) / 2**20
 
 
 class Phase:

@@ -65,6 +65,26 @@ def resident_bytes() -> int:
         return 0
 
 
+def tree_resident_bytes(pid: int | None = None) -> int:
+    """Resident memory of process ``pid`` (this one) and every process under
+    it, summed; processes that end while it is read count nothing (0 when
+    ``pid`` itself is gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
 def release_freed_memory() -> int:
     """Hand the memory this process has freed back to the OS (glibc's
     ``malloc_trim``); returns by how much its RSS fell.
